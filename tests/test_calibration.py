@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+
+from compot_deploy.calibration import calibrate, load_texts, make_batches, make_samples, special_tokens_around
+from compot_deploy.errors import CompotError
+from compot_deploy.models import find_targets, load_model
+
+
+def test_sources(tmp_path):
+    builtin = load_texts(None)
+    assert len(builtin) > 100
+    f = tmp_path / "a.txt"
+    f.write_text("one line\n\nsecond line\n")
+    assert load_texts(str(f)) == ["one line", "second line"]
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "x.txt").write_text("alpha\n")
+    (d / "y.txt").write_text("beta\n")
+    assert load_texts(str(d)) == ["alpha", "beta"]
+    j = tmp_path / "c.jsonl"
+    j.write_text(json.dumps({"text": "gamma"}) + "\n")
+    assert load_texts(str(j)) == ["gamma"]
+    with pytest.raises(CompotError, match="not found"):
+        load_texts(str(tmp_path / "missing.txt"))
+
+
+def test_saved_dataset_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"id": [1, 2], "text": ["first doc", "second doc"]}).save_to_disk(tmp_path / "ds")
+    assert load_texts(str(tmp_path / "ds")) == ["first doc", "second doc"]
+
+
+def test_samples_are_seeded_and_sized(minilm_dir):
+    from compot_deploy.models import load_tokenizer
+
+    tok = load_tokenizer(minilm_dir)
+    texts = load_texts(None)
+    a = make_samples(tok, texts, 8, 64, seed=1)
+    assert a == make_samples(tok, texts, 8, 64, seed=1)
+    assert a != make_samples(tok, texts, 8, 64, seed=2)
+    pre, suf = special_tokens_around(tok)
+    assert (pre, suf) == ([tok.cls_token_id], [tok.sep_token_id])
+    assert all(len(s) == 64 and s[0] == tok.cls_token_id and s[-1] == tok.sep_token_id for s in a)
+    docs = make_samples(tok, texts, 8, 64, seed=1, packing=False)
+    assert all(len(s) <= 64 for s in docs) and len({len(s) for s in docs}) > 1
+    with pytest.raises(CompotError, match="tokens"):
+        make_samples(tok, ["too short"], 4, 64, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_grams_exclude_padding(kind, tiny_dirs):
+    """Grams from a right-padded batch equal Grams from each sample run alone, with no padding at all."""
+    model, tok = load_model(tiny_dirs[kind])
+    samples = make_samples(tok, load_texts(None), 4, 48, seed=0, packing=False)
+    assert len({len(s) for s in samples}) > 1  # the batch really is ragged
+    targets = find_targets(model)
+    padded = calibrate(model, make_batches(samples, 4, tok.pad_token_id), targets, progress=False)
+    single = calibrate(model, make_batches(samples, 1, tok.pad_token_id), targets, progress=False)
+    for t in targets:
+        assert padded[t.name].n == single[t.name].n == sum(len(s) for s in samples)
+        torch.testing.assert_close(padded[t.name].G, single[t.name].G, rtol=1e-4, atol=1e-6)
+
+
+def test_sequential_calibration_sees_compressed_outputs(tiny_dirs):
+    model, tok = load_model(tiny_dirs["llama"])
+    batches = make_batches(make_samples(tok, load_texts(None), 4, 32, seed=0), 2, tok.pad_token_id)
+    targets = find_targets(model)
+    base = calibrate(model, batches, targets, progress=False)
+
+    def zero_block0(i, grams):
+        if i == 0:
+            for t in targets:
+                if t.block == 0:
+                    model.get_submodule(t.name).weight.data.zero_()
+        return True
+
+    seq = calibrate(model, batches, targets, on_block=zero_block0, progress=False)
+    b0 = [t.name for t in targets if t.block == 0]
+    b1 = [t.name for t in targets if t.block == 1]
+    assert all(torch.equal(base[n].G, seq[n].G) for n in b0)
+    assert not any(torch.allclose(base[n].G, seq[n].G) for n in b1)

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+import compot_deploy.modules as mods
+from compot_deploy.factorize.types import SparseFactors, hard_threshold
+from compot_deploy.modules import CompotLinear, LowRankLinear
+
+
+@pytest.mark.parametrize("k,idx_dtype", [(40, torch.uint8), (300, torch.uint16)])
+@pytest.mark.parametrize("chunk_elems", [1 << 24, 64])
+def test_compot_linear_equals_dense_product(k, idx_dtype, chunk_elems, monkeypatch):
+    monkeypatch.setattr(mods, "_GATHER_ELEMS", chunk_elems)
+    torch.manual_seed(0)
+    d_in, d_out, s = 320, 48, 12
+    A = torch.randn(d_in, k)
+    values, indices = hard_threshold(torch.randn(k, d_out), s)
+    b = torch.randn(d_out)
+    m = CompotLinear.from_factors(A, values, indices, b)
+    assert m.indices.dtype == idx_dtype
+    assert not any(t.shape == (k, d_out) for t in m.state_dict().values())  # no dense code matrix is kept
+    x = torch.randn(3, 5, d_in)
+    C = SparseFactors(A.double(), values.double(), indices).codes_dense().float()
+    torch.testing.assert_close(m(x), x @ A @ C + b, rtol=1e-4, atol=1e-4)
+
+
+def test_lowrank_linear():
+    A, B, b = torch.randn(16, 4), torch.randn(4, 8), torch.randn(8)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(LowRankLinear.from_factors(A, B, b)(x), x @ A @ B + b)
+    torch.testing.assert_close(LowRankLinear.from_factors(A, B, None)(x), x @ A @ B)
