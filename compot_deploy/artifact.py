@@ -105,6 +105,7 @@ def load(path: str | os.PathLike):
 
     from .models import model_class, quiet_transformers, read_hf_config, set_module
     from .modules import CompotLinear, LowRankLinear
+    from .quantize.apply import rebuild_quant_slots
 
     path = Path(path)
     raw = read_hf_config(path)
@@ -119,9 +120,15 @@ def load(path: str | os.PathLike):
     for name, lay in section["layers"].items():
         m = lay["method"]
         if m in ("compot", "cospadi"):
-            set_module(model, name, CompotLinear(lay["d_in"], lay["d_out"], lay["k"], lay["s"], lay["bias"]))
+            new = CompotLinear(lay["d_in"], lay["d_out"], lay["k"], lay["s"], lay["bias"])
         elif m == "svd-llm":
-            set_module(model, name, LowRankLinear(lay["d_in"], lay["d_out"], lay["r"], lay["bias"]))
+            new = LowRankLinear(lay["d_in"], lay["d_out"], lay["r"], lay["bias"])
+        else:
+            new = None
+        if "quant" in lay:
+            new = rebuild_quant_slots(new, lay)
+        if new is not None:
+            set_module(model, name, new)
     try:
         load_model(model, str(path / WEIGHTS), strict=True)  # tied weights (e.g. an LM head) are handled
     except (RuntimeError, FileNotFoundError) as e:

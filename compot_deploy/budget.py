@@ -47,6 +47,16 @@ def lowrank_bytes(d_in: int, d_out: int, r: int, vbytes: int, bias: bool) -> int
     return r * (d_in + d_out) * vbytes + (d_out * vbytes if bias else 0)
 
 
+def quant_bytes(K: int, N: int, bits: int, group: int, sym: bool, scale_bytes: int) -> int:
+    """Stored bytes of a (K, N) matrix quantized in blocks of `group` along K (MatMulNBits layout): packed codes
+    (each block padded to whole bytes), one scale per (block, column), packed zero points unless symmetric."""
+    per = 8 // bits
+    n_blocks = -(-K // group)
+    block_bytes = -(-group // per)
+    zero_bytes = 0 if sym else N * -(-n_blocks // per)
+    return N * n_blocks * (block_bytes + scale_bytes) + zero_bytes
+
+
 @dataclass(frozen=True)
 class SparseShape:
     k: int

@@ -40,18 +40,22 @@ def main(verbose: bool) -> None:
     logging.getLogger("compot_deploy").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def compress_options(fn):
-    opts = [
-        click.argument("model_dir", required=False, type=click.Path(file_okay=False)),
+def _apply(fn, opts):
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def output_options(fn):
+    return _apply(fn, [
         click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (must be empty or new)."),
-        click.option("--ratio", type=float, default=0.3, show_default=True,
-                     help="Fraction of the target linears' stored bytes to remove, in (0, 1)."),
-        click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi"]), default="compot",
-                     show_default=True, help="Factorization: COMPOT, the SVD-LLM baseline, or CoSpaDi (K-SVD + OMP)."),
-        click.option("--allocation", type=click.Choice(["uniform", "dynamic", "mckp"]), default="dynamic",
-                     show_default=True,
-                     help="How the byte budget is split across layers: the same ratio everywhere, COMPOT's one-shot "
-                          "spectral split, or a knapsack over measured per-layer error profiles."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars and no closing table."),
+    ])
+
+
+def calibration_options(fn):
+    return _apply(fn, [
         click.option("--calib", "calib", default=None,
                      help="Calibration text: a .txt/.jsonl file, a folder of .txt, or a `datasets` folder saved with "
                           "save_to_disk. Default: the built-in English corpus."),
@@ -62,40 +66,74 @@ def compress_options(fn):
         click.option("--packing/--no-packing", default=None,
                      help="Pack documents into full-length chunks, or one document per sample (padding excluded) "
                           "[default: packing for decoders, documents for encoders]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and K-SVD."),
+        click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default=None,
+                     help="Storage dtype of saved floating tensors; budgets count these bytes [default: float16, or "
+                          "the compressed model's own]."),
+    ])
+
+
+def compress_options(fn):
+    return _apply(fn, [
+        click.argument("model_dir", required=False, type=click.Path(file_okay=False)),
+        click.option("--ratio", type=float, default=0.3, show_default=True,
+                     help="Fraction of the target linears' stored bytes to remove, in (0, 1)."),
+        click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi"]), default="compot",
+                     show_default=True, help="Factorization: COMPOT, the SVD-LLM baseline, or CoSpaDi (K-SVD + OMP)."),
+        click.option("--allocation", type=click.Choice(["uniform", "dynamic", "mckp"]), default="dynamic",
+                     show_default=True,
+                     help="How the byte budget is split across layers: the same ratio everywhere, COMPOT's one-shot "
+                          "spectral split, or a knapsack over measured per-layer error profiles."),
         click.option("--sequential", is_flag=True,
                      help="Calibrate block i on the outputs of the already-compressed blocks before it."),
         click.option("--k-over-s", type=float, default=2.0, show_default=True,
                      help="Dictionary atoms per non-zero code of a column (COMPOT, CoSpaDi)."),
         click.option("--iters", type=int, default=10, show_default=True, help="COMPOT alternations per layer."),
-        click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
-                     show_default=True, help="Storage dtype of saved floating tensors; budgets count these bytes."),
         click.option("--include", multiple=True, help="Only compress linears whose name matches this glob (repeatable)."),
         click.option("--exclude", multiple=True, help="Never compress linears whose name matches this glob (repeatable)."),
         click.option("--min-layer-ratio", type=float, default=0.0, show_default=True,
                      help="Smallest per-layer ratio the dynamic/mckp allocators may choose."),
         click.option("--max-layer-ratio", type=float, default=None,
                      help="Largest per-layer ratio the dynamic/mckp allocators may choose [default: ratio + 0.1]."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and K-SVD."),
-        click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bars and no closing table."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+        click.option("--gptq-bits", type=click.Choice(["2", "4", "8"]), default=None,
+                     help="Quantize the factors after compression with GPTQ at this many bits [default: no]."),
+        click.option("--gptq-group", type=int, default=128, show_default=True,
+                     help="Rows per quantization group of the dictionaries (code values use one grid per column)."),
+        click.option("--gptq-sym", is_flag=True, help="Symmetric quantization grid (no stored zero points)."),
+        click.option("--gptq-act-order", is_flag=True, help="GPTQ in decreasing Hessian-diagonal order."),
+        click.option("--quant-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+                     help="GPTQ, or plain round-to-nearest for comparison."),
+    ])
+
+
+def _quant_config(bits, group, sym, act_order, method):
+    from .config import QuantizeConfig, build_config
+
+    return build_config(QuantizeConfig, bits=int(bits), group=group, sym=sym, act_order=act_order, method=method)
+
+
+def _calib_config(o: dict):
+    from .config import CalibrationConfig, build_config
+
+    return build_config(CalibrationConfig, source=o["calib"], samples=o["samples"], seq_len=o["seq_len"],
+                        batch_size=o["batch_size"], packing=o["packing"], sequential=o.get("sequential", False),
+                        seed=o["seed"])
 
 
 def _config_from_options(o: dict):
-    from .config import AllocationConfig, CalibrationConfig, CompressConfig, FactorizeConfig, build_config
+    from .config import AllocationConfig, CompressConfig, FactorizeConfig, build_config
 
+    quant = None
+    if o["gptq_bits"]:
+        quant = _quant_config(o["gptq_bits"], o["gptq_group"], o["gptq_sym"], o["gptq_act_order"], o["quant_method"])
     return build_config(
         CompressConfig,
-        calibration=build_config(CalibrationConfig, source=o["calib"], samples=o["samples"], seq_len=o["seq_len"],
-                                 batch_size=o["batch_size"], packing=o["packing"], sequential=o["sequential"],
-                                 seed=o["seed"]),
+        calibration=_calib_config(o),
         allocation=build_config(AllocationConfig, strategy=o["allocation"], ratio=o["ratio"],
                                 min_layer_ratio=o["min_layer_ratio"], max_layer_ratio=o["max_layer_ratio"]),
         factorize=build_config(FactorizeConfig, method=o["method"], k_over_s=o["k_over_s"], iters=o["iters"],
-                               dtype=o["dtype"], seed=o["seed"]),
+                               dtype=o["dtype"] or "float16", seed=o["seed"]),
+        quantize=quant,
         include=tuple(o["include"]),
         exclude=tuple(o["exclude"]),
     )
@@ -105,8 +143,11 @@ def _print_report(report: dict) -> None:
     rows = [("layer", "method", "shape", "ratio", "rel.err", "sec")]
     for lay in report["layers"]:
         shape = {"svd-llm": f"r={lay['r']}", "dense": "-"}.get(lay["method"], f"k={lay['k']} s={lay['s']}")
-        rows.append((lay["name"], lay["method"], shape, f"{lay['ratio']:.3f}", f"{lay['rel_error']:.4f}",
-                     f"{lay['seconds']:.2f}"))
+        q = lay.get("quant")
+        method = lay["method"] + (f"+{q['method']}{q['bits']}" if q else "")
+        err = q["rel_error"] if q and "rel_error" not in lay else lay["rel_error"]
+        sec = lay.get("seconds", 0.0) + (q["seconds"] if q else 0.0)
+        rows.append((lay["name"], method, shape, f"{lay['ratio']:.3f}", f"{err:.4f}", f"{sec:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         click.echo("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
@@ -121,6 +162,8 @@ def _print_report(report: dict) -> None:
 
 @main.command()
 @compress_options
+@calibration_options
+@output_options
 @_fail_cleanly
 def compress(model_dir, out, quiet, overwrite, **opts) -> None:
     """Compress MODEL_DIR (a local Hugging Face model folder; default: the packaged all-MiniLM-L6-v2) into OUT.
@@ -140,6 +183,8 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
 
 @main.command()
 @compress_options
+@calibration_options
+@output_options
 @_fail_cleanly
 def build(model_dir, out, quiet, overwrite, **opts) -> None:
     """Build a deployable model from MODEL_DIR (default: the packaged all-MiniLM-L6-v2) into OUT.
@@ -157,6 +202,35 @@ def build(model_dir, out, quiet, overwrite, **opts) -> None:
     if not quiet:
         _print_report(report)
     click.echo(f"built {target}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="Bits per weight.")
+@click.option("--group", type=int, default=128, show_default=True,
+              help="Rows (input dims) per quantization group; code values use one grid per column.")
+@click.option("--sym", is_flag=True, help="Symmetric grid (no stored zero points).")
+@click.option("--act-order", is_flag=True, help="GPTQ in decreasing Hessian-diagonal order (static groups).")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="GPTQ, or plain round-to-nearest for comparison.")
+@calibration_options
+@output_options
+@_fail_cleanly
+def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, method, **opts) -> None:
+    """Quantize MODEL_DIR into OUT with GPTQ, block by block on calibration text.
+
+    MODEL_DIR written by `compress`: its COMPOT dictionaries (H ∝ XᵀX) and code values (per-column sub-Hessians of
+    ÂᵀXᵀXÂ, sparsity unchanged), and the layers it kept dense. A plain Hugging Face folder: the linears of its
+    blocks (the dense GPTQ baseline). Packed 4/8-bit storage; scales and zeros count in the byte ratio.
+    """
+    from .pipeline import quantize_dir
+
+    q = _quant_config(bits, group, sym, act_order, method)
+    report = quantize_dir(model_dir, out, q, _calib_config(opts), opts["dtype"], overwrite=overwrite,
+                          progress=not quiet)
+    if not quiet:
+        _print_report(report)
+    click.echo(f"saved {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

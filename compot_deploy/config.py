@@ -67,12 +67,24 @@ class FactorizeConfig(_Strict):
     seed: int = 0
 
 
+class QuantizeConfig(_Strict):
+    """GPTQ (or round-to-nearest) on the factors of a compressed model, or on a dense model's linears."""
+
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: Literal[2, 4, 8] = 4
+    group: int = Field(128, ge=8, description="rows (input dims) per quantization group of a dense matrix")
+    sym: bool = Field(False, description="symmetric grid (no stored zero points)")
+    act_order: bool = Field(False, description="quantize rows by decreasing Hessian diagonal (static groups)")
+    damp: float = Field(0.01, gt=0.0, description="initial damping as a fraction of mean(diag H)")
+
+
 class CompressConfig(_Strict):
     """Everything `compress` needs besides the model directory and the output path."""
 
     calibration: CalibrationConfig = CalibrationConfig()
     allocation: AllocationConfig = AllocationConfig()
     factorize: FactorizeConfig = FactorizeConfig()
+    quantize: QuantizeConfig | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 

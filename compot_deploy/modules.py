@@ -2,31 +2,51 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .budget import index_dtype
+from .quantize.packing import QuantTensor
 
 _INDEX_TORCH = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
 
-# Upper bound on the elements of one gathered (tokens, chunk, d_out) block in the sparse product.
-_GATHER_ELEMS = 1 << 24
+# Token count from which scattering the codes into a transient dense (k, d_out) block and calling one MatMul
+# beats the CSR product (measured on 2 cores: CSR 0.09 ms vs 0.41 ms at 1 token, dense 6.8 ms vs 14.5 ms at 320).
+DENSIFY_FROM_TOKENS = 64
+
+
+def matrix(t) -> torch.Tensor:
+    """A factor as float32, whether stored plainly or packed (QuantTensor)."""
+    return t.dequantize() if isinstance(t, QuantTensor) else t
+
+
+def quantize_slot(module: nn.Module, slot: str, bits: int, group: int, sym: bool) -> QuantTensor:
+    """Replace the (K, N) parameter `slot` of `module` by an empty QuantTensor of the same shape; return it."""
+    K, N = getattr(module, slot).shape
+    qt = QuantTensor(K, N, bits, group, sym)
+    delattr(module, slot)
+    module.add_module(slot, qt)
+    return qt
 
 
 def sparse_codes_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """y[:, j] = Σ_t z[:, indices[t, j]] · values[t, j], without materialising the (k, d_out) code matrix.
+    """y[:, j] = Σ_t z[:, indices[t, j]] · values[t, j]; nothing dense of size (k, d_out) outlives the call.
 
-    z: (n, k), values/indices: (s, d_out) → y: (n, d_out). Gathers a few code rows at a time to bound memory.
+    z: (n, k), values/indices: (s, d_out) → y: (n, d_out). Few tokens: a CSR product that gathers the s rows each
+    output reads; many tokens: scatter into a temporary dense block, then one MatMul (the two ONNX bodies, too).
     """
-    n = z.shape[0]
+    n, k = z.shape
     s, d_out = values.shape
     idx = indices.long()
-    chunk = max(1, min(s, _GATHER_ELEMS // max(1, n * d_out)))
-    y = z.new_zeros(n, d_out)
-    for t0 in range(0, s, chunk):
-        g = z[:, idx[t0 : t0 + chunk]]  # (n, c, d_out)
-        y += (g * values[t0 : t0 + chunk]).sum(1)
-    return y
+    if n >= DENSIFY_FROM_TOKENS:
+        return z @ z.new_zeros(k, d_out).scatter_(0, idx, values)
+    crow = torch.arange(0, (d_out + 1) * s, s, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        Ct = torch.sparse_csr_tensor(crow, idx.T.reshape(-1), values.T.reshape(-1), (d_out, k))
+        return (Ct @ z.T).T
 
 
 class CompotLinear(nn.Module):
@@ -58,8 +78,8 @@ class CompotLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
-        z = x.reshape(-1, self.in_features) @ self.A
-        y = sparse_codes_matmul(z, self.values, self.indices)
+        z = x.reshape(-1, self.in_features) @ matrix(self.A)
+        y = sparse_codes_matmul(z, matrix(self.values), self.indices)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape, self.out_features)
@@ -89,8 +109,22 @@ class LowRankLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.A) @ self.B
+        y = (x @ matrix(self.A)) @ matrix(self.B)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, bias={self.bias is not None}"
+
+
+class QuantLinear(nn.Module):
+    """A dense linear with a packed quantized weight (plain GPTQ/RTN): y = x Ŵ + b, Ŵ: (d_in, d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, bits: int, group: int, sym: bool, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = d_in, d_out
+        self.weight = QuantTensor(d_in, d_out, bits, group, sym)
+        self.bias = nn.Parameter(torch.zeros(d_out), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.dequantize()
+        return y + self.bias if self.bias is not None else y

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import allocation as alloc
 from .budget import dense_bytes, ratio, value_bytes
 from .calibration import Gram, calibrate, load_texts, make_batches, make_samples
-from .config import CalibrationConfig, CompressConfig, FactorizeConfig
+from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
 from .errors import CompotError
 from .factorize import (LayerPlan, compot_whitened, damped_cholesky, factorize_layer, plan_layer, relative_error,
                         spectral_error_estimate, whiten)
@@ -156,9 +156,42 @@ def _dense_model_bytes(model, vb: int) -> int:
     return total
 
 
-def compress_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = True):
-    """Compress `model` in place. Returns (targets, {name: LayerResult}, timings)."""
+def quantize_in_memory(model, targets: list[Target], batches: list[dict], q: QuantizeConfig, dtype: str,
+                       progress: bool = True) -> dict[str, dict]:
+    """GPTQ/RTN every target of `model` in place, block by block on the outputs of the quantized blocks before."""
+    from tqdm.auto import tqdm
+
+    from .quantize.apply import quantize_layer
+
+    records: dict[str, dict] = {}
+    bar = tqdm(total=len(targets), desc=f"quantize ({q.method} {q.bits}-bit)", unit="layer",
+               disable=None if progress else True)
+
+    def on_block(_i, block_grams):
+        for name, g in block_grams.items():
+            records[name] = quantize_layer(model, name, g, q, lambda t: _round(t, dtype))
+            bar.update()
+        return True
+
+    calibrate(model, batches, targets, on_block=on_block, progress=False)
+    bar.close()
+    return records
+
+
+def round_other_params(model, skip: set[str], dtype: str) -> None:
+    """Everything outside the compressed layers is stored at the storage dtype too: round it the same way."""
     import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not any(name.startswith(n + ".") for n in skip):
+                p.data = _round(p.data, dtype)
+
+
+def compress_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = True):
+    """Compress (and optionally quantize) `model` in place.
+
+    Returns (targets, {name: layer entry of the `compot` config section}, timings)."""
     from tqdm.auto import tqdm
 
     timings = {}
@@ -174,7 +207,8 @@ def compress_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = T
 
     t0 = time.perf_counter()
     results: dict[str, LayerResult] = {}
-    bar = tqdm(total=len(targets), desc=f"factorize ({cfg.factorize.method})", unit="layer", disable=None if progress else True)
+    bar = tqdm(total=len(targets), desc=f"factorize ({cfg.factorize.method})", unit="layer",
+               disable=None if progress else True)
     if cfg.calibration.sequential:
         def on_block(_i, block_grams):
             for name, g in block_grams.items():
@@ -189,62 +223,120 @@ def compress_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = T
             results[t.name] = compress_layer(model, plans[t.name], grams[t.name], cfg.factorize)
             bar.update()
     bar.close()
-    with torch.no_grad():  # everything else is stored at the storage dtype too: round it the same way
-        replaced = {n for n, r in results.items() if r.plan.method != "dense"}
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and not any(name.startswith(n + ".") for n in replaced):
-                p.data = _round(p.data, cfg.factorize.dtype)
+    round_other_params(model, {n for n, r in results.items() if r.plan.method != "dense"}, cfg.factorize.dtype)
     timings["factorize"] = time.perf_counter() - t0
-    return targets, results, timings
+    entries = {t.name: {**results[t.name].plan.to_dict(), "rel_error": results[t.name].rel_error,
+                        "seconds": results[t.name].seconds} for t in targets}
+    if cfg.quantize is not None:
+        t0 = time.perf_counter()
+        for name, rec in quantize_in_memory(model, targets, batches, cfg.quantize, cfg.factorize.dtype,
+                                            progress).items():
+            entries[name]["quant"] = rec
+        timings["quantize"] = time.perf_counter() - t0
+    return targets, entries, timings
 
 
 def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: CompressConfig, overwrite: bool = False,
              progress: bool = True) -> dict:
     """Load `model_dir`, compress it by `cfg`, write the compact model to `out` atomically; return the report."""
-    from . import __version__
-    from .artifact import FORMAT_VERSION, WEIGHTS, atomic_dir, layer_file_bytes, save_compressed, write_json_atomic
+    t_start = time.perf_counter()
+    _refuse_non_empty(out, overwrite)
+    model, tokenizer = load_model(model_dir)
+    dense_model = _dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
+    targets, entries, timings = compress_in_memory(model, tokenizer, cfg, progress)
+    return save_with_report(model, tokenizer, out, model_dir, cfg.model_dump(mode="json"), cfg.factorize.dtype,
+                            targets, entries, timings, dense_model, t_start, overwrite)
+
+
+def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: QuantizeConfig,
+                 calib: CalibrationConfig = CalibrationConfig(), dtype: str | None = None, overwrite: bool = False,
+                 progress: bool = True) -> dict:
+    """GPTQ/RTN a folder written by `compress` (its factors) or a plain HF model (its block linears: the dense
+    baseline) into `out`."""
+    from .artifact import load as load_compressed
+    from .models import load_tokenizer, read_hf_config
 
     t_start = time.perf_counter()
+    _refuse_non_empty(out, overwrite)
+    section = read_hf_config(model_dir).get("compot")
+    if section:
+        if any("quant" in lay for lay in section["layers"].values()):
+            raise CompotError(f"{model_dir} is already quantized")
+        model, tokenizer = load_compressed(model_dir), load_tokenizer(model_dir)
+        dtype = dtype or section["storage_dtype"]
+        entries = {n: dict(lay) for n, lay in section["layers"].items()}
+        targets = [Target(n, _block_of(model, n), lay["d_in"], lay["d_out"], lay["bias"]) for n, lay in entries.items()]
+        dense_model = section.get("dense_model_bytes", 0)
+        config = {**section.get("config", {}), "quantize": q.model_dump(mode="json")}
+    else:
+        model, tokenizer = load_model(model_dir)
+        dtype = dtype or "float16"
+        vb = value_bytes(dtype)
+        dense_model = _dense_model_bytes(model, vb)
+        targets = find_targets(model)
+        entries = {t.name: plan_layer(t.name, "dense", t.d_in, t.d_out, t.bias, float("inf"), vb).to_dict()
+                   for t in targets}
+        round_other_params(model, {t.name for t in targets}, dtype)
+        config = {"quantize": q.model_dump(mode="json")}
+    t0 = time.perf_counter()
+    batches = calibration_batches(tokenizer, calib, is_causal_lm(model))
+    for name, rec in quantize_in_memory(model, targets, batches, q, dtype, progress).items():
+        entries[name]["quant"] = rec
+    timings = {"quantize": time.perf_counter() - t0}
+    return save_with_report(model, tokenizer, out, model_dir, config, dtype, targets, entries, timings, dense_model,
+                            t_start, overwrite)
+
+
+def _block_of(model, name: str) -> int:
+    from .models import find_blocks
+
+    prefix, _ = find_blocks(model)
+    rest = name[len(prefix) + 1 :] if prefix else name
+    return int(rest.split(".")[0])
+
+
+def _refuse_non_empty(out, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CompotError(f"output directory {out} is not empty (use --overwrite)")
-    model, tokenizer = load_model(model_dir)
-    vb = value_bytes(cfg.factorize.dtype)
-    dense_model = _dense_model_bytes(model, vb)
-    targets, results, timings = compress_in_memory(model, tokenizer, cfg, progress)
+
+
+def save_with_report(model, tokenizer, out, model_dir, config: dict, dtype: str, targets, entries: dict,
+                     timings: dict, dense_model: int, t_start: float, overwrite: bool) -> dict:
+    from . import __version__
+    from .artifact import FORMAT_VERSION, WEIGHTS, atomic_dir, save_compressed, write_json_atomic
 
     section = {
         "format_version": FORMAT_VERSION,
         "producer": f"compot-deploy {__version__}",
-        "storage_dtype": cfg.factorize.dtype,
-        "config": cfg.model_dump(mode="json"),
-        "layers": {t.name: results[t.name].plan.to_dict() for t in targets},
+        "storage_dtype": dtype,
+        "dense_model_bytes": dense_model,
+        "config": config,
+        "layers": {t.name: entries[t.name] for t in targets},
     }
     with atomic_dir(out, overwrite) as tmp:
-        save_compressed(model, tokenizer, tmp, section, cfg.factorize.dtype)
-        report = _report(model_dir, tmp / WEIGHTS, targets, results, timings, dense_model, layer_file_bytes)
+        save_compressed(model, tokenizer, tmp, section, dtype)
+        report = _report(model_dir, tmp / WEIGHTS, section, timings, value_bytes(dtype))
         report["seconds"] = time.perf_counter() - t_start
         write_json_atomic(tmp / "compression_report.json", report)
     return report
 
 
-def _report(model_dir, weights: Path, targets, results, timings, dense_model, layer_file_bytes) -> dict:
-    file_bytes = layer_file_bytes(weights, [t.name for t in targets])
+def _report(model_dir, weights: Path, section: dict, timings, vb: int) -> dict:
+    from .artifact import layer_file_bytes
+    from .quantize.apply import quantized_layer_bytes
+
+    file_bytes = layer_file_bytes(weights, list(section["layers"]))
     layers = []
-    for t in targets:
-        r = results[t.name]
-        layers.append({
-            **r.plan.to_dict(),
-            "planned_bytes": r.plan.bytes,
-            "file_bytes": file_bytes[t.name],
-            "ratio": ratio(file_bytes[t.name], r.plan.dense_bytes),
-            "rel_error": r.rel_error,
-            "seconds": r.seconds,
-        })
+    for name, e in section["layers"].items():
+        planned = quantized_layer_bytes(e, vb) if "quant" in e else e["bytes"]
+        layers.append({**e, "name": name, "planned_bytes": planned, "file_bytes": file_bytes[name],
+                       "ratio": ratio(file_bytes[name], e["dense_bytes"])})
     dense_lin = sum(x["dense_bytes"] for x in layers)
     planned = sum(x["planned_bytes"] for x in layers)
     stored = sum(x["file_bytes"] for x in layers)
     model_file = weights.stat().st_size
+    dense_model = section["dense_model_bytes"]
     return {
         "model_dir": str(model_dir),
         "linears": {

@@ -7,9 +7,9 @@ from compot_deploy.modules import CompotLinear, LowRankLinear
 
 
 @pytest.mark.parametrize("k,idx_dtype", [(40, torch.uint8), (300, torch.uint16)])
-@pytest.mark.parametrize("chunk_elems", [1 << 24, 64])
-def test_compot_linear_equals_dense_product(k, idx_dtype, chunk_elems, monkeypatch):
-    monkeypatch.setattr(mods, "_GATHER_ELEMS", chunk_elems)
+@pytest.mark.parametrize("densify_from", [1, 10**9])
+def test_compot_linear_equals_dense_product(k, idx_dtype, densify_from, monkeypatch):
+    monkeypatch.setattr(mods, "DENSIFY_FROM_TOKENS", densify_from)
     torch.manual_seed(0)
     d_in, d_out, s = 320, 48, 12
     A = torch.randn(d_in, k)

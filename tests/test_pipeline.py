@@ -66,11 +66,11 @@ def test_sequential_and_mckp_and_cospadi_run(tiny_dirs, tmp_path):
                              allocation=AllocationConfig(strategy=strategy, ratio=0.3),
                              factorize=FactorizeConfig(method=method, iters=2, cospadi_iters=1))
         m, _ = load_model(tiny_dirs["llama"])
-        targets, results, _ = compress_in_memory(m, tok, cfg, progress=False)
-        dense = sum(r.plan.dense_bytes for r in results.values())
-        stored = sum(r.plan.bytes for r in results.values())
+        targets, entries, _ = compress_in_memory(m, tok, cfg, progress=False)
+        dense = sum(e["dense_bytes"] for e in entries.values())
+        stored = sum(e["bytes"] for e in entries.values())
         assert stored <= 0.7 * dense + 1
-        assert all(0 <= r.rel_error < 1 for r in results.values())
+        assert all(0 <= e["rel_error"] < 1 for e in entries.values())
 
 
 def test_include_exclude(tiny_dirs):

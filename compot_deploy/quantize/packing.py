@@ -1,0 +1,94 @@
+"""Packed storage of quantized matrices, laid out as ONNX Runtime's MatMulNBits reads its B input.
+
+A matrix M: (K, N) (K = the input dimension, quantized in blocks of `group` rows) is stored transposed, as
+qweight: uint8 (N, n_blocks, group·bits/8) — element k of a block at byte k·bits/8, low bits first —,
+scales: (N, n_blocks) at the storage dtype, and, for asymmetric grids, zeros: uint8 (N, ⌈n_blocks·bits/8⌉)
+packed the same way. Symmetric grids store no zeros (their zero is 2^(bits−1), MatMulNBits' default).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .gptq import Quantized
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(…, L) integers < 2^bits, L a multiple of 8/bits → (…, L·bits/8) uint8, low bits first."""
+    per = 8 // bits
+    q = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // per, per)
+    out = torch.zeros(q.shape[:-1], dtype=torch.uint8)
+    for j in range(per):
+        out |= q[..., j] << (bits * j)
+    return out
+
+
+def unpack_bits(p: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of pack_bits: (…, B) uint8 → (…, length) uint8."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(p >> (bits * j)) & mask for j in range(per)]
+    return torch.stack(parts, -1).reshape(*p.shape[:-1], p.shape[-1] * per)[..., :length]
+
+
+def padded_group(group: int, bits: int) -> int:
+    """Block length rounded up so a block fills whole bytes."""
+    per = 8 // bits
+    return -(-group // per) * per
+
+
+class QuantTensor(nn.Module):
+    """A (K, N) matrix stored packed (see module docstring); `dequantize()` gives it back as float32."""
+
+    def __init__(self, K: int, N: int, bits: int, group: int, sym: bool):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        self.K, self.N, self.bits, self.group, self.sym = K, N, bits, group, sym
+        self.n_blocks = -(-K // group)
+        self.block_len = padded_group(group, bits)
+        self.register_buffer("qweight", torch.zeros(N, self.n_blocks, self.block_len * bits // 8, dtype=torch.uint8))
+        self.scales = nn.Parameter(torch.ones(N, self.n_blocks), requires_grad=False)
+        if sym:
+            self.zeros = None
+        else:
+            zlen = padded_group(self.n_blocks, bits) * bits // 8
+            self.register_buffer("zeros", torch.zeros(N, zlen, dtype=torch.uint8))
+
+    @classmethod
+    def from_quantized(cls, qz: Quantized, round_scales=lambda t: t) -> "QuantTensor":
+        K, N = qz.q.shape
+        m = cls(K, N, qz.bits, qz.group, qz.sym)
+        q = torch.zeros(N, m.n_blocks * m.group, dtype=torch.uint8)
+        q[:, :K] = qz.q.T
+        q = q.reshape(N, m.n_blocks, m.group)
+        if m.block_len != m.group:
+            q = torch.cat([q, torch.zeros(N, m.n_blocks, m.block_len - m.group, dtype=torch.uint8)], -1)
+        m.qweight.copy_(pack_bits(q, qz.bits))
+        m.scales.data.copy_(round_scales(qz.scales.T.float()))
+        if not qz.sym:
+            z = torch.zeros(N, padded_group(m.n_blocks, qz.bits), dtype=torch.uint8)
+            z[:, : m.n_blocks] = qz.zeros.T.to(torch.uint8)
+            m.zeros.copy_(pack_bits(z, qz.bits))
+        return m
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes (N, n_blocks, group)."""
+        return unpack_bits(self.qweight, self.bits, self.block_len)[..., : self.group]
+
+    def zero_points(self) -> torch.Tensor:
+        """(N, n_blocks) float32."""
+        if self.zeros is None:
+            return torch.full((self.N, self.n_blocks), float(2 ** (self.bits - 1)))
+        return unpack_bits(self.zeros, self.bits, self.n_blocks).float()
+
+    def dequantize(self) -> torch.Tensor:
+        """M: (K, N) float32."""
+        w = (self.codes().float() - self.zero_points()[..., None]) * self.scales[..., None]
+        return w.reshape(self.N, -1)[:, : self.K].T
+
+    def extra_repr(self) -> str:
+        return f"K={self.K}, N={self.N}, bits={self.bits}, group={self.group}, sym={self.sym}"
