@@ -1,7 +1,14 @@
 """Quality vs bytes on all-MiniLM-L6-v2: every method × allocation at several ratios, in one run.
 
     python benchmarks/quality.py [--ratios 0.2,0.3,0.4,0.5] [--methods compot,svd-llm,cospadi]
-                                 [--allocations uniform,dynamic,mckp] [--out benchmarks/results]
+                                 [--allocations uniform,dynamic,mckp] [--sections factorize,quantize]
+                                 [--out benchmarks/results]
+
+Section `factorize`: COMPOT and SVD-LLM × every allocation at every ratio; CoSpaDi (K-SVD + OMP, ~30x slower than
+COMPOT here) with the dynamic allocation only, to keep one run under an hour on 2 cores (its mckp profile would be
+COMPOT's anyway).
+Section `quantize`: RTN vs GPTQ at 4 and 8 bits on the dense model and on COMPOT factors (ratio 0.3, dynamic), and
+COMPOT at every ratio + GPTQ-4bit.
 
 Each configuration runs the full `compress` (load, calibrate, allocate, factorize, save) and is timed end to end;
 the saved folder is then loaded back and evaluated on held-out sentences (never the calibration text):
@@ -29,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--methods", default="compot,svd-llm,cospadi")
     ap.add_argument("--allocations", default="uniform,dynamic,mckp")
+    ap.add_argument("--sections", default="factorize,quantize")
     ap.add_argument("--model", default=None, help="model folder (default: the packaged all-MiniLM-L6-v2)")
     ap.add_argument("--heldout", default=str(HERE / "data" / "heldout_en.txt"))
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -37,7 +45,8 @@ def main(argv=None) -> int:
     import torch
 
     import compot_deploy
-    from compot_deploy.config import AllocationConfig, CompressConfig, FactorizeConfig
+    from compot_deploy.config import AllocationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
+    from compot_deploy.pipeline import quantize_dir
     from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
     from compot_deploy.models import default_model_dir, load_model
 
@@ -49,26 +58,47 @@ def main(argv=None) -> int:
     del orig
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in [float(x) for x in args.ratios.split(",")]:
+    sections = args.sections.split(",")
+    ratios = [float(x) for x in args.ratios.split(",")]
+
+    def measure(row: dict, run) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "m"
+            t0 = time.perf_counter()
+            rep = run(out)
+            wall = time.perf_counter() - t0
+            q = embedding_agreement(ref, mean_pooled_embeddings(compot_deploy.load(out), tok, texts))
+        row.update({"file_ratio": rep["linears"]["file_ratio"], "planned_ratio": rep["linears"]["planned_ratio"],
+                    "fp16_fraction": 1.0 - rep["linears"]["file_ratio"], "model_file_ratio": rep["model_file"]["ratio"],
+                    **q, "wall_s": wall, **{f"{k}_s": v for k, v in rep["timings"].items()}})
+        rows.append(row)
+        print(f"{row['section']:9s} {row['label']:32s} file_ratio {row['file_ratio']:.4f} "
+              f"cos {q['mean_cosine']:.4f} (min {q['min_cosine']:.4f}) rho {q['pairwise_spearman']:.4f} "
+              f"{wall:6.1f}s", flush=True)
+
+    if "factorize" in sections:
+        for r in ratios:
             for alloc in args.allocations.split(","):
                 for method in args.methods.split(","):
+                    if method == "cospadi" and alloc != "dynamic":
+                        continue
                     cfg = CompressConfig(allocation=AllocationConfig(strategy=alloc, ratio=r),
                                          factorize=FactorizeConfig(method=method))
-                    out = Path(tmp) / f"{method}-{alloc}-{r}"
-                    t0 = time.perf_counter()
-                    rep = compot_deploy.compress(model_dir, out, cfg, progress=False)
-                    wall = time.perf_counter() - t0
-                    q = embedding_agreement(ref, mean_pooled_embeddings(compot_deploy.load(out), tok, texts))
-                    row = {"ratio": r, "allocation": alloc, "method": method,
-                           "file_ratio": rep["linears"]["file_ratio"], "planned_ratio": rep["linears"]["planned_ratio"],
-                           "model_file_ratio": rep["model_file"]["ratio"], **q, "wall_s": wall,
-                           "factorize_s": rep["timings"]["factorize"], "calibrate_s": rep["timings"]["calibrate"],
-                           "allocate_s": rep["timings"]["allocate"]}
-                    rows.append(row)
-                    print(f"ratio {r:.2f} {alloc:8s} {method:8s} file_ratio {row['file_ratio']:.4f} "
-                          f"cos {q['mean_cosine']:.4f} (min {q['min_cosine']:.4f}) rho {q['pairwise_spearman']:.4f} "
-                          f"{wall:6.1f}s", flush=True)
+                    measure({"section": "factorize", "label": f"{method} {alloc} {r}", "ratio": r,
+                             "allocation": alloc, "method": method},
+                            lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    if "quantize" in sections:
+        for bits in (4, 8):
+            for qm in ("rtn", "gptq"):
+                qc = QuantizeConfig(bits=bits, method=qm)
+                measure({"section": "quantize", "label": f"dense {qm} {bits}-bit g128", "method": "dense",
+                         "quant": qm, "bits": bits, "ratio": 0.0},
+                        lambda out, qc=qc: quantize_dir(model_dir, out, qc, progress=False))
+                for r in ratios if (qm, bits) == ("gptq", 4) else [0.3]:
+                    cfg = CompressConfig(allocation=AllocationConfig(ratio=r), quantize=qc)
+                    measure({"section": "quantize", "label": f"compot {r} dynamic + {qm} {bits}-bit",
+                             "method": "compot", "quant": qm, "bits": bits, "ratio": r},
+                            lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
 
     result = {
         "model": model_dir,
@@ -82,6 +112,11 @@ def main(argv=None) -> int:
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    old = out_dir / "quality.json"
+    if old.exists():  # keep the rows of the sections not rerun now
+        kept = [r for r in json.loads(old.read_text())["rows"] if r.get("section") not in sections]
+        result["rows"] = kept + rows
+        result["comparisons"] = comparisons(result["rows"])
     (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "quality.md").write_text(markdown(result))
     print(markdown(result))
@@ -90,7 +125,7 @@ def main(argv=None) -> int:
 
 def comparisons(rows: list[dict]) -> list[dict]:
     """COMPOT against SVD-LLM at equal bytes (same ratio and allocation): cosine gap and time ratio."""
-    by = {(r["ratio"], r["allocation"], r["method"]): r for r in rows}
+    by = {(r["ratio"], r["allocation"], r["method"]): r for r in rows if r.get("section") == "factorize"}
     out = []
     for (ratio, alloc, method), c in sorted(by.items()):
         s = by.get((ratio, alloc, "svd-llm"))
@@ -118,9 +153,21 @@ def markdown(res: dict) -> str:
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
+        if r.get("section") != "factorize":
+            continue
         lines.append(f"| {r['ratio']:.2f} | {r['allocation']} | {r['method']} | {r['file_ratio']:.4f} | "
                      f"{r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['pairwise_spearman']:.4f} | "
                      f"{r['wall_s']:.1f} | {r['factorize_s']:.1f} |")
+    quant = [r for r in res["rows"] if r.get("section") == "quantize"]
+    if quant:
+        lines += ["", "## Quantization (RTN vs GPTQ) on the dense model and on COMPOT factors", "",
+                  "Bytes of the compressed linears as a fraction of their float16 dense bytes, read from the files "
+                  "(packed codes, float16 scales, packed zero points, code indices, biases).", "",
+                  "| configuration | × fp16 bytes | mean cos | min cos | pairwise ρ | wall s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in sorted(quant, key=lambda r: r["fp16_fraction"]):
+            lines.append(f"| {r['label']} | {r['fp16_fraction']:.3f} | {r['mean_cosine']:.4f} | "
+                         f"{r['min_cosine']:.4f} | {r['pairwise_spearman']:.4f} | {r['wall_s']:.1f} |")
     lines += ["", "## COMPOT vs SVD-LLM at equal bytes", "",
               "| ratio | allocation | COMPOT − SVD-LLM mean cos | COMPOT / SVD-LLM wall time | CoSpaDi / SVD-LLM wall time "
               "| CoSpaDi mean cos |", "|---:|---|---:|---:|---:|---:|"]

@@ -12,16 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass(frozen=True)
-class LayerBudgetInput:
-    """What the uniform allocator needs of one layer."""
-
-    dense_bytes: int
-
-
-def uniform(layers: list[LayerBudgetInput], ratio: float) -> list[float]:
+def uniform(dense_bytes: list[int], ratio: float) -> list[float]:
     """Every layer keeps (1 − ratio) of its dense bytes."""
-    return [(1.0 - ratio) * lay.dense_bytes for lay in layers]
+    return [(1.0 - ratio) * d for d in dense_bytes]
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,8 @@ def max_atoms(d_in: int, d_out: int) -> int:
 def solve_compot_shape(
     d_in: int, d_out: int, budget: float, vbytes: int, bias: bool, k_over_s: float = 2.0
 ) -> SparseShape | None:
-    """Largest sparsity s (and k = round(k_over_s · s), capped at min(d_in, d_out)) whose bytes fit `budget`.
+    """Largest sparsity s whose bytes fit `budget`, with k = round(k_over_s · s) capped at min(d_in, d_out) —
+    or k held at 256 when that keeps one-byte indices and lets s grow (the index width jumps at k = 257).
 
     Returns None when even s = 1 does not fit.
     """
@@ -81,10 +82,10 @@ def solve_compot_shape(
     best = None
     for s in range(1, kmax + 1):
         k = min(kmax, max(s, round(k_over_s * s)))
-        if compot_bytes(d_in, d_out, k, s, vbytes, bias) <= budget:
-            best = SparseShape(k=k, s=s)
-        else:
+        fits = [kk for kk in {k, 256} if s <= kk <= k and compot_bytes(d_in, d_out, kk, s, vbytes, bias) <= budget]
+        if not fits:
             break  # bytes never decrease as s grows, so nothing larger fits
+        best = SparseShape(k=max(fits), s=s)
     return best
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-
-import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import allocation as alloc
 from .budget import dense_bytes, ratio, value_bytes
@@ -51,7 +51,8 @@ def allocate(model, targets: list[Target], grams: dict[str, Gram], cfg: Compress
         return plan_layer(t.name, f.method, t.d_in, t.d_out, t.bias, budget, vb, k_over_s)
 
     if a.strategy == "uniform":
-        return {t.name: plan(t, b) for t, b in zip(targets, alloc.uniform(_budget_inputs(targets, vb), a.ratio))}
+        dense = [dense_bytes(t.d_in, t.d_out, vb, t.bias) for t in targets]
+        return {t.name: plan(t, b) for t, b in zip(targets, alloc.uniform(dense, a.ratio))}
 
     def whitened(t: Target):
         return whiten(_weight(model, t.name), damped_cholesky(grams[t.name].G, f.eps, t.name))
@@ -93,10 +94,6 @@ def allocate(model, targets: list[Target], grams: dict[str, Gram], cfg: Compress
     except ValueError as e:
         raise CompotError(f"{a.strategy} allocation: {e}") from None
     return {t.name: cs[j].tag[0] for t, cs, j in zip(targets, cands, picks)}
-
-
-def _budget_inputs(targets, vb) -> list[alloc.LayerBudgetInput]:
-    return [alloc.LayerBudgetInput(dense_bytes(t.d_in, t.d_out, vb, t.bias)) for t in targets]
 
 
 # ---------------------------------------------------------------- factorize

@@ -41,3 +41,12 @@ def test_solve_rank():
     budget = 0.5 * dense_bytes(384, 384, 2, False)
     r = solve_rank(384, 384, budget, 2, False)
     assert lowrank_bytes(384, 384, r, 2, False) <= budget < lowrank_bytes(384, 384, r + 1, 2, False)
+
+
+def test_solver_holds_k_at_256_to_keep_one_byte_indices():
+    # 384 -> 1536 at 20 % off: k = 2s would need two-byte indices past k = 256 and waste a fifth of the budget
+    budget = 0.8 * dense_bytes(384, 1536, 2, True)
+    sh = solve_compot_shape(384, 1536, budget, 2, True)
+    assert (sh.k, index_dtype(sh.k)) == (256, "uint8") and sh.s > 128
+    assert ratio(compot_bytes(384, 1536, sh.k, sh.s, 2, True), dense_bytes(384, 1536, 2, True)) == pytest.approx(0.2, abs=0.005)
+    assert compot_bytes(384, 1536, 256, sh.s + 1, 2, True) > budget

@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..budget import INDEX_BYTES, index_dtype, quant_bytes
-from ..models import Target, dense_weight, is_dense_linear, set_module
+from ..models import dense_weight, is_dense_linear, set_module
 from ..modules import CompotLinear, LowRankLinear, QuantLinear, matrix, quantize_slot
 from .gptq import Quantized, gptq, gptq_sparse_columns, rtn
 from .packing import QuantTensor

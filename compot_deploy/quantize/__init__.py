@@ -1,0 +1,1 @@
+"""Quantization: GPTQ/RTN as pure tensor functions (gptq), packed storage (packing), model application (apply)."""
