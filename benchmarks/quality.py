@@ -8,7 +8,7 @@ Section `factorize`: COMPOT and SVD-LLM × every allocation at every ratio; CoSp
 COMPOT here) with the dynamic allocation only, to keep one run under an hour on 2 cores (its mckp profile would be
 COMPOT's anyway).
 Section `quantize`: RTN vs GPTQ at 4 and 8 bits on the dense model and on COMPOT factors (ratio 0.3, dynamic), and
-COMPOT at every ratio + GPTQ-4bit.
+COMPOT at every ratio + GPTQ-4bit. Section `lowbit` (not in the default run): dense GPTQ at 2 bits, groups 32/128.
 
 Each configuration runs the full `compress` (load, calibrate, allocate, factorize, save) and is timed end to end;
 the saved folder is then loaded back and evaluated on held-out sentences (never the calibration text):
@@ -99,6 +99,12 @@ def main(argv=None) -> int:
                     measure({"section": "quantize", "label": f"compot {r} dynamic + {qm} {bits}-bit",
                              "method": "compot", "quant": qm, "bits": bits, "ratio": r},
                             lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    if "lowbit" in sections:  # dense neighbours of COMPOT+GPTQ-4bit's byte sizes (4-bit cannot go below ~0.25x)
+        for group in (32, 128):
+            qc = QuantizeConfig(bits=2, group=group)
+            measure({"section": "lowbit", "label": f"dense gptq 2-bit g{group}", "method": "dense", "quant": "gptq",
+                     "bits": 2, "ratio": 0.0},
+                    lambda out, qc=qc: quantize_dir(model_dir, out, qc, progress=False))
 
     result = {
         "model": model_dir,
@@ -158,7 +164,7 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['ratio']:.2f} | {r['allocation']} | {r['method']} | {r['file_ratio']:.4f} | "
                      f"{r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['pairwise_spearman']:.4f} | "
                      f"{r['wall_s']:.1f} | {r['factorize_s']:.1f} |")
-    quant = [r for r in res["rows"] if r.get("section") == "quantize"]
+    quant = [r for r in res["rows"] if r.get("section") in ("quantize", "lowbit")]
     if quant:
         lines += ["", "## Quantization (RTN vs GPTQ) on the dense model and on COMPOT factors", "",
                   "Bytes of the compressed linears as a fraction of their float16 dense bytes, read from the files "

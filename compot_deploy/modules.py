@@ -84,6 +84,12 @@ class CompotLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*shape, self.out_features)
 
+    def reconstruct(self) -> torch.Tensor:
+        """Ŵ = A C: (d_in, d_out) float64, exactly as stored — for error analysis, never for inference."""
+        C = torch.zeros(self.k, self.out_features, dtype=torch.float64)
+        C.scatter_(0, self.indices.long(), matrix(self.values).double())
+        return matrix(self.A).double() @ C
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, k={self.k}, s={self.s}, bias={self.bias is not None}"
 
@@ -112,6 +118,10 @@ class LowRankLinear(nn.Module):
         y = (x @ matrix(self.A)) @ matrix(self.B)
         return y + self.bias if self.bias is not None else y
 
+    def reconstruct(self) -> torch.Tensor:
+        """Ŵ = A B: (d_in, d_out) float64, exactly as stored."""
+        return matrix(self.A).double() @ matrix(self.B).double()
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, bias={self.bias is not None}"
 
@@ -124,6 +134,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = d_in, d_out
         self.weight = QuantTensor(d_in, d_out, bits, group, sym)
         self.bias = nn.Parameter(torch.zeros(d_out), requires_grad=False) if bias else None
+
+    def reconstruct(self) -> torch.Tensor:
+        """Ŵ: (d_in, d_out) float64, exactly as stored."""
+        return self.weight.dequantize().double()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight.dequantize()

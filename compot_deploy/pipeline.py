@@ -16,7 +16,7 @@ from .calibration import Gram, calibrate, load_texts, make_batches, make_samples
 from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
 from .errors import CompotError
 from .factorize import (LayerPlan, compot_whitened, damped_cholesky, factorize_layer, plan_layer, relative_error,
-                        spectral_error_estimate, whiten)
+                        SpectralErrorEstimate, whiten)
 from .models import Target, dense_weight, find_targets, is_causal_lm, load_model, set_module
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def allocate(model, targets: list[Target], grams: dict[str, Gram], cfg: Compress
     for t in tqdm(targets, desc=f"{a.strategy} profiles", unit="layer", disable=None if progress else True, leave=False):
         M = whitened(t)
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        estimate = SpectralErrorEstimate(S, Vh)
         dense = dense_bytes(t.d_in, t.d_out, vb, t.bias)
         layer: dict[tuple, alloc.Candidate] = {}
         for r in ratios:
@@ -81,7 +82,7 @@ def allocate(model, targets: list[Target], grams: dict[str, Gram], cfg: Compress
                 if key in layer:
                     continue
                 if a.strategy == "dynamic" or p.method in ("dense", "svd-llm"):
-                    err = spectral_error_estimate(S, Vh, p)
+                    err = estimate(p)
                 else:  # CoSpaDi is profiled with COMPOT: K-SVD over the whole grid would take hours
                     err = compot_whitened(M, p.k, p.s, a.mckp_profile_iters, 0.0, U=U)[3][-1] ** 2
                 layer[key] = alloc.Candidate(bytes=p.bytes, error=err, tag=(p,))
@@ -114,8 +115,6 @@ def _round(t, dtype: str):
 
 def compress_layer(model, plan: LayerPlan, gram: Gram, f: FactorizeConfig) -> LayerResult:
     """Factor one linear of `model` by `plan` and put the compact module in its place."""
-    import torch
-
     from .factorize import LowRankFactors
     from .modules import CompotLinear, LowRankLinear
 
@@ -129,14 +128,13 @@ def compress_layer(model, plan: LayerPlan, gram: Gram, f: FactorizeConfig) -> La
         W_hat = _round(W, f.dtype)
         for p in mod.parameters():
             p.data = _round(p.data, f.dtype)
-    elif isinstance(factors, LowRankFactors):
-        new = LowRankLinear.from_factors(_round(factors.A, f.dtype), _round(factors.B, f.dtype), bias)
-        W_hat = new.A.double() @ new.B.double()
-        set_module(model, plan.name, new)
     else:
-        new = CompotLinear.from_factors(_round(factors.A, f.dtype), _round(factors.values, f.dtype), factors.indices, bias)
-        C = torch.zeros(new.k, new.out_features, dtype=torch.float64).scatter_(0, new.indices.long(), new.values.double())
-        W_hat = new.A.double() @ C
+        if isinstance(factors, LowRankFactors):
+            new = LowRankLinear.from_factors(_round(factors.A, f.dtype), _round(factors.B, f.dtype), bias)
+        else:
+            new = CompotLinear.from_factors(_round(factors.A, f.dtype), _round(factors.values, f.dtype),
+                                            factors.indices, bias)
+        W_hat = new.reconstruct()
         set_module(model, plan.name, new)
     return LayerResult(plan, relative_error(W, W_hat, L), time.perf_counter() - t0)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 from ..budget import compot_bytes, dense_bytes, lowrank_bytes, solve_compot_shape, solve_rank
 from .compot import compot, compot_whitened
 from .cospadi import cospadi
@@ -12,7 +14,7 @@ from .types import LowRankFactors, SparseFactors
 from .whitening import damped_cholesky, unwhiten, whiten
 
 __all__ = [
-    "LayerPlan", "plan_layer", "factorize_layer", "relative_error", "spectral_error_estimate", "compot", "compot_whitened", "cospadi",
+    "LayerPlan", "plan_layer", "factorize_layer", "relative_error", "SpectralErrorEstimate", "compot", "compot_whitened", "cospadi",
     "svd_llm", "SparseFactors", "LowRankFactors", "damped_cholesky", "whiten", "unwhiten",
 ]
 
@@ -72,25 +74,30 @@ def factorize_layer(W, L, plan: LayerPlan, iters: int = 10, tol: float = 1e-4, c
     raise ValueError(f"unknown method {plan.method!r}")
 
 
-def spectral_error_estimate(S, Vh, plan: LayerPlan) -> float:
-    """Relative squared error of `plan` on M = U diag(S) Vh, estimated from that one SVD.
+class SpectralErrorEstimate:
+    """Relative squared error of a plan on M = U diag(S) Vh, estimated from that one SVD (METHOD §5).
 
     svd-llm: the exact tail energy. compot/cospadi: the error of hard-thresholding M onto its top-k singular
     basis (COMPOT's starting point, an upper bound on what its iterations reach):
     ‖M − U_k H_s(U_kᵀM)‖² = ‖M‖² − ‖H_s(diag(S_k) Vh_k)‖².
     """
-    total = float((S * S).sum()) or 1.0
-    if plan.method == "dense":
-        return 0.0
-    if plan.method == "svd-llm":
-        return float((S[plan.r:] ** 2).sum()) / total
-    P2 = (S[: plan.k, None] * Vh[: plan.k]) ** 2
-    return max(0.0, 1.0 - float(P2.topk(plan.s, dim=0).values.sum()) / total)
+
+    def __init__(self, S, Vh):
+        S2 = (S * S).double()
+        self.total = float(S2.sum()) or 1.0
+        self.tail = (S2.flip(0).cumsum(0).flip(0) / self.total).tolist() + [0.0]  # tail[r] = Σ_{i≥r} σ²
+        self.P2 = ((S[:, None] * Vh) ** 2).float()  # ranking only: float32 is plenty
+
+    def __call__(self, plan: LayerPlan) -> float:
+        if plan.method == "dense":
+            return 0.0
+        if plan.method == "svd-llm":
+            return self.tail[plan.r]
+        kept = float(self.P2[: plan.k].topk(plan.s, dim=0, sorted=False).values.sum(dtype=torch.float64))
+        return max(0.0, 1.0 - kept / self.total)
 
 
 def relative_error(W, W_hat, L) -> float:
     """‖Lᵀ(W − Ŵ)‖_F / ‖Lᵀ W‖_F: the relative output error on the calibration inputs."""
-    import torch
-
     W = W.to(torch.float64)
     return float(torch.linalg.norm(L.T @ (W - W_hat.to(torch.float64))) / torch.linalg.norm(L.T @ W).clamp_min(1e-300))

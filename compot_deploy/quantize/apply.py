@@ -15,7 +15,7 @@ import torch
 
 from ..budget import INDEX_BYTES, index_dtype, quant_bytes
 from ..models import dense_weight, is_dense_linear, set_module
-from ..modules import CompotLinear, LowRankLinear, QuantLinear, matrix, quantize_slot
+from ..modules import CompotLinear, LowRankLinear, QuantLinear, quantize_slot
 from .gptq import Quantized, gptq, gptq_sparse_columns, rtn
 from .packing import QuantTensor
 
@@ -44,7 +44,7 @@ def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
     H = 2.0 * gram.G / max(gram.n, 1)
     rec: dict = {"bits": cfg.bits, "group": cfg.group, "sym": cfg.sym, "method": cfg.method}
     if isinstance(mod, CompotLinear):
-        W_before = matrix(mod.A).double() @ _codes(mod)
+        W_before = mod.reconstruct()
         A_hat = _put(mod, "A", _quantize_matrix(mod.A.data, H, cfg, f"{name}.A", gram.n), round_scales, rec)
         if cfg.method == "rtn":
             qv = rtn(mod.values.data, cfg.bits, mod.s, cfg.sym)
@@ -52,12 +52,12 @@ def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
             qv = gptq_sparse_columns(mod.values.data, mod.indices, A_hat.T @ H @ A_hat, cfg.bits, cfg.sym, cfg.damp,
                                      f"{name}.values")
         _put(mod, "values", qv, round_scales, rec)
-        W_after = matrix(mod.A).double() @ _codes(mod)
+        W_after = mod.reconstruct()
     elif isinstance(mod, LowRankLinear):
-        W_before = mod.A.double() @ mod.B.double()
+        W_before = mod.reconstruct()
         A_hat = _put(mod, "A", _quantize_matrix(mod.A.data, H, cfg, f"{name}.A", gram.n), round_scales, rec)
         _put(mod, "B", _quantize_matrix(mod.B.data, A_hat.T @ H @ A_hat, cfg, f"{name}.B", gram.n), round_scales, rec)
-        W_after = matrix(mod.A).double() @ matrix(mod.B).double()
+        W_after = mod.reconstruct()
     elif is_dense_linear(mod):
         W_before = dense_weight(mod).detach().double()
         qz = _quantize_matrix(W_before, H, cfg, name, gram.n)
@@ -67,18 +67,13 @@ def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
             new.bias.data.copy_(mod.bias.data)
         set_module(model, name, new)
         rec["slots"] = {"weight": [qz.group]}
-        W_after = new.weight.dequantize().double()
+        W_after = new.reconstruct()
     else:
         raise TypeError(f"{name}: cannot quantize a {type(mod).__name__}")
     E = W_before - W_after
     rec["rel_error"] = float(torch.sqrt(torch.trace(E.T @ gram.G @ E) / torch.trace(W_before.T @ gram.G @ W_before)))
     rec["seconds"] = time.perf_counter() - t0
     return rec
-
-
-def _codes(mod: CompotLinear) -> torch.Tensor:
-    v = matrix(mod.values).double()
-    return torch.zeros(mod.k, mod.out_features, dtype=torch.float64).scatter_(0, mod.indices.long(), v)
 
 
 def _slot_shapes(lay: dict) -> dict[str, tuple[int, int]]:
