@@ -41,17 +41,19 @@ def compot_whitened(
         D, values, indices, history = compot_whitened(U.T @ M, k, s, iters, tol, U=torch.eye(d_out, dtype=M.dtype))
         return U @ D, values, indices, history
     D = U[:, :k].clone()
-    norm = float(torch.linalg.norm(M)) or 1.0
+    norm2 = float((M * M).sum()) or 1.0
     history: list[float] = []
-    values, indices = hard_threshold(D.T @ M, s)
+    values, indices = hard_threshold(D.T @ M, s, canonical=False)
     for it in range(iters + 1):
         C = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, values)
-        history.append(float(torch.linalg.norm(M - D @ C)) / norm)
+        # D orthonormal and C = H_s(DᵀM) ⇒ ‖M − DC‖² = ‖M‖² − ‖C‖²: no product needed to track the error
+        history.append(max(0.0, 1.0 - float((values * values).sum()) / norm2) ** 0.5)
         if it == iters or (len(history) > 1 and history[-2] - history[-1] < tol * max(history[-2], 1e-12)):
             break
         D = procrustes(M @ C.T)
-        values, indices = hard_threshold(D.T @ M, s)
-    return D, values, indices, history
+        values, indices = hard_threshold(D.T @ M, s, canonical=False)
+    indices, order = indices.sort(dim=0)
+    return D, values.gather(0, order), indices, history
 
 
 def compot(

@@ -51,10 +51,12 @@ class LowRankFactors:
         return self.A @ self.B
 
 
-def hard_threshold(P: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_threshold(P: torch.Tensor, s: int, canonical: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """H_s on each column of P: (k, n) → (values, indices), both (s, n), keeping the s largest |entries|.
 
-    Indices are sorted ascending within a column so the layout is canonical.
+    canonical: indices sorted ascending within a column (the stored layout); skip it inside iterations.
     """
-    idx = P.abs().topk(s, dim=0, sorted=False).indices.sort(dim=0).values
+    idx = P.abs().topk(s, dim=0, sorted=False).indices
+    if canonical:
+        idx = idx.sort(dim=0).values
     return P.gather(0, idx), idx
