@@ -120,7 +120,7 @@ def load(path: str | os.PathLike):
     for name, lay in section["layers"].items():
         m = lay["method"]
         if m in ("compot", "cospadi"):
-            new = CompotLinear(lay["d_in"], lay["d_out"], lay["k"], lay["s"], lay["bias"])
+            new = CompotLinear(lay["d_in"], lay["d_out"], lay["k"], lay["s"], lay["bias"], position=lay["position"])
         elif m == "svd-llm":
             new = LowRankLinear(lay["d_in"], lay["d_out"], lay["r"], lay["bias"])
         else:

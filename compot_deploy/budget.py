@@ -30,6 +30,22 @@ def index_dtype(k: int) -> str:
 
 INDEX_BYTES = {"uint8": 1, "uint16": 2, "int32": 4}
 
+BITMASK = "bitmask"
+
+
+def position_bytes(d_out: int, k: int, s: int, fmt: str) -> int:
+    """Bytes that say where the s non-zeros of each of d_out code columns sit: s indices per column, or a k-bit
+    mask per column (values then stored in ascending row order)."""
+    if fmt == BITMASK:
+        return d_out * -(-k // 8)
+    return d_out * s * INDEX_BYTES[fmt]
+
+
+def position_format(k: int, s: int) -> str:
+    """Whichever of index list (smallest dtype fitting k) and column bitmask stores the positions in fewer bytes."""
+    lst = index_dtype(k)
+    return BITMASK if position_bytes(1, k, s, BITMASK) < position_bytes(1, k, s, lst) else lst
+
 
 def dense_bytes(d_in: int, d_out: int, vbytes: int, bias: bool) -> int:
     """Stored bytes of a dense linear W: (d_in, d_out) plus its bias."""
@@ -37,9 +53,10 @@ def dense_bytes(d_in: int, d_out: int, vbytes: int, bias: bool) -> int:
 
 
 def compot_bytes(d_in: int, d_out: int, k: int, s: int, vbytes: int, bias: bool) -> int:
-    """Stored bytes of a COMPOT linear: A (d_in, k) dense, s values + s indices per output column, bias."""
-    ib = INDEX_BYTES[index_dtype(k)]
-    return d_in * k * vbytes + d_out * s * (vbytes + ib) + (d_out * vbytes if bias else 0)
+    """Stored bytes of a COMPOT linear: A (d_in, k) dense, s values per output column and their positions (in the
+    cheaper format, see position_format), bias."""
+    return (d_in * k * vbytes + d_out * s * vbytes + position_bytes(d_out, k, s, position_format(k, s))
+            + (d_out * vbytes if bias else 0))
 
 
 def lowrank_bytes(d_in: int, d_out: int, r: int, vbytes: int, bias: bool) -> int:
@@ -71,8 +88,7 @@ def max_atoms(d_in: int, d_out: int) -> int:
 def solve_compot_shape(
     d_in: int, d_out: int, budget: float, vbytes: int, bias: bool, k_over_s: float = 2.0
 ) -> SparseShape | None:
-    """Largest sparsity s whose bytes fit `budget`, with k = round(k_over_s · s) capped at min(d_in, d_out) —
-    or k held at 256 when that keeps one-byte indices and lets s grow (the index width jumps at k = 257).
+    """Largest sparsity s whose bytes fit `budget`, with k = round(k_over_s · s) capped at min(d_in, d_out).
 
     Returns None when even s = 1 does not fit.
     """
@@ -82,10 +98,9 @@ def solve_compot_shape(
     best = None
     for s in range(1, kmax + 1):
         k = min(kmax, max(s, round(k_over_s * s)))
-        fits = [kk for kk in {k, 256} if s <= kk <= k and compot_bytes(d_in, d_out, kk, s, vbytes, bias) <= budget]
-        if not fits:
+        if compot_bytes(d_in, d_out, k, s, vbytes, bias) > budget:
             break  # bytes never decrease as s grows, so nothing larger fits
-        best = SparseShape(k=max(fits), s=s)
+        best = SparseShape(k=k, s=s)
     return best
 
 

@@ -7,8 +7,8 @@ import warnings
 import torch
 from torch import nn
 
-from .budget import index_dtype
-from .quantize.packing import QuantTensor
+from .budget import BITMASK, position_format
+from .quantize.packing import QuantTensor, pack_bits, unpack_bits
 
 _INDEX_TORCH = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
 
@@ -52,16 +52,30 @@ def sparse_codes_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Te
 class CompotLinear(nn.Module):
     """y = (x A) C + b with A: (d_in, k) dense and C: (k, d_out) column-sparse, s non-zeros per column.
 
-    Stores `A`, `values` (s, d_out), `indices` (s, d_out, the smallest unsigned dtype that fits k) and `bias`.
+    Stores `A`, `values` (s, d_out; row t of column j is its t-th non-zero in ascending row order), `bias`, and
+    the positions in the cheaper format (budget.position_format): `indices` (s, d_out, the smallest unsigned
+    dtype that fits k) or `mask` (d_out, ⌈k/8⌉ bytes, bit i of column j set when row i is a non-zero).
     """
 
-    def __init__(self, d_in: int, d_out: int, k: int, s: int, bias: bool, dtype: torch.dtype = torch.float32):
+    def __init__(self, d_in: int, d_out: int, k: int, s: int, bias: bool, dtype: torch.dtype = torch.float32,
+                 position: str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.k, self.s = d_in, d_out, k, s
+        self.position = position or position_format(k, s)
         self.A = nn.Parameter(torch.zeros(d_in, k, dtype=dtype), requires_grad=False)
         self.values = nn.Parameter(torch.zeros(s, d_out, dtype=dtype), requires_grad=False)
-        self.register_buffer("indices", torch.zeros(s, d_out, dtype=_INDEX_TORCH[index_dtype(k)]))
+        if self.position == BITMASK:
+            self.register_buffer("mask", torch.zeros(d_out, -(-k // 8), dtype=torch.uint8))
+        else:
+            self.register_buffer("indices", torch.zeros(s, d_out, dtype=_INDEX_TORCH[self.position]))
         self.bias = nn.Parameter(torch.zeros(d_out, dtype=dtype), requires_grad=False) if bias else None
+
+    def code_indices(self) -> torch.Tensor:
+        """(s, d_out) int64 row of each stored value, ascending within a column."""
+        if self.position != BITMASK:
+            return self.indices.long()
+        bits = unpack_bits(self.mask, 1, self.k).bool()  # (d_out, k)
+        return bits.nonzero()[:, 1].reshape(self.out_features, self.s).T
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
@@ -69,9 +83,15 @@ class CompotLinear(nn.Module):
         d_in, k = A.shape
         s, d_out = values.shape
         m = cls(d_in, d_out, k, s, bias is not None, dtype)
+        order = indices.long().argsort(dim=0)  # the stored layout is ascending rows within a column
+        idx = indices.long().gather(0, order)
         m.A.data.copy_(A)
-        m.values.data.copy_(values)
-        m.indices.copy_(indices.to(m.indices.dtype))
+        m.values.data.copy_(values.gather(0, order))
+        if m.position == BITMASK:
+            bits = torch.zeros(d_out, -(-k // 8) * 8, dtype=torch.uint8).scatter_(1, idx.T, 1)
+            m.mask.copy_(pack_bits(bits, 1))
+        else:
+            m.indices.copy_(idx.to(m.indices.dtype))
         if bias is not None:
             m.bias.data.copy_(bias)
         return m
@@ -79,7 +99,7 @@ class CompotLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         z = x.reshape(-1, self.in_features) @ matrix(self.A)
-        y = sparse_codes_matmul(z, matrix(self.values), self.indices)
+        y = sparse_codes_matmul(z, matrix(self.values), self.code_indices())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape, self.out_features)
@@ -87,11 +107,12 @@ class CompotLinear(nn.Module):
     def reconstruct(self) -> torch.Tensor:
         """Ŵ = A C: (d_in, d_out) float64, exactly as stored — for error analysis, never for inference."""
         C = torch.zeros(self.k, self.out_features, dtype=torch.float64)
-        C.scatter_(0, self.indices.long(), matrix(self.values).double())
+        C.scatter_(0, self.code_indices(), matrix(self.values).double())
         return matrix(self.A).double() @ C
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, k={self.k}, s={self.s}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, k={self.k}, s={self.s}, positions={self.position}, "
+                f"bias={self.bias is not None}")
 
 
 class LowRankLinear(nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 
-from compot_deploy.budget import (compot_bytes, dense_bytes, index_dtype, lowrank_bytes, ratio, solve_compot_shape,
-                                  solve_rank)
+from compot_deploy.budget import (compot_bytes, dense_bytes, index_dtype, lowrank_bytes, position_bytes,
+                                  position_format, ratio, solve_compot_shape, solve_rank)
 
 
 def test_index_dtype_boundaries():
@@ -13,10 +13,14 @@ def test_index_dtype_boundaries():
 
 def test_byte_formulas():
     assert dense_bytes(384, 1536, 2, True) == (384 * 1536 + 1536) * 2
-    # A: 384x200 fp16, codes: 1536 columns x 100 x (2 value + 1 index), bias
-    assert compot_bytes(384, 1536, 200, 100, 2, True) == 384 * 200 * 2 + 1536 * 100 * 3 + 1536 * 2
-    # k > 256 pays two-byte indices
-    assert compot_bytes(384, 384, 300, 150, 2, False) == 384 * 300 * 2 + 384 * 150 * 4
+    # A: 384x200 fp16, codes: 1536 columns x 100 fp16 values + a 200-bit mask (25 bytes) per column, bias
+    assert compot_bytes(384, 1536, 200, 100, 2, True) == 384 * 200 * 2 + 1536 * 100 * 2 + 1536 * 25 + 1536 * 2
+    # very sparse columns (s < k/8): one-byte index lists are cheaper than masks
+    assert position_format(200, 20) == "uint8"
+    assert compot_bytes(384, 1536, 200, 20, 2, False) == 384 * 200 * 2 + 1536 * 20 * 3
+    # k > 256 lists would pay two-byte indices
+    assert position_format(1000, 50) == "uint16"
+    assert position_bytes(10, 1000, 50, "uint16") == 10 * 50 * 2 < position_bytes(10, 1000, 50, "bitmask") == 10 * 125
     assert lowrank_bytes(384, 1536, 10, 4, False) == 10 * (384 + 1536) * 4
     assert ratio(70, 100) == pytest.approx(0.3)
 
@@ -43,10 +47,8 @@ def test_solve_rank():
     assert lowrank_bytes(384, 384, r, 2, False) <= budget < lowrank_bytes(384, 384, r + 1, 2, False)
 
 
-def test_solver_holds_k_at_256_to_keep_one_byte_indices():
-    # 384 -> 1536 at 20 % off: k = 2s would need two-byte indices past k = 256 and waste a fifth of the budget
+def test_bitmask_spends_the_budget_at_k_over_s_2():
     budget = 0.8 * dense_bytes(384, 1536, 2, True)
     sh = solve_compot_shape(384, 1536, budget, 2, True)
-    assert (sh.k, index_dtype(sh.k)) == (256, "uint8") and sh.s > 128
+    assert position_format(sh.k, sh.s) == "bitmask" and sh.k > 256
     assert ratio(compot_bytes(384, 1536, sh.k, sh.s, 2, True), dense_bytes(384, 1536, 2, True)) == pytest.approx(0.2, abs=0.005)
-    assert compot_bytes(384, 1536, 256, sh.s + 1, 2, True) > budget

@@ -6,17 +6,19 @@ from compot_deploy.factorize.types import SparseFactors, hard_threshold
 from compot_deploy.modules import CompotLinear, LowRankLinear
 
 
-@pytest.mark.parametrize("k,idx_dtype", [(40, torch.uint8), (300, torch.uint16)])
+@pytest.mark.parametrize("k,s,position", [(40, 12, "bitmask"), (40, 3, "uint8"), (300, 12, "uint16"),
+                                          (300, 100, "bitmask")])
 @pytest.mark.parametrize("densify_from", [1, 10**9])
-def test_compot_linear_equals_dense_product(k, idx_dtype, densify_from, monkeypatch):
+def test_compot_linear_equals_dense_product(k, s, position, densify_from, monkeypatch):
     monkeypatch.setattr(mods, "DENSIFY_FROM_TOKENS", densify_from)
     torch.manual_seed(0)
-    d_in, d_out, s = 320, 48, 12
+    d_in, d_out = 320, 48
     A = torch.randn(d_in, k)
-    values, indices = hard_threshold(torch.randn(k, d_out), s)
+    values, indices = hard_threshold(torch.randn(k, d_out), s, canonical=False)  # any order in, canonical stored
     b = torch.randn(d_out)
     m = CompotLinear.from_factors(A, values, indices, b)
-    assert m.indices.dtype == idx_dtype
+    assert m.position == position
+    assert torch.equal(m.code_indices(), indices.sort(dim=0).values)
     assert not any(t.shape == (k, d_out) for t in m.state_dict().values())  # no dense code matrix is kept
     x = torch.randn(3, 5, d_in)
     C = SparseFactors(A.double(), values.double(), indices).codes_dense().float()

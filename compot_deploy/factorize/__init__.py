@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..budget import compot_bytes, dense_bytes, lowrank_bytes, solve_compot_shape, solve_rank
+from ..budget import compot_bytes, dense_bytes, lowrank_bytes, position_format, solve_compot_shape, solve_rank
 from .compot import compot, compot_whitened
 from .cospadi import cospadi
 from .svd_llm import svd_llm
@@ -21,8 +21,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one linear is stored. method: 'dense' | 'compot' | 'cospadi' | 'svd-llm'; k, s for sparse methods,
-    r for svd-llm; bytes: the exact stored bytes that plan implies."""
+    """How one linear is stored. method: 'dense' | 'compot' | 'cospadi' | 'svd-llm'; k, s and the code-position
+    format ('bitmask' or an index dtype) for sparse methods, r for svd-llm; bytes: the exact stored bytes."""
 
     name: str
     method: str
@@ -34,6 +34,7 @@ class LayerPlan:
     r: int = 0
     bytes: int = 0
     dense_bytes: int = 0
+    position: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +58,8 @@ def plan_layer(name: str, method: str, d_in: int, d_out: int, bias: bool, budget
     if shape is None:
         return keep_dense
     return LayerPlan(name, method, d_in, d_out, bias, k=shape.k, s=shape.s,
-                     bytes=compot_bytes(d_in, d_out, shape.k, shape.s, vbytes, bias), dense_bytes=dense)
+                     bytes=compot_bytes(d_in, d_out, shape.k, shape.s, vbytes, bias), dense_bytes=dense,
+                     position=position_format(shape.k, shape.s))
 
 
 def factorize_layer(W, L, plan: LayerPlan, iters: int = 10, tol: float = 1e-4, cospadi_iters: int = 3,

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..budget import INDEX_BYTES, index_dtype, quant_bytes
+from ..budget import position_bytes, position_format, quant_bytes
 from ..models import dense_weight, is_dense_linear, set_module
 from ..modules import CompotLinear, LowRankLinear, QuantLinear, quantize_slot
 from .gptq import Quantized, gptq, gptq_sparse_columns, rtn
@@ -49,7 +49,7 @@ def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
         if cfg.method == "rtn":
             qv = rtn(mod.values.data, cfg.bits, mod.s, cfg.sym)
         else:
-            qv = gptq_sparse_columns(mod.values.data, mod.indices, A_hat.T @ H @ A_hat, cfg.bits, cfg.sym, cfg.damp,
+            qv = gptq_sparse_columns(mod.values.data, mod.code_indices(), A_hat.T @ H @ A_hat, cfg.bits, cfg.sym, cfg.damp,
                                      f"{name}.values")
         _put(mod, "values", qv, round_scales, rec)
         W_after = mod.reconstruct()
@@ -93,7 +93,7 @@ def quantized_layer_bytes(lay: dict, vbytes: int) -> int:
     for slot, (K, N) in _slot_shapes(lay).items():
         total += quant_bytes(K, N, q["bits"], q["slots"][slot][0], q["sym"], vbytes)
     if lay["method"] in ("compot", "cospadi"):
-        total += lay["d_out"] * lay["s"] * INDEX_BYTES[index_dtype(lay["k"])]
+        total += position_bytes(lay["d_out"], lay["k"], lay["s"], position_format(lay["k"], lay["s"]))
     return total
 
 

@@ -17,7 +17,8 @@ SUPPORTED_BITS = (2, 4, 8)
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """(…, L) integers < 2^bits, L a multiple of 8/bits → (…, L·bits/8) uint8, low bits first."""
+    """(…, L) integers < 2^bits (bits in 1, 2, 4, 8), L a multiple of 8/bits → (…, L·bits/8) uint8, low bits
+    first."""
     per = 8 // bits
     q = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // per, per)
     out = torch.zeros(q.shape[:-1], dtype=torch.uint8)
