@@ -95,13 +95,21 @@ def solve_compot_shape(
     if k_over_s < 1.0:
         raise ValueError(f"k/s must be >= 1, got {k_over_s}")
     kmax = max_atoms(d_in, d_out)
-    best = None
-    for s in range(1, kmax + 1):
-        k = min(kmax, max(s, round(k_over_s * s)))
-        if compot_bytes(d_in, d_out, k, s, vbytes, bias) > budget:
-            break  # bytes never decrease as s grows, so nothing larger fits
-        best = SparseShape(k=k, s=s)
-    return best
+
+    def shape(s: int) -> SparseShape:
+        return SparseShape(k=min(kmax, max(s, round(k_over_s * s))), s=s)
+
+    def fits(s: int) -> bool:
+        sh = shape(s)
+        return compot_bytes(d_in, d_out, sh.k, sh.s, vbytes, bias) <= budget
+
+    if not fits(1):
+        return None
+    lo, hi = 1, kmax  # bytes never decrease as s grows: bisect for the last s that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return shape(lo)
 
 
 def solve_rank(d_in: int, d_out: int, budget: float, vbytes: int, bias: bool) -> int:

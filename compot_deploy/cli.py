@@ -88,7 +88,7 @@ def compress_options(fn):
                      help="Calibrate block i on the outputs of the already-compressed blocks before it."),
         click.option("--k-over-s", type=float, default=2.0, show_default=True,
                      help="Dictionary atoms per non-zero code of a column (COMPOT, CoSpaDi)."),
-        click.option("--iters", type=int, default=10, show_default=True, help="COMPOT alternations per layer."),
+        click.option("--iters", type=int, default=8, show_default=True, help="COMPOT alternations per layer."),
         click.option("--include", multiple=True, help="Only compress linears whose name matches this glob (repeatable)."),
         click.option("--exclude", multiple=True, help="Never compress linears whose name matches this glob (repeatable)."),
         click.option("--min-layer-ratio", type=float, default=0.0, show_default=True,

@@ -33,7 +33,7 @@ def test_build_default_model_and_quality(tmp_path, reference, heldout_texts):
     tok, ref = reference
     loaded = compot_deploy.load(out)
     q = embedding_agreement(ref, mean_pooled_embeddings(loaded, tok, heldout_texts))
-    assert q["mean_cosine"] >= 0.85, q  # measured 0.8965 (dynamic COMPOT, ratio 0.3)
+    assert q["mean_cosine"] >= 0.90, q  # measured 0.918 (dynamic COMPOT, bitmask positions, ratio 0.3)
 
 
 def test_compot_beats_svd_llm_at_equal_bytes(tmp_path, minilm_dir, reference, heldout_texts):
@@ -47,4 +47,4 @@ def test_compot_beats_svd_llm_at_equal_bytes(tmp_path, minilm_dir, reference, he
         assert rep["linears"]["file_ratio"] >= 0.495
         cos[method] = embedding_agreement(ref, mean_pooled_embeddings(compot_deploy.load(tmp_path / method), tok,
                                                                       heldout_texts))["mean_cosine"]
-    assert cos["compot"] >= cos["svd-llm"] + 0.01, cos
+    assert cos["compot"] >= cos["svd-llm"] + 0.03, cos  # measured 0.831 vs 0.776
