@@ -21,14 +21,20 @@ FORMAT_VERSION = 1
 _TORCH_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "bfloat16"}
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on any error it is removed."""
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder unless `overwrite`."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CompotError(f"output path exists and is not a directory: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CompotError(f"output directory {out} is not empty (use --overwrite)")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

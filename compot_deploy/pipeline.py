@@ -14,6 +14,7 @@ from . import allocation as alloc
 from .budget import dense_bytes, ratio, value_bytes
 from .calibration import Gram, calibrate, load_texts, make_batches, make_samples
 from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
+from .artifact import check_output_dir
 from .errors import CompotError
 from .factorize import (LayerPlan, compot_whitened, damped_cholesky, factorize_layer, plan_layer, relative_error,
                         SpectralErrorEstimate, whiten)
@@ -235,7 +236,7 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
              progress: bool = True) -> dict:
     """Load `model_dir`, compress it by `cfg`, write the compact model to `out` atomically; return the report."""
     t_start = time.perf_counter()
-    _refuse_non_empty(out, overwrite)
+    check_output_dir(out, overwrite)  # fail before the slow stages
     model, tokenizer = load_model(model_dir)
     dense_model = _dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
     targets, entries, timings = compress_in_memory(model, tokenizer, cfg, progress)
@@ -252,7 +253,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
     from .models import load_tokenizer, read_hf_config
 
     t_start = time.perf_counter()
-    _refuse_non_empty(out, overwrite)
+    check_output_dir(out, overwrite)  # fail before the slow stages
     section = read_hf_config(model_dir).get("compot")
     if section:
         if any("quant" in lay for lay in section["layers"].values()):
@@ -288,12 +289,6 @@ def _block_of(model, name: str) -> int:
     prefix, _ = find_blocks(model)
     rest = name[len(prefix) + 1 :] if prefix else name
     return int(rest.split(".")[0])
-
-
-def _refuse_non_empty(out, overwrite: bool) -> None:
-    out = Path(out)
-    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CompotError(f"output directory {out} is not empty (use --overwrite)")
 
 
 def save_with_report(model, tokenizer, out, model_dir, config: dict, dtype: str, targets, entries: dict,
