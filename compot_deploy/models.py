@@ -167,6 +167,13 @@ def find_targets(model, include: list[str] | None = None, exclude: list[str] | N
     return out
 
 
+def targets_named(model, layers: dict[str, dict]) -> list[Target]:
+    """Targets for the layers listed in a `compot` config section (name → d_in, d_out, bias)."""
+    prefix, _ = find_blocks(model)
+    skip = len(prefix) + 1 if prefix else 0
+    return [Target(n, int(n[skip:].split(".")[0]), lay["d_in"], lay["d_out"], lay["bias"]) for n, lay in layers.items()]
+
+
 def set_module(model, name: str, new) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

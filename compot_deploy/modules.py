@@ -22,10 +22,12 @@ def matrix(t) -> torch.Tensor:
     return t.dequantize() if isinstance(t, QuantTensor) else t
 
 
-def quantize_slot(module: nn.Module, slot: str, bits: int, group: int, sym: bool) -> QuantTensor:
-    """Replace the (K, N) parameter `slot` of `module` by an empty QuantTensor of the same shape; return it."""
-    K, N = getattr(module, slot).shape
-    qt = QuantTensor(K, N, bits, group, sym)
+def put_slot(module: nn.Module, slot: str, qt: QuantTensor) -> QuantTensor:
+    """Replace the (K, N) factor `slot` of `module` by the packed matrix `qt` of the same shape; return it."""
+    cur = getattr(module, slot)
+    shape = (cur.K, cur.N) if isinstance(cur, QuantTensor) else tuple(cur.shape)
+    if shape != (qt.K, qt.N):
+        raise ValueError(f"{slot}: packed shape {(qt.K, qt.N)} != {shape}")
     delattr(module, slot)
     module.add_module(slot, qt)
     return qt

@@ -13,12 +13,12 @@ import numpy as np
 from . import allocation as alloc
 from .budget import dense_bytes, ratio, value_bytes
 from .calibration import Gram, calibrate, load_texts, make_batches, make_samples
-from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
 from .artifact import check_output_dir
+from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
 from .errors import CompotError
 from .factorize import (LayerPlan, compot_whitened, damped_cholesky, factorize_layer, plan_layer, relative_error,
                         SpectralErrorEstimate, whiten)
-from .models import Target, dense_weight, find_targets, is_causal_lm, load_model, set_module
+from .models import Target, dense_weight, find_targets, is_causal_lm, load_model, set_module, targets_named
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
         model, tokenizer = load_compressed(model_dir), load_tokenizer(model_dir)
         dtype = dtype or section["storage_dtype"]
         entries = {n: dict(lay) for n, lay in section["layers"].items()}
-        targets = [Target(n, _block_of(model, n), lay["d_in"], lay["d_out"], lay["bias"]) for n, lay in entries.items()]
+        targets = targets_named(model, entries)
         dense_model = section.get("dense_model_bytes", 0)
         config = {**section.get("config", {}), "quantize": q.model_dump(mode="json")}
     else:
@@ -281,14 +281,6 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
     timings = {"quantize": time.perf_counter() - t0}
     return save_with_report(model, tokenizer, out, model_dir, config, dtype, targets, entries, timings, dense_model,
                             t_start, overwrite)
-
-
-def _block_of(model, name: str) -> int:
-    from .models import find_blocks
-
-    prefix, _ = find_blocks(model)
-    rest = name[len(prefix) + 1 :] if prefix else name
-    return int(rest.split(".")[0])
 
 
 def save_with_report(model, tokenizer, out, model_dir, config: dict, dtype: str, targets, entries: dict,

@@ -14,7 +14,7 @@ def test_compot_linear_equals_dense_product(k, s, position, densify_from, monkey
     torch.manual_seed(0)
     d_in, d_out = 320, 48
     A = torch.randn(d_in, k)
-    values, indices = hard_threshold(torch.randn(k, d_out), s, canonical=False)  # any order in, canonical stored
+    values, indices = hard_threshold(torch.randn(k, d_out), s)  # any order in, ascending rows stored
     b = torch.randn(d_out)
     m = CompotLinear.from_factors(A, values, indices, b)
     assert m.position == position

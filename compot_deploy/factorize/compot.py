@@ -43,7 +43,7 @@ def compot_whitened(
     D = U[:, :k].clone()
     norm2 = float((M * M).sum()) or 1.0
     history: list[float] = []
-    values, indices = hard_threshold(D.T @ M, s, canonical=False)
+    values, indices = hard_threshold(D.T @ M, s)
     for it in range(iters + 1):
         C = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, values)
         # D orthonormal and C = H_s(DᵀM) ⇒ ‖M − DC‖² = ‖M‖² − ‖C‖²: no product needed to track the error
@@ -51,9 +51,8 @@ def compot_whitened(
         if it == iters or (len(history) > 1 and history[-2] - history[-1] < tol * max(history[-2], 1e-12)):
             break
         D = procrustes(M @ C.T)
-        values, indices = hard_threshold(D.T @ M, s, canonical=False)
-    indices, order = indices.sort(dim=0)
-    return D, values.gather(0, order), indices, history
+        values, indices = hard_threshold(D.T @ M, s)
+    return D, values, indices, history
 
 
 def compot(

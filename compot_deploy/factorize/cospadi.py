@@ -74,7 +74,6 @@ def ksvd_whitened(
             D[:, j] = d
             C[j, omega] = c
             R[:, omega] = E - d[:, None] * c
-    indices = indices.sort(dim=0).values  # canonical layout: ascending rows within a column
     values = C.gather(0, indices)
     history.append(float(torch.linalg.norm(M - D @ C)) / norm)
     return D, values, indices, history

@@ -51,12 +51,8 @@ class LowRankFactors:
         return self.A @ self.B
 
 
-def hard_threshold(P: torch.Tensor, s: int, canonical: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """H_s on each column of P: (k, n) → (values, indices), both (s, n), keeping the s largest |entries|.
-
-    canonical: indices sorted ascending within a column (the stored layout); skip it inside iterations.
-    """
+def hard_threshold(P: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_s on each column of P: (k, n) → (values, indices), both (s, n), keeping the s largest |entries|
+    (in no particular order within a column; CompotLinear stores them in ascending row order)."""
     idx = P.abs().topk(s, dim=0, sorted=False).indices
-    if canonical:
-        idx = idx.sort(dim=0).values
     return P.gather(0, idx), idx

@@ -15,7 +15,7 @@ import torch
 
 from ..budget import position_bytes, position_format, quant_bytes
 from ..models import dense_weight, is_dense_linear, set_module
-from ..modules import CompotLinear, LowRankLinear, QuantLinear, quantize_slot
+from ..modules import CompotLinear, LowRankLinear, QuantLinear, put_slot
 from .gptq import Quantized, gptq, gptq_sparse_columns, rtn
 from .packing import QuantTensor
 
@@ -31,10 +31,7 @@ def _quantize_matrix(M: torch.Tensor, H: torch.Tensor | None, cfg, name: str, n_
 def _put(module, slot: str, qz: Quantized, round_scales, rec: dict) -> torch.Tensor:
     """Store qz in module.slot (packed); return the dequantized matrix exactly as the stored model computes it."""
     rec.setdefault("slots", {})[slot] = [qz.group]
-    qt = quantize_slot(module, slot, qz.bits, qz.group, qz.sym)
-    packed = QuantTensor.from_quantized(qz, round_scales)
-    qt.load_state_dict(packed.state_dict())
-    return qt.dequantize().to(torch.float64)
+    return put_slot(module, slot, QuantTensor.from_quantized(qz, round_scales)).dequantize().to(torch.float64)
 
 
 def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
@@ -62,7 +59,7 @@ def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
         W_before = dense_weight(mod).detach().double()
         qz = _quantize_matrix(W_before, H, cfg, name, gram.n)
         new = QuantLinear(W_before.shape[0], W_before.shape[1], qz.bits, qz.group, qz.sym, mod.bias is not None)
-        new.weight.load_state_dict(QuantTensor.from_quantized(qz, round_scales).state_dict())
+        put_slot(new, "weight", QuantTensor.from_quantized(qz, round_scales))
         if mod.bias is not None:
             new.bias.data.copy_(mod.bias.data)
         set_module(model, name, new)
@@ -103,5 +100,6 @@ def rebuild_quant_slots(module, lay: dict):
     if lay["method"] == "dense":
         return QuantLinear(lay["d_in"], lay["d_out"], q["bits"], q["slots"]["weight"][0], q["sym"], lay["bias"])
     for slot, (group,) in q["slots"].items():
-        quantize_slot(module, slot, q["bits"], group, q["sym"])
+        K, N = getattr(module, slot).shape
+        put_slot(module, slot, QuantTensor(K, N, q["bits"], group, q["sym"]))
     return module
