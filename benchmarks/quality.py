@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--allocations", default="uniform,dynamic,mckp")
     ap.add_argument("--sections", default="factorize,quantize")
     ap.add_argument("--model", default=None, help="model folder (default: the packaged all-MiniLM-L6-v2)")
-    ap.add_argument("--heldout", default=str(HERE / "data" / "heldout_en.txt"))
+    ap.add_argument("--heldout", default=None, help="held-out text file [default: the packaged held-out sentences]")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
 
@@ -52,7 +52,12 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     model_dir = args.model or str(default_model_dir())
-    texts = [ln for ln in Path(args.heldout).read_text().splitlines() if ln.strip()]
+    if args.heldout:
+        texts = [ln for ln in Path(args.heldout).read_text().splitlines() if ln.strip()]
+    else:
+        from compot_deploy.calibration import heldout_texts
+
+        texts = heldout_texts()
     orig, tok = load_model(model_dir)
     ref = mean_pooled_embeddings(orig, tok, texts)
     del orig
@@ -108,7 +113,7 @@ def main(argv=None) -> int:
 
     result = {
         "model": model_dir,
-        "heldout": args.heldout,
+        "heldout": args.heldout or "compot_deploy/data/heldout_en.txt",
         "heldout_sentences": len(texts),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "compot_deploy": compot_deploy.__version__, "cpu": platform.processor() or platform.machine(),

@@ -27,6 +27,12 @@ def builtin_text() -> str:
     return resources.files("compot_deploy").joinpath("data/calibration_en.txt").read_text(encoding="utf-8")
 
 
+def heldout_texts() -> list[str]:
+    """119 English sentences never used for calibration: the evaluation text of `validate` and the benchmarks."""
+    text = resources.files("compot_deploy").joinpath("data/heldout_en.txt").read_text(encoding="utf-8")
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
 def _dataset_texts(path: Path) -> list[str]:
     try:
         import datasets

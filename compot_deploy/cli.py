@@ -11,13 +11,22 @@ import click
 from .errors import CompotError
 
 
+GATE_FAILED_EXIT = 3
+
+
 def _fail_cleanly(fn):
-    """Bad input → one `error: …` line on stderr and exit code 2; nothing half-written (stages write atomically)."""
+    """Bad input → one `error: …` line on stderr and exit code 2; nothing half-written (stages write atomically).
+    A failed parity gate → exit code 3 (the artifact stays, marked invalid)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .exporters.validate import GateFailed
+
         try:
             return fn(*args, **kwargs)
+        except GateFailed as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(GATE_FAILED_EXIT)
         except CompotError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -231,6 +240,97 @@ def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, meth
     if not quiet:
         _print_report(report)
     click.echo(f"saved {out}")
+
+
+def gate_options(fn):
+    return _apply(fn, [
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="ONNX Runtime execution provider the gate runs on (cuda needs onnxruntime-gpu)."),
+        click.option("--max-abs", type=float, default=1e-3, show_default=True,
+                     help="Largest |ORT - PyTorch| allowed on any output element."),
+        click.option("--min-cosine", type=float, default=0.99999, show_default=True,
+                     help="Smallest cosine between ORT and PyTorch outputs, all cases together."),
+        click.option("--decode-steps", type=int, default=8, show_default=True,
+                     help="Decoders: greedy decode calls through the KV cache after the prefill; tokens must match."),
+        click.option("--eval-texts", type=int, default=64, show_default=True,
+                     help="Held-out texts for the task-level comparison with the original model (0 = skip)."),
+    ])
+
+
+def _validate_config(o: dict):
+    from .config import ValidateConfig, build_config
+
+    return build_config(ValidateConfig, device=o["device"], max_abs=o["max_abs"], min_cosine=o["min_cosine"],
+                        decode_steps=o["decode_steps"], eval_texts=o["eval_texts"])
+
+
+def _print_validation(rep: dict) -> None:
+    ov = rep["parity"].get("overall")
+    if ov:
+        click.echo(f"parity ({rep['device']}): max abs {ov['max_abs']:.2e}, mean abs {ov['mean_abs']:.2e}, "
+                   f">1e-3: {ov['over_1e-3']}, cosine {ov['cosine']:.8f}"
+                   + (f", tokens differing {rep['parity']['tokens']['mismatches']}/{rep['parity']['tokens']['total']}"
+                      if rep["parity"].get("tokens") else ""))
+    task = rep.get("task") or {}
+    if "mean_cosine" in task:
+        click.echo(f"vs original: embedding cosine {task['mean_cosine']:.4f} (min {task['min_cosine']:.4f})")
+    elif "next_token_agreement" in task:
+        click.echo(f"vs original: next-token agreement {task['next_token_agreement']:.4f}, perplexity "
+                   f"{task['perplexity']:.2f} (original {task['perplexity_original']:.2f})")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="ONNX opset of the default domain, 18-20; checked against the installed onnxruntime.")
+@click.option("--sparse-body", type=click.Choice(["auto", "gather", "dense"]), default="auto", show_default=True,
+              help="Body of ai.compot::SparseCodesMatMul: gather (few tokens), densify-then-MatMul (long inputs), "
+                   "or auto (switches on the token count).")
+@click.option("--no-validate", is_flag=True, help="Skip the parity gate (the export is then marked unvalidated).")
+@gate_options
+@output_options
+@_fail_cleanly
+def export(model_dir, out, quiet, overwrite, opset, sparse_body, no_validate, **opts) -> None:
+    """Export MODEL_DIR (written by compress/quantize, or a plain HF model) to ONNX in OUT, then run the gate.
+
+    COMPOT layers become ai.compot ops defined as ONNX functions inside the model, quantized dictionaries
+    com.microsoft::MatMulNBits, so stock onnxruntime runs OUT/model.onnx with no extra library. Inputs and outputs
+    follow Optimum's names. Exit 3 when the gate fails (OUT stays, marked invalid in export.json).
+    """
+    from .config import ExportConfig, build_config
+    from .exporters.onnx_export import export_dir
+    from .exporters.validate import validate_export
+
+    cfg = build_config(ExportConfig, opset=opset, sparse_body=sparse_body)
+    vcfg = _validate_config(opts)
+    man = export_dir(model_dir, out, cfg, overwrite=overwrite)
+    b = man["bytes"]
+    if not quiet:
+        click.echo(f"wrote {out}/model.onnx: {b['onnx']:,} bytes"
+                   + (f" ({b['onnx_over_safetensors']:.3f} x model.safetensors)" if b["safetensors"] else ""))
+    if not no_validate:
+        rep = validate_export(out, vcfg)
+        if not quiet:
+            _print_validation(rep)
+    click.echo(f"exported {out}")
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--source", type=click.Path(file_okay=False), default=None,
+              help="The PyTorch model folder to compare with [default: the one export.json names].")
+@click.option("--reference", type=click.Path(file_okay=False), default=None,
+              help="The original model for the task-level comparison [default: the one the compressed model names].")
+@gate_options
+@_fail_cleanly
+def validate(export_dir, source, reference, **opts) -> None:
+    """Check EXPORT_DIR against its PyTorch model: several batch/sequence shapes, and for decoders a prefill plus
+    greedy decode steps through the KV cache. Writes validation.json/.md; exit 3 and marks it invalid on failure."""
+    from .exporters.validate import validate_export
+
+    rep = validate_export(export_dir, _validate_config(opts), source=source, reference=reference)
+    _print_validation(rep)
+    click.echo(f"validation passed: {export_dir}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -89,6 +89,28 @@ class CompressConfig(_Strict):
     exclude: tuple[str, ...] = ()
 
 
+class ExportConfig(_Strict):
+    """How a compressed model is written as ONNX."""
+
+    opset: int = Field(18, ge=18, le=20, description="default-domain opset (18: ORT >= 1.14; 20: the exporter's max)")
+    sparse_body: Literal["auto", "gather", "dense"] = Field(
+        "auto", description="body of ai.compot::SparseCodesMatMul (see exporters/ops.py); auto = measured switch")
+    auto_dense_from_tokens: int = Field(16, ge=1, description="token count from which the auto body densifies")
+
+
+class ValidateConfig(_Strict):
+    """The parity gate between the compressed PyTorch model and the ONNX Runtime session."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_abs: float = Field(1e-3, gt=0.0, description="largest |ORT − PyTorch| allowed on any output element")
+    min_cosine: float = Field(0.99999, gt=0.0, le=1.0, description="smallest cosine of ORT vs PyTorch outputs")
+    decode_steps: int = Field(8, ge=0, description="greedy decode calls through the KV cache after the prefill")
+    max_token_mismatches: int = Field(0, ge=0, description="greedy tokens allowed to differ (decoders)")
+    encoder_shapes: tuple[tuple[int, int], ...] = ((1, 8), (2, 37), (4, 128))
+    decoder_prompts: tuple[tuple[int, int], ...] = ((1, 12), (2, 20))
+    eval_texts: int = Field(64, ge=0, description="held-out texts for the task-level comparison (0 = skip)")
+
+
 def build_config(cls, **values):
     """Instantiate `cls`, turning a ValidationError into one clear line."""
     try:

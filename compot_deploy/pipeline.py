@@ -241,7 +241,7 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
     dense_model = _dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
     targets, entries, timings = compress_in_memory(model, tokenizer, cfg, progress)
     return save_with_report(model, tokenizer, out, model_dir, cfg.model_dump(mode="json"), cfg.factorize.dtype,
-                            targets, entries, timings, dense_model, t_start, overwrite)
+                            targets, entries, timings, dense_model, t_start, overwrite, str(model_dir))
 
 
 def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: QuantizeConfig,
@@ -264,6 +264,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
         targets = targets_named(model, entries)
         dense_model = section.get("dense_model_bytes", 0)
         config = {**section.get("config", {}), "quantize": q.model_dump(mode="json")}
+        source = section.get("source_model", str(model_dir))
     else:
         model, tokenizer = load_model(model_dir)
         dtype = dtype or "float16"
@@ -274,17 +275,19 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
                    for t in targets}
         round_other_params(model, {t.name for t in targets}, dtype)
         config = {"quantize": q.model_dump(mode="json")}
+        source = str(model_dir)
     t0 = time.perf_counter()
     batches = calibration_batches(tokenizer, calib, is_causal_lm(model))
     for name, rec in quantize_in_memory(model, targets, batches, q, dtype, progress).items():
         entries[name]["quant"] = rec
     timings = {"quantize": time.perf_counter() - t0}
     return save_with_report(model, tokenizer, out, model_dir, config, dtype, targets, entries, timings, dense_model,
-                            t_start, overwrite)
+                            t_start, overwrite, source)
 
 
 def save_with_report(model, tokenizer, out, model_dir, config: dict, dtype: str, targets, entries: dict,
-                     timings: dict, dense_model: int, t_start: float, overwrite: bool) -> dict:
+                     timings: dict, dense_model: int, t_start: float, overwrite: bool, source: str) -> dict:
+    """Write the compressed folder atomically. source: the original (uncompressed) model directory."""
     from . import __version__
     from .artifact import FORMAT_VERSION, WEIGHTS, atomic_dir, save_compressed, write_json_atomic
 
@@ -293,6 +296,7 @@ def save_with_report(model, tokenizer, out, model_dir, config: dict, dtype: str,
         "producer": f"compot-deploy {__version__}",
         "storage_dtype": dtype,
         "dense_model_bytes": dense_model,
+        "source_model": str(Path(source).resolve()),
         "config": config,
         "layers": {t.name: entries[t.name] for t in targets},
     }

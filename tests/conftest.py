@@ -10,7 +10,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-HELDOUT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "heldout_en.txt"
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +21,9 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def heldout_texts() -> list[str]:
-    return [ln for ln in HELDOUT.read_text().splitlines() if ln.strip()]
+    from compot_deploy.calibration import heldout_texts as texts
+
+    return texts()
 
 
 TINY_KINDS = ("llama", "qwen3", "gpt2", "bert")

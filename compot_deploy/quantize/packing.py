@@ -8,6 +8,8 @@ packed the same way. Symmetric grids store no zeros (their zero is 2^(bits−1),
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -39,6 +41,30 @@ def padded_group(group: int, bits: int) -> int:
     """Block length rounded up so a block fills whole bytes."""
     per = 8 // bits
     return -(-group // per) * per
+
+
+class PackedMeta(NamedTuple):
+    """Shape and grid of a packed matrix: K rows in blocks of `group` (padded to `block_len`), N columns."""
+
+    K: int
+    N: int
+    bits: int
+    group: int
+    block_len: int
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      meta: PackedMeta) -> torch.Tensor:
+    """M: (K, N) float32 from qweight (N, n_blocks, blob), scales (N, n_blocks), zeros (packed) or None (symmetric:
+    2^(bits−1))."""
+    n_blocks = qweight.shape[1]
+    codes = unpack_bits(qweight, meta.bits, meta.block_len)[..., : meta.group].float()
+    if zeros is None:
+        zp = torch.full((meta.N, n_blocks), float(2 ** (meta.bits - 1)))
+    else:
+        zp = unpack_bits(zeros, meta.bits, n_blocks).float()
+    w = (codes - zp[..., None]) * scales.float()[..., None]
+    return w.reshape(meta.N, -1)[:, : meta.K].T
 
 
 class QuantTensor(nn.Module):
@@ -76,20 +102,12 @@ class QuantTensor(nn.Module):
             m.zeros.copy_(pack_bits(z, qz.bits))
         return m
 
-    def codes(self) -> torch.Tensor:
-        """Integer codes (N, n_blocks, group)."""
-        return unpack_bits(self.qweight, self.bits, self.block_len)[..., : self.group]
-
-    def zero_points(self) -> torch.Tensor:
-        """(N, n_blocks) float32."""
-        if self.zeros is None:
-            return torch.full((self.N, self.n_blocks), float(2 ** (self.bits - 1)))
-        return unpack_bits(self.zeros, self.bits, self.n_blocks).float()
+    def meta(self) -> "PackedMeta":
+        return PackedMeta(self.K, self.N, self.bits, self.group, self.block_len)
 
     def dequantize(self) -> torch.Tensor:
         """M: (K, N) float32."""
-        w = (self.codes().float() - self.zero_points()[..., None]) * self.scales[..., None]
-        return w.reshape(self.N, -1)[:, : self.K].T
+        return dequantize_packed(self.qweight, self.scales, self.zeros, self.meta())
 
     def extra_repr(self) -> str:
         return f"K={self.K}, N={self.N}, bits={self.bits}, group={self.group}, sym={self.sym}"

@@ -1,0 +1,417 @@
+"""Export a compressed (or plain) model to ONNX with Optimum's I/O names; stock ONNX Runtime runs the result.
+
+Encoders: input_ids, attention_mask[, token_type_ids] → last_hidden_state.
+Decoders: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value → logits, present.{i}.key/value;
+the first call passes past tensors of length 0. Batch and sequence axes are dynamic, named as Optimum names them.
+
+Floating initializers are stored at the compressed model's storage dtype and cast to float32 in the graph, so the
+file is about as large as model.safetensors; compute is float32, as PyTorch runs the loaded model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CompotError
+from . import ops
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+MIN_OPSET = 18  # BitwiseAnd and the function bodies need 18
+TORCH_MAX_OPSET = 20  # the TorchScript exporter's ceiling
+TWO_GB = 2**31
+
+
+@dataclass
+class IOSpec:
+    """Names, dynamic axes and example values of the exported graph's inputs and outputs."""
+
+    kind: str  # "encoder" | "decoder"
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    n_layers: int = 0
+    kv_shape: dict = field(default_factory=dict)  # decoder: {"heads": h, "head_dim": d, "dtype": …}
+
+
+def past_names(n_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def present_names(n_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def _encoder_base(model):
+    return getattr(model, "base_model", model)
+
+
+class EncoderIO:
+    """Wraps an encoder as (input_ids, attention_mask[, token_type_ids]) → last_hidden_state."""
+
+    @staticmethod
+    def module(model, with_token_types: bool):
+        import torch
+
+        base = _encoder_base(model)
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.base = base
+
+            def forward(self, input_ids, attention_mask, token_type_ids=None):
+                kw = {"token_type_ids": token_type_ids} if with_token_types else {}
+                return self.base(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+
+        return Wrapper()
+
+
+class DecoderIO:
+    """Wraps a causal LM as (input_ids, attention_mask, position_ids, *past) → (logits, *present)."""
+
+    @staticmethod
+    def module(model, n_layers: int):
+        import torch
+        from transformers import DynamicCache
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, position_ids, *past):
+                cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
+                                     config=self.model.config)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True)
+                present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                return (out.logits, *present)
+
+        return Wrapper()
+
+
+def accepts_token_types(model) -> bool:
+    return "token_type_ids" in inspect.signature(_encoder_base(model).forward).parameters
+
+
+def io_spec(model) -> IOSpec:
+    from ..models import is_causal_lm
+
+    if not is_causal_lm(model):
+        ins = ["input_ids", "attention_mask"] + (["token_type_ids"] if accepts_token_types(model) else [])
+        axes = {n: {0: "batch_size", 1: "sequence_length"} for n in ins + ["last_hidden_state"]}
+        return IOSpec("encoder", ins, ["last_hidden_state"], axes)
+    n = model.config.get_text_config().num_hidden_layers
+    past, present = past_names(n), present_names(n)
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({p: {0: "batch_size", 2: "past_sequence_length"} for p in past})
+    axes.update({p: {0: "batch_size", 2: "past_sequence_length + sequence_length"} for p in present})
+    return IOSpec("decoder", ["input_ids", "attention_mask", "position_ids"] + past, ["logits"] + present, axes, n)
+
+
+def empty_past(model, batch: int) -> list:
+    """Past key/value tensors of length 0 for a first (prefill) call: [(batch, kv_heads, 0, head_dim)] × 2L."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    return [t.new_zeros(batch, t.shape[1], 0, t.shape[3]) for layer in out.past_key_values.layers
+            for t in (layer.keys, layer.values)]
+
+
+def example_inputs(model, spec: IOSpec) -> tuple:
+    """Small example inputs for tracing (batch 2; decoders: 3 past + 4 new tokens)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    if spec.kind == "encoder":
+        ids = torch.randint(5, vocab, (2, 6), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0
+        return (ids, mask) + ((torch.zeros_like(ids),) if "token_type_ids" in spec.inputs else ())
+    with torch.no_grad():
+        prefix = torch.randint(5, vocab, (2, 3), generator=g)
+        out = model(input_ids=prefix, use_cache=True)
+    past = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    ids = torch.randint(5, vocab, (2, 4), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    pos = torch.arange(3, 7).expand(2, 4).contiguous()
+    return (ids, mask, pos, *past)
+
+
+# ---------------------------------------------------------------------------------------------- graph post-pass
+
+
+def _store_initializers(model_proto, storage_dtype: str) -> int:
+    """Keep float32 initializers at `storage_dtype` where that is lossless, cast back to float32 in the graph.
+
+    Returns the number of initializers converted.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if storage_dtype == "float32":
+        return 0
+    if storage_dtype == "float16":
+        np_dt, onnx_dt = np.float16, onnx.TensorProto.FLOAT16
+    else:
+        import ml_dtypes
+
+        np_dt, onnx_dt = ml_dtypes.bfloat16, onnx.TensorProto.BFLOAT16
+    graph = model_proto.graph
+    casts, n = [], 0
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        arr = numpy_helper.to_array(init)
+        low = arr.astype(np_dt)
+        if arr.size < 2 or not np.array_equal(low.astype(np.float32), arr):
+            continue
+        name = init.name
+        stored = f"{name}.stored"
+        t = numpy_helper.from_array(low, stored) if np_dt is np.float16 else _bf16_tensor(low, stored)
+        init.CopyFrom(t)
+        casts.append(helper.make_node("Cast", [stored], [name], to=onnx.TensorProto.FLOAT, name=f"cast_{name}"))
+        n += 1
+    for node in reversed(casts):
+        graph.node.insert(0, node)
+    return n
+
+
+def _dedupe_initializers(model_proto) -> int:
+    """Store a tensor once when the exporter wrote it twice: as is, or transposed (a tied LM head next to its
+    embedding). The copy becomes an Identity/Transpose node of the original. Returns the number removed."""
+    import hashlib
+
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model_proto.graph
+    seen: dict[tuple, str] = {}
+    keep, nodes = [], []
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        key = (arr.dtype.str, arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest())
+        orig = seen.get(key)
+        if orig is not None:
+            nodes.append(helper.make_node("Identity", [orig], [init.name], name=f"dedup_{init.name}"))
+            continue
+        if arr.ndim == 2 and arr.size >= 1024:
+            tkey = (arr.dtype.str, arr.shape[::-1], hashlib.sha1(np.ascontiguousarray(arr.T).tobytes()).hexdigest())
+            orig = seen.get(tkey)
+            if orig is not None:
+                nodes.append(helper.make_node("Transpose", [orig], [init.name], perm=[1, 0], name=f"dedup_{init.name}"))
+                continue
+        seen[key] = init.name
+        keep.append(init)
+    if nodes:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        for node in reversed(nodes):
+            graph.node.insert(0, node)
+    return len(nodes)
+
+
+def _bf16_tensor(arr, name: str):
+    import numpy as np
+    import onnx
+
+    t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.BFLOAT16, dims=list(arr.shape))
+    t.raw_data = np.ascontiguousarray(arr).view(np.uint16).tobytes()
+    return t
+
+
+def _used_ops(model_proto) -> set[tuple[str, str]]:
+    return {(n.domain, n.op_type) for n in model_proto.graph.node}
+
+
+def _add_functions(model_proto, body: str, opset: int, threshold: int) -> list[str]:
+    """Append the `ai.compot` functions the graph calls (the body's opset = the model's); return their names."""
+    from onnx import helper
+
+    used = {op for dom, op in _used_ops(model_proto) if dom == ops.DOMAIN}
+    fns = ops.functions(body, threshold, opset)
+    unknown = used - set(fns)
+    if unknown:
+        raise CompotError(f"graph uses unknown {ops.DOMAIN} ops: {sorted(unknown)}")
+    names = sorted(used)
+    for name in names:
+        model_proto.functions.append(fns[name])
+    domains = {o.domain for o in model_proto.opset_import}
+    if names and ops.DOMAIN not in domains:
+        model_proto.opset_import.append(helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
+    if ("com.microsoft", "MatMulNBits") in _used_ops(model_proto) and "com.microsoft" not in domains:
+        model_proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return names
+
+
+def save_onnx(model_proto, path: Path) -> None:
+    """Write `path`; tensors go to `path.data` when the whole model would pass protobuf's 2 GB limit."""
+    import onnx
+
+    if model_proto.ByteSize() >= TWO_GB - 2**20:
+        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model_proto, str(path))
+
+
+def check_onnx(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise CompotError(f"exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------------ runtime capability
+
+_SUPPORT: dict[tuple[int, int], str | None] = {}
+
+
+def ort_support_error(opset: int, ir_version: int) -> str | None:
+    """None if the installed onnxruntime loads a model of this opset and IR version, else its complaint."""
+    key = (opset, ir_version)
+    if key not in _SUPPORT:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+        try:
+            ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            _SUPPORT[key] = None
+        except Exception as e:  # noqa: BLE001 - ORT raises several exception types for this
+            _SUPPORT[key] = str(e).splitlines()[0][:200]
+        del onnx
+    return _SUPPORT[key]
+
+
+def check_opset(opset: int) -> None:
+    import onnxruntime as ort
+
+    if not MIN_OPSET <= opset <= TORCH_MAX_OPSET:
+        raise CompotError(f"--opset must be in [{MIN_OPSET}, {TORCH_MAX_OPSET}], got {opset}")
+    err = ort_support_error(opset, 8)
+    if err:
+        raise CompotError(f"onnxruntime {ort.__version__} cannot run opset {opset}: {err}")
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "auto", storage_dtype: str = "float16",
+                 auto_threshold: int = ops.AUTO_DENSE_FROM_TOKENS) -> dict:
+    """Trace `model` (float32, eval) to `path` with our ops; return a description of the graph written."""
+    import warnings
+
+    import onnx
+    import torch
+
+    from .torch_ops import export_forwards
+
+    check_opset(opset)
+    spec = io_spec(model)
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # no data-dependent SDPA shortcuts baked into the trace
+    wrapper = (EncoderIO.module(model, "token_type_ids" in spec.inputs) if spec.kind == "encoder"
+               else DecoderIO.module(model, spec.n_layers)).eval()
+    args = example_inputs(model, spec)
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            raw = Path(tmp) / "raw.onnx"
+            with export_forwards(model) as n_compressed, torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapper, args, str(raw), dynamo=False, opset_version=opset,
+                                  input_names=spec.inputs, output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
+                                  custom_opsets={ops.DOMAIN: ops.DOMAIN_VERSION} if n_compressed else None,
+                                  do_constant_folding=True)
+            proto = onnx.load(str(raw))
+    finally:
+        model.set_attn_implementation(attn)
+        model.eval()
+    fn_names = _add_functions(proto, body, opset, auto_threshold)
+    n_dup = _dedupe_initializers(proto)
+    n_low = _store_initializers(proto, storage_dtype)
+    proto.ir_version = max(proto.ir_version, 8)
+    proto.producer_name, proto.producer_version = "compot-deploy", _version()
+    meta = {"compot.sparse_body": body, "compot.kind": spec.kind, "compot.storage_dtype": storage_dtype}
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    save_onnx(proto, path)
+    check_onnx(path)
+    return {"file": path.name, "kind": spec.kind, "opset": opset, "ir_version": proto.ir_version,
+            "inputs": spec.inputs, "outputs": spec.outputs, "dynamic_axes": spec.dynamic_axes,
+            "sparse_body": body, "auto_dense_from_tokens": auto_threshold if body == "auto" else None,
+            "functions": fn_names, "ops": sorted(f"{d or 'ai.onnx'}::{o}" for d, o in _used_ops(proto)),
+            "initializers_at_storage_dtype": n_low, "initializers_deduplicated": n_dup, "storage_dtype": storage_dtype, "n_layers": spec.n_layers}
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("compot-deploy")
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+
+MANIFEST = "export.json"
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CompotError(f"{folder} is not an export folder (no {MANIFEST}); write one with `compot-deploy export`")
+    return json.loads(path.read_text())
+
+
+def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False) -> dict:
+    """Export the model folder `source` (written by compress/quantize, or a plain HF model) into the folder `out`:
+    model.onnx, config.json, tokenizer files and export.json (the manifest). Atomic. Returns the manifest."""
+    import shutil
+
+    import onnxruntime as ort
+    import torch
+
+    from ..artifact import WEIGHTS, atomic_dir, check_output_dir, load, write_json_atomic
+    from ..models import load_model, load_tokenizer, read_hf_config
+
+    check_output_dir(out, overwrite)
+    check_opset(cfg.opset)
+    source = Path(source).resolve()
+    section = read_hf_config(source).get("compot")
+    model = load(source) if section else load_model(source)[0]
+    tokenizer = load_tokenizer(source)
+    storage = section["storage_dtype"] if section else "float32"
+    with atomic_dir(out, overwrite) as tmp:
+        graph = export_model(model, tmp / ONNX_FILE, opset=cfg.opset, body=cfg.sparse_body, storage_dtype=storage,
+                             auto_threshold=cfg.auto_dense_from_tokens)
+        shutil.copy(source / "config.json", tmp / "config.json")
+        tokenizer.save_pretrained(tmp)
+        st = source / WEIGHTS
+        onnx_size = sum(p.stat().st_size for p in tmp.glob(ONNX_FILE + "*"))
+        manifest = {
+            "format": "compot-deploy-onnx", "format_version": 1, "source": str(source), "graph": graph,
+            "bytes": {"onnx": onnx_size, "safetensors": st.stat().st_size if st.is_file() else None,
+                      "onnx_over_safetensors": onnx_size / st.stat().st_size if st.is_file() else None},
+            "versions": {"compot-deploy": _version(), "torch": torch.__version__, "onnxruntime": ort.__version__},
+            "config": cfg.model_dump(mode="json"), "validation": None,
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest

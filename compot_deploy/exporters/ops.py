@@ -1,0 +1,207 @@
+"""The `ai.compot` operator domain: each op is an ONNX function with a standard-op body (METHOD §7).
+
+Stock ONNX Runtime inlines a model's local functions at load, so a model using these ops needs no custom-op
+library. Ops (version 1 of the domain):
+
+SparseCodesMatMul(z, values, indices) -> y
+    z: T (..., k) · values: T (s, d_out) · indices: int32/int64/uint8/uint16 (s, d_out), the row of C holding
+    values[t, j] → y: T (..., d_out), y[..., j] = Σ_t z[..., indices[t, j]] · values[t, j], i.e. y = z C for the
+    column-sparse C (k, d_out). The body is fixed when the model is written (`--sparse-body`):
+      "gather": Gather the s inputs each output reads, multiply, reduce: O(n·s·d_out) work, nothing of size k·d_out;
+      "dense":  ScatterElements the codes into a transient dense (k, d_out) block, then one MatMul. The block's
+                shape comes from z at run time, so ONNX Runtime cannot constant-fold C into a dense initializer.
+      "auto":   an If on the token count: gather below `threshold` tokens, dense from it on.
+ColumnMaskToIndices(mask) -> indices
+    mask: uint8 (d_out, ⌈k/8⌉), bit i of column j (byte i // 8, bit i % 8, low bit first) set when C[i, j] ≠ 0, every
+    column holding the same count s → indices: int32 (s, d_out), ascending within a column. Its input is an
+    initializer, so ONNX Runtime folds it once at session start.
+DequantizeBlocks(qweight, scales, zeros) -> M  and  DequantizeBlocksSym(qweight, scales) -> M
+    The packed layout of ORT's MatMulNBits (quantize/packing.py): qweight uint8 (N, n_blocks, blob), scales T
+    (N, n_blocks), zeros uint8 (N, ⌈n_blocks·bits/8⌉), or 2^(bits−1) for the Sym op. Attributes bits (2, 4, 8),
+    group (rows per block), K (rows of M). → M: T (K, N). Used for quantized code values (one block per column)
+    and for any quantized matrix MatMulNBits cannot take (block size not a power of two ≥ 16).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto
+from onnx import helper as h
+
+DOMAIN = "ai.compot"
+DOMAIN_VERSION = 1
+BODIES = ("gather", "dense", "auto")
+# Token count from which the "auto" body densifies; measured in benchmarks/ops.py (ORT CPU EP, MiniLM shapes).
+AUTO_DENSE_FROM_TOKENS = 16
+
+
+def _c(name: str, values, dtype=TensorProto.INT64):
+    return h.make_node("Constant", [], [name], value=h.make_tensor(name, dtype, [len(values)], values))
+
+
+def _gather_body(z: str, values: str, idx: str, y: str, p: str = "") -> list:
+    return [
+        h.make_node("Gather", [z, idx], [p + "zg"], axis=-1),  # (..., s, d_out)
+        h.make_node("Mul", [p + "zg", values], [p + "prod"]),
+        _c(p + "axis", [-2]),
+        h.make_node("ReduceSum", [p + "prod", p + "axis"], [y], keepdims=0),
+    ]
+
+
+def _dense_body(z: str, values: str, idx: str, y: str, p: str = "") -> list:
+    return [
+        h.make_node("Shape", [z], [p + "zshape"]),
+        _c(p + "last", [-1]),
+        h.make_node("Gather", [p + "zshape", p + "last"], [p + "k"], axis=0),
+        h.make_node("Shape", [values], [p + "vshape"]),
+        _c(p + "one", [1]),
+        h.make_node("Gather", [p + "vshape", p + "one"], [p + "dout"], axis=0),
+        h.make_node("Concat", [p + "k", p + "dout"], [p + "cshape"], axis=0),
+        h.make_node("ConstantOfShape", [p + "cshape"], [p + "zeros"]),
+        h.make_node("CastLike", [p + "zeros", values], [p + "zerosT"]),
+        h.make_node("ScatterElements", [p + "zerosT", idx, values], [p + "C"], axis=0),
+        h.make_node("MatMul", [z, p + "C"], [y]),
+    ]
+
+
+def _branch(name: str, nodes: list, out: str):
+    return h.make_graph(nodes, name, [], [onnx.ValueInfoProto(name=out)])  # typed by the caller's T
+
+
+def sparse_codes_matmul(body: str, threshold: int = AUTO_DENSE_FROM_TOKENS) -> onnx.FunctionProto:
+    if body not in BODIES:
+        raise ValueError(f"body must be one of {BODIES}, got {body!r}")
+    nodes = [h.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT32)]
+    if body == "gather":
+        nodes += _gather_body("z", "values", "idx", "y")
+    elif body == "dense":
+        nodes += _dense_body("z", "values", "idx", "y")
+    else:
+        nodes += [
+            h.make_node("Shape", ["z"], ["zs"]),
+            _c("lead", [0]),
+            _c("minus1", [-1]),
+            h.make_node("Slice", ["zs", "lead", "minus1"], ["lead_dims"]),
+            h.make_node("ReduceProd", ["lead_dims"], ["n_tokens"], keepdims=0),
+            h.make_node("Constant", [], ["thr"], value=h.make_tensor("thr", TensorProto.INT64, [], [threshold])),
+            h.make_node("Less", ["n_tokens", "thr"], ["few"]),
+            h.make_node("If", ["few"], ["y"],
+                        then_branch=_branch("gather", _gather_body("z", "values", "idx", "yg", "g_"), "yg"),
+                        else_branch=_branch("dense", _dense_body("z", "values", "idx", "yd", "d_"), "yd")),
+        ]
+    return h.make_function(DOMAIN, "SparseCodesMatMul", ["z", "values", "indices"], ["y"], nodes,
+                           opset_imports=[h.make_opsetid("", 18)], doc_string=f"body={body}")
+
+
+def _scalar(name: str, value: int):
+    return h.make_node("Constant", [], [name], value=h.make_tensor(name, TensorProto.INT64, [], [value]))
+
+
+def column_mask_to_indices() -> onnx.FunctionProto:
+    nodes = [
+        _c("bitpos", list(range(8)), TensorProto.UINT8),
+        _c("first", [0]),
+        _c("one", [1]),
+        _c("minus1", [-1]),
+        _scalar("one_s", 1),
+        h.make_node("Unsqueeze", ["mask", "minus1"], ["m3"]),  # (d_out, B, 1)
+        h.make_node("BitShift", ["m3", "bitpos"], ["shifted"], direction="RIGHT"),  # (d_out, B, 8)
+        _c("lowbit", [1], TensorProto.UINT8),
+        h.make_node("BitwiseAnd", ["shifted", "lowbit"], ["bits"]),
+        h.make_node("Shape", ["mask"], ["mshape"]),
+        h.make_node("Slice", ["mshape", "first", "one"], ["dout"]),
+        h.make_node("Concat", ["dout", "minus1"], ["flat2"], axis=0),
+        h.make_node("Reshape", ["bits", "flat2"], ["bits2"]),  # (d_out, 8B): row i of column j at [j, i]
+        h.make_node("NonZero", ["bits2"], ["nz"]),  # (2, d_out·s), row-major, so ascending i within each j
+        h.make_node("Gather", ["nz", "one_s"], ["rows"], axis=0),
+        h.make_node("Reshape", ["rows", "flat2"], ["rows2"]),  # (d_out, s)
+        h.make_node("Transpose", ["rows2"], ["rowsT"], perm=[1, 0]),
+        h.make_node("Cast", ["rowsT"], ["indices"], to=TensorProto.INT32),
+    ]
+    return h.make_function(DOMAIN, "ColumnMaskToIndices", ["mask"], ["indices"], nodes,
+                           opset_imports=[h.make_opsetid("", 18)])
+
+
+def _attr_scalar(name: str, attr: str) -> onnx.NodeProto:
+    """Constant int64 scalar `name` = the calling node's int attribute `attr`."""
+    node = h.make_node("Constant", [], [name])
+    a = onnx.AttributeProto()
+    a.name, a.ref_attr_name, a.type = "value_int", attr, onnx.AttributeProto.INT
+    node.attribute.append(a)
+    return node
+
+
+def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
+    nodes = [
+        _attr_scalar("bits", "bits"),
+        _attr_scalar("group_s", "group"),
+        _attr_scalar("K_s", "K"),
+        _c("zero", [0]),
+        _c("one", [1]),
+        _c("two", [2]),
+        _c("minus1", [-1]),
+        _scalar("zero_s", 0),
+        _scalar("one_s", 1),
+        _scalar("eight_s", 8),
+        h.make_node("Unsqueeze", ["group_s", "zero"], ["group"]),
+        h.make_node("Unsqueeze", ["K_s", "zero"], ["K"]),
+        h.make_node("Range", ["zero_s", "eight_s", "bits"], ["shifts64"]),  # 0, bits, 2·bits, … < 8
+        h.make_node("Cast", ["shifts64"], ["shifts"], to=TensorProto.UINT8),
+        _scalar("two_s", 2),
+        h.make_node("Pow", ["two_s", "bits"], ["levels"]),
+        h.make_node("Sub", ["levels", "one_s"], ["maskv"]),
+        h.make_node("Cast", ["maskv"], ["mask8"], to=TensorProto.UINT8),
+        # codes: (N, nb, blob, 1) >> shifts & mask → (N, nb, blob·per) → [..., :group]
+        h.make_node("Unsqueeze", ["qweight", "minus1"], ["q4"]),
+        h.make_node("BitShift", ["q4", "shifts"], ["qs"], direction="RIGHT"),
+        h.make_node("BitwiseAnd", ["qs", "mask8"], ["qm"]),
+        h.make_node("Shape", ["qweight"], ["qshape"]),
+        h.make_node("Slice", ["qshape", "zero", "two"], ["n_nb"]),
+        h.make_node("Concat", ["n_nb", "minus1"], ["shape3"], axis=0),
+        h.make_node("Reshape", ["qm", "shape3"], ["codes_all"]),
+        h.make_node("Slice", ["codes_all", "zero", "group", "two"], ["codes"]),
+        h.make_node("CastLike", ["codes", "scales"], ["codesT"]),
+    ]
+    if sym:
+        nodes += [
+            h.make_node("Sub", ["bits", "one_s"], ["bm1"]),
+            h.make_node("Pow", ["two_s", "bm1"], ["zp_i"]),
+            h.make_node("CastLike", ["zp_i", "scales"], ["zp"]),
+        ]
+    else:
+        nodes += [
+            h.make_node("Unsqueeze", ["zeros", "minus1"], ["z3"]),
+            h.make_node("BitShift", ["z3", "shifts"], ["zsh"], direction="RIGHT"),
+            h.make_node("BitwiseAnd", ["zsh", "mask8"], ["zm"]),
+            h.make_node("Slice", ["qshape", "zero", "one"], ["n_dim"]),
+            h.make_node("Concat", ["n_dim", "minus1"], ["shape2"], axis=0),
+            h.make_node("Reshape", ["zm", "shape2"], ["zall"]),
+            h.make_node("Slice", ["qshape", "one", "two"], ["nb"]),
+            h.make_node("Slice", ["zall", "zero", "nb", "one"], ["zcut"]),  # (N, nb)
+            h.make_node("Unsqueeze", ["zcut", "minus1"], ["zcut3"]),
+            h.make_node("CastLike", ["zcut3", "scales"], ["zp"]),
+        ]
+    nodes += [
+        h.make_node("Sub", ["codesT", "zp"], ["centered"]),
+        h.make_node("Unsqueeze", ["scales", "minus1"], ["sc3"]),
+        h.make_node("Mul", ["centered", "sc3"], ["deq"]),  # (N, nb, group)
+        h.make_node("Slice", ["qshape", "zero", "one"], ["n_dim2"]),
+        h.make_node("Concat", ["n_dim2", "minus1"], ["flat"], axis=0),
+        h.make_node("Reshape", ["deq", "flat"], ["rows"]),  # (N, nb·group)
+        h.make_node("Slice", ["rows", "zero", "K", "one"], ["cut"]),
+        h.make_node("Transpose", ["cut"], ["M"], perm=[1, 0]),
+    ]
+    name = "DequantizeBlocksSym" if sym else "DequantizeBlocks"
+    inputs = ["qweight", "scales"] + ([] if sym else ["zeros"])
+    return h.make_function(DOMAIN, name, inputs, ["M"], nodes, opset_imports=[h.make_opsetid("", 18)],
+                           attributes=["bits", "group", "K"])
+
+
+def functions(body: str, threshold: int = AUTO_DENSE_FROM_TOKENS, opset: int = 18) -> dict[str, onnx.FunctionProto]:
+    """Every op of the domain, by name, with the chosen SparseCodesMatMul body; bodies import the model's opset."""
+    fs = [sparse_codes_matmul(body, threshold), column_mask_to_indices(), dequantize_blocks(False),
+          dequantize_blocks(True)]
+    for f in fs:
+        del f.opset_import[:]
+        f.opset_import.append(h.make_opsetid("", opset))
+    return {f.name: f for f in fs}

@@ -1,0 +1,136 @@
+"""The PyTorch side of the ONNX export: autograd Functions whose `symbolic` writes our ops into the graph.
+
+While tracing, each compressed module computes exactly what its eager forward computes, but the packed and
+sparse parts are recorded as one node each (`ai.compot::*`, `com.microsoft::MatMulNBits`) over the stored
+tensors, so the exported initializers are the compact ones, never a densified or dequantized copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+from ..budget import BITMASK
+from ..modules import CompotLinear, LowRankLinear, QuantLinear, sparse_codes_matmul
+from ..quantize.packing import PackedMeta, QuantTensor, dequantize_packed
+from .ops import DOMAIN
+
+
+def matmul_nbits_ok(qt: QuantTensor) -> bool:
+    """MatMulNBits takes blocks of a power-of-two size ≥ 16 at 2, 4 or 8 bits."""
+    g = qt.group
+    return qt.bits in (2, 4, 8) and g >= 16 and g & (g - 1) == 0 and qt.block_len == g
+
+
+class SparseCodesMatMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, values, indices):
+        lead = z.shape[:-1]
+        y = sparse_codes_matmul(z.reshape(-1, z.shape[-1]), values, indices.long())
+        return y.reshape(*lead, values.shape[1])
+
+    @staticmethod
+    def symbolic(g, z, values, indices):
+        out = g.op(f"{DOMAIN}::SparseCodesMatMul", z, values, indices)
+        sizes = z.type().varyingSizes()
+        return out.setType(z.type().with_sizes(sizes[:-1] + [values.type().varyingSizes()[-1]]))
+
+
+def _absent(v) -> bool:
+    return v is None or (hasattr(v, "node") and v.node().mustBeNone())
+
+
+class ColumnMaskToIndices(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mask, module: CompotLinear):
+        return module.code_indices().to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, mask, module):
+        out = g.op(f"{DOMAIN}::ColumnMaskToIndices", mask)
+        return out.setType(mask.type().with_dtype(torch.int32).with_sizes([module.s, module.out_features]))
+
+
+class DequantizeBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qweight, scales, zeros, meta: PackedMeta):
+        return dequantize_packed(qweight, scales, zeros, meta)
+
+    @staticmethod
+    def symbolic(g, qweight, scales, zeros, meta):
+        attrs = dict(bits_i=meta.bits, group_i=meta.group, K_i=meta.K)
+        if _absent(zeros):
+            out = g.op(f"{DOMAIN}::DequantizeBlocksSym", qweight, scales, **attrs)
+        else:
+            out = g.op(f"{DOMAIN}::DequantizeBlocks", qweight, scales, zeros, **attrs)
+        return out.setType(scales.type().with_sizes([meta.K, meta.N]))
+
+
+class MatMulNBits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, scales, zeros, meta: PackedMeta):
+        return x @ dequantize_packed(qweight, scales.reshape(meta.N, -1), zeros, meta)
+
+    @staticmethod
+    def symbolic(g, x, qweight, scales, zeros, meta):
+        inputs = [x, qweight, scales] + ([] if _absent(zeros) else [zeros])
+        out = g.op("com.microsoft::MatMulNBits", *inputs, K_i=meta.K, N_i=meta.N, bits_i=meta.bits,
+                   block_size_i=meta.group)
+        sizes = x.type().varyingSizes()
+        return out.setType(x.type().with_sizes(sizes[:-1] + [meta.N]))
+
+
+def as_matrix(t) -> torch.Tensor:
+    """A stored factor as a float tensor in the traced graph; packed ones through DequantizeBlocks."""
+    if not isinstance(t, QuantTensor):
+        return t
+    return DequantizeBlocks.apply(t.qweight, t.scales, t.zeros, t.meta())
+
+
+def matmul(x: torch.Tensor, t) -> torch.Tensor:
+    """x @ t, as MatMulNBits where the packed layout allows it."""
+    if isinstance(t, QuantTensor) and matmul_nbits_ok(t):
+        return MatMulNBits.apply(x, t.qweight, t.scales.reshape(-1), t.zeros, t.meta())
+    return x @ as_matrix(t)
+
+
+def _compot_forward(self: CompotLinear, x):
+    z = matmul(x, self.A)
+    if self.position == BITMASK:
+        idx = ColumnMaskToIndices.apply(self.mask, self)
+    else:
+        idx = self.indices
+    y = SparseCodesMatMul.apply(z, as_matrix(self.values), idx)
+    return y + self.bias if self.bias is not None else y
+
+
+def _lowrank_forward(self: LowRankLinear, x):
+    y = matmul(matmul(x, self.A), self.B)
+    return y + self.bias if self.bias is not None else y
+
+
+def _quant_forward(self: QuantLinear, x):
+    y = matmul(x, self.weight)
+    return y + self.bias if self.bias is not None else y
+
+
+_FORWARDS = {CompotLinear: _compot_forward, LowRankLinear: _lowrank_forward, QuantLinear: _quant_forward}
+
+
+@contextlib.contextmanager
+def export_forwards(model: torch.nn.Module):
+    """Within the block, compressed modules of `model` trace to our ops; their eager forwards come back after.
+    Yields how many modules were switched."""
+    patched = []
+    for mod in model.modules():
+        fn = _FORWARDS.get(type(mod))
+        if fn is not None:
+            mod.forward = types.MethodType(fn, mod)
+            patched.append(mod)
+    try:
+        yield len(patched)
+    finally:
+        for mod in patched:
+            del mod.forward

@@ -1,0 +1,1 @@
+"""Runtimes the exported and compressed models run on: ONNX Runtime sessions (ort.py)."""

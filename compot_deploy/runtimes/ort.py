@@ -1,0 +1,41 @@
+"""ONNX Runtime sessions over an exported folder, and the decoder loop through its KV cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CompotError
+from .standalone import OrtDecoder  # noqa: F401 - re-exported
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None, opt_level: str = "all"):
+    """An InferenceSession on `device`; refuses cuda when this onnxruntime has no CUDA EP."""
+    import onnxruntime as ort
+
+    if device not in PROVIDERS:
+        raise CompotError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise CompotError("device cuda needs onnxruntime-gpu with the CUDA execution provider "
+                          f"(this onnxruntime {ort.__version__} has {ort.get_available_providers()})")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=PROVIDERS[device])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception classes
+        raise CompotError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def onnx_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the exported graph on disk, external data included."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))

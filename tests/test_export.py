@@ -1,0 +1,200 @@
+"""ONNX export: the ai.compot ops in real ORT sessions, decoders through the KV cache, the gate failing closed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from onnx import helper as h
+
+import compot_deploy
+from compot_deploy.errors import CompotError
+from compot_deploy.config import (AllocationConfig, CalibrationConfig, CompressConfig, ExportConfig, QuantizeConfig,
+                                  ValidateConfig)
+from compot_deploy.exporters import ops
+from compot_deploy.exporters.onnx_export import export_dir
+from compot_deploy.exporters.validate import GateFailed, validate_export
+from compot_deploy.modules import CompotLinear, sparse_codes_matmul
+from compot_deploy.pipeline import quantize_dir
+from compot_deploy.quantize.gptq import rtn
+from compot_deploy.quantize.packing import QuantTensor
+from compot_deploy.runtimes.ort import session
+
+CALIB = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _session(nodes, inits, inputs, outputs, body="auto"):
+    """outputs: [(name, elem type, shape)]."""
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, TensorProto.FLOAT, ["a", "b", "c"]) for n in inputs],
+                     [h.make_tensor_value_info(*o) for o in outputs], initializer=inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(ops.DOMAIN, 1)],
+                     functions=list(ops.functions(body).values()))
+    onnx.checker.check_model(m, full_check=True)
+    import onnxruntime as ort
+
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("body", ops.BODIES)
+@pytest.mark.parametrize("position", ["bitmask", "uint8"])
+def test_sparse_codes_matmul_matches_torch(body, position):
+    torch.manual_seed(0)
+    d_out, k, s = 24, 20, 10 if position == "bitmask" else 3  # k/s = 2 → bitmask, k/s ≈ 7 → index list
+    idx = torch.stack([torch.randperm(k)[:s] for _ in range(d_out)], 1)
+    m = CompotLinear.from_factors(torch.randn(8, k), torch.randn(s, d_out), idx, None)
+    assert m.position == position
+    if position == "bitmask":
+        nodes = [h.make_node("ColumnMaskToIndices", ["pos"], ["idx"], domain=ops.DOMAIN)]
+        pos = m.mask.numpy()
+    else:
+        nodes = [h.make_node("Identity", ["pos"], ["idx"])]
+        pos = m.indices.numpy()
+    nodes.append(h.make_node("SparseCodesMatMul", ["z", "values", "idx"], ["y"], domain=ops.DOMAIN))
+    inits = [numpy_helper.from_array(pos, "pos"), numpy_helper.from_array(m.values.data.numpy(), "values")]
+    idx_type = TensorProto.INT32 if position == "bitmask" else TensorProto.UINT8
+    sess = _session(nodes, inits, ["z"], [("y", TensorProto.FLOAT, ["a", "b", "d"]), ("idx", idx_type, ["s", "d"])], body)
+    for n in (1, 7, 40):  # both sides of the auto switch
+        z = torch.randn(2, n, k)
+        y, got_idx = sess.run(None, {"z": z.numpy()})
+        np.testing.assert_array_equal(got_idx, m.code_indices().numpy())
+        ref = sparse_codes_matmul(z.reshape(-1, k), m.values.data, m.code_indices()).reshape(2, n, d_out)
+        np.testing.assert_allclose(y, ref.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("K,group", [(40, 16), (7, 7), (50, 128)])
+def test_dequantize_blocks_matches_packing(bits, sym, K, group):
+    torch.manual_seed(bits)
+    qt = QuantTensor.from_quantized(rtn(torch.randn(K, 12), bits, group, sym))
+    ins = ["qw", "sc"] + ([] if sym else ["zp"])
+    inits = [numpy_helper.from_array(qt.qweight.numpy(), "qw"), numpy_helper.from_array(qt.scales.data.numpy(), "sc")]
+    if not sym:
+        inits.append(numpy_helper.from_array(qt.zeros.numpy(), "zp"))
+    name = "DequantizeBlocksSym" if sym else "DequantizeBlocks"
+    node = h.make_node(name, ins, ["M"], domain=ops.DOMAIN, bits=bits, group=group, K=K)
+    (M,) = _session([node], inits, [], [("M", TensorProto.FLOAT, ["K", "N"])]).run(None, {})
+    np.testing.assert_array_equal(M, qt.dequantize().numpy())
+
+
+def _compressed(tiny_dirs, kind, tmp_path, bits=None):
+    out = tmp_path / f"c_{kind}"
+    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(ratio=0.3))
+    compot_deploy.compress(tiny_dirs[kind], out, cfg, progress=False)
+    if bits:
+        quantize_dir(out, tmp_path / f"q_{kind}", QuantizeConfig(bits=bits, group=32), CALIB, progress=False)
+        out = tmp_path / f"q_{kind}"
+    return out
+
+
+@pytest.mark.parametrize("kind,bits", [("llama", None), ("qwen3", None), ("gpt2", None), ("llama", 4), ("bert", 4)])
+def test_export_passes_the_gate(kind, bits, tiny_dirs, tmp_path):
+    src = _compressed(tiny_dirs, kind, tmp_path, bits)
+    man = export_dir(src, tmp_path / "onnx", ExportConfig())
+    assert man["bytes"]["onnx_over_safetensors"] <= 1.05, man["bytes"]
+    graph = man["graph"]
+    assert "ai.compot::SparseCodesMatMul" in graph["ops"]
+    assert ("com.microsoft::MatMulNBits" in graph["ops"]) == bool(bits)
+    rep = validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=8))
+    par = rep["parity"]
+    assert rep["passed"] and par["overall"]["max_abs"] < 1e-4, par["overall"]
+    if kind != "bert":
+        # prefill + 8 greedy decode calls through the KV cache: exactly PyTorch's tokens
+        assert graph["inputs"][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+        assert par["tokens"] == {"mismatches": 0, "total": 1 * 9 + 2 * 9}
+        assert 0.0 < rep["task"]["next_token_agreement"] <= 1.0 and rep["task"]["perplexity"] > 1.0
+    else:
+        assert graph["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+        assert 0.0 < rep["task"]["mean_cosine"] <= 1.0
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["validation"]["passed"] is True
+
+
+def _corrupt(path: Path, name_part: str) -> str:
+    """Scale the first float initializer whose name contains name_part by 1.5; return its name."""
+    m = onnx.load(str(path))
+    for init in m.graph.initializer:
+        if name_part in init.name and init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            arr = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array((arr * 1.5).astype(arr.dtype), init.name))
+            onnx.save_model(m, str(path))
+            return init.name
+    raise AssertionError(f"no initializer matching {name_part}")
+
+
+def test_gate_fails_closed_on_a_corrupted_initializer(tiny_dirs, tmp_path):
+    src = _compressed(tiny_dirs, "gpt2", tmp_path)
+    out = tmp_path / "onnx"
+    export_dir(src, out, ExportConfig())
+    _corrupt(out / "model.onnx", ".values")
+    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "validate", str(out), "--eval-texts", "0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr
+    assert res.stderr.startswith("error: validation failed") and len(res.stderr.strip().splitlines()) == 1
+    rep = json.loads((out / "validation.json").read_text())
+    assert rep["passed"] is False and rep["parity"]["overall"]["max_abs"] > 1e-3
+    assert json.loads((out / "export.json").read_text())["validation"]["passed"] is False
+    with pytest.raises(GateFailed):
+        validate_export(out, ValidateConfig(eval_texts=0))
+
+
+def test_export_cli_refuses_bad_input_cleanly(tiny_dirs, tmp_path):
+    for args, pattern in ([str(tiny_dirs["gpt2"]), "--opset", "17"], "opset"), ([str(tmp_path)], "config.json"):
+        out = tmp_path / "o"
+        res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "export", *args, "-o", str(out)],
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and pattern in res.stderr, res.stderr
+        assert not out.exists() and not list(tmp_path.glob(".o.tmp*"))
+
+
+def test_plain_model_exports_dense_and_cuda_is_refused_without_the_ep(tiny_dirs, tmp_path):
+    import onnxruntime as ort
+
+    man = export_dir(tiny_dirs["llama"], tmp_path / "dense", ExportConfig(sparse_body="gather"))
+    assert not any(op.startswith(ops.DOMAIN) for op in man["graph"]["ops"])
+    assert validate_export(tmp_path / "dense", ValidateConfig(eval_texts=0))["passed"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(CompotError, match="onnxruntime-gpu"):
+            session(tmp_path / "dense" / "model.onnx", "cuda")
+
+
+def isolated_python(tmp: Path) -> list[str]:
+    """A python that sees only the standard library, numpy and onnxruntime (links to the installed packages)."""
+    import numpy
+    import onnxruntime
+
+    site = tmp / "site"
+    site.mkdir()
+    for mod in (numpy, onnxruntime):
+        pkg = Path(mod.__file__).parent
+        (site / pkg.name).symlink_to(pkg)
+        libs = pkg.parent / f"{pkg.name}.libs"
+        if libs.exists():
+            (site / libs.name).symlink_to(libs)
+    boot = f"import sys, runpy; sys.path.insert(0, {str(site)!r}); sys.argv = sys.argv[1:]; " \
+           "runpy.run_path(sys.argv[0], run_name='__main__')"
+    return [sys.executable, "-S", "-c", boot]
+
+
+def test_standalone_replay_needs_only_numpy_and_onnxruntime(tiny_dirs, tmp_path):
+    src = _compressed(tiny_dirs, "qwen3", tmp_path)
+    out = tmp_path / "onnx"
+    export_dir(src, out, ExportConfig())
+    validate_export(out, ValidateConfig(eval_texts=0))
+    py = isolated_python(tmp_path)
+    probe = tmp_path / "probe.py"
+    for mod in ("torch", "transformers", "compot_deploy"):  # the isolation is real
+        probe.write_text(f"import {mod}")
+        res = subprocess.run(py + [str(probe)], capture_output=True, text=True, cwd=tmp_path)
+        assert "ModuleNotFoundError" in res.stderr, (mod, res.stderr)
+    script = tmp_path / "standalone.py"  # copied next to nothing, as on a device
+    script.write_text((ROOT / "compot_deploy" / "runtimes" / "standalone.py").read_text())
+    res = subprocess.run(py + [str(script), str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["tokens_match"] and got["prefill_max_abs"] < 1e-4, got
