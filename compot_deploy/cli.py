@@ -283,9 +283,9 @@ def _print_validation(rep: dict) -> None:
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset of the default domain, 18-20; checked against the installed onnxruntime.")
-@click.option("--sparse-body", type=click.Choice(["auto", "gather", "dense"]), default="auto", show_default=True,
-              help="Body of ai.compot::SparseCodesMatMul: gather (few tokens), densify-then-MatMul (long inputs), "
-                   "or auto (switches on the token count).")
+@click.option("--sparse-body", type=click.Choice(["folded", "dense", "gather"]), default="folded", show_default=True,
+              help="Body of ai.compot::SparseCodesMatMul: folded (dense C built once at session start; fastest "
+                   "measured), dense (C rebuilt per call, never held), or gather (gather-multiply-reduce).")
 @click.option("--no-validate", is_flag=True, help="Skip the parity gate (the export is then marked unvalidated).")
 @gate_options
 @output_options

@@ -93,9 +93,8 @@ class ExportConfig(_Strict):
     """How a compressed model is written as ONNX."""
 
     opset: int = Field(18, ge=18, le=20, description="default-domain opset (18: ORT >= 1.14; 20: the exporter's max)")
-    sparse_body: Literal["auto", "gather", "dense"] = Field(
-        "auto", description="body of ai.compot::SparseCodesMatMul (see exporters/ops.py); auto = measured switch")
-    auto_dense_from_tokens: int = Field(16, ge=1, description="token count from which the auto body densifies")
+    sparse_body: Literal["folded", "dense", "gather"] = Field(
+        "folded", description="body of ai.compot::SparseCodesMatMul (exporters/ops.py); folded measured fastest")
 
 
 class ValidateConfig(_Strict):

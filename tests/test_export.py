@@ -29,7 +29,7 @@ CALIB = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _session(nodes, inits, inputs, outputs, body="auto"):
+def _session(nodes, inits, inputs, outputs, body="folded"):
     """outputs: [(name, elem type, shape)]."""
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, TensorProto.FLOAT, ["a", "b", "c"]) for n in inputs],
                      [h.make_tensor_value_info(*o) for o in outputs], initializer=inits)
@@ -55,11 +55,11 @@ def test_sparse_codes_matmul_matches_torch(body, position):
     else:
         nodes = [h.make_node("Identity", ["pos"], ["idx"])]
         pos = m.indices.numpy()
-    nodes.append(h.make_node("SparseCodesMatMul", ["z", "values", "idx"], ["y"], domain=ops.DOMAIN))
+    nodes.append(h.make_node("SparseCodesMatMul", ["z", "values", "idx"], ["y"], domain=ops.DOMAIN, k=k))
     inits = [numpy_helper.from_array(pos, "pos"), numpy_helper.from_array(m.values.data.numpy(), "values")]
     idx_type = TensorProto.INT32 if position == "bitmask" else TensorProto.UINT8
     sess = _session(nodes, inits, ["z"], [("y", TensorProto.FLOAT, ["a", "b", "d"]), ("idx", idx_type, ["s", "d"])], body)
-    for n in (1, 7, 40):  # both sides of the auto switch
+    for n in (1, 7, 40):
         z = torch.randn(2, n, k)
         y, got_idx = sess.run(None, {"z": z.numpy()})
         np.testing.assert_array_equal(got_idx, m.code_indices().numpy())

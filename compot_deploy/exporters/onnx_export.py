@@ -237,12 +237,12 @@ def _used_ops(model_proto) -> set[tuple[str, str]]:
     return {(n.domain, n.op_type) for n in model_proto.graph.node}
 
 
-def _add_functions(model_proto, body: str, opset: int, threshold: int) -> list[str]:
+def _add_functions(model_proto, body: str, opset: int) -> list[str]:
     """Append the `ai.compot` functions the graph calls (the body's opset = the model's); return their names."""
     from onnx import helper
 
     used = {op for dom, op in _used_ops(model_proto) if dom == ops.DOMAIN}
-    fns = ops.functions(body, threshold, opset)
+    fns = ops.functions(body, opset)
     unknown = used - set(fns)
     if unknown:
         raise CompotError(f"graph uses unknown {ops.DOMAIN} ops: {sorted(unknown)}")
@@ -316,8 +316,8 @@ def check_opset(opset: int) -> None:
 # ------------------------------------------------------------------------------------------------------ export
 
 
-def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "auto", storage_dtype: str = "float16",
-                 auto_threshold: int = ops.AUTO_DENSE_FROM_TOKENS) -> dict:
+def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "folded",
+                 storage_dtype: str = "float16") -> dict:
     """Trace `model` (float32, eval) to `path` with our ops; return a description of the graph written."""
     import warnings
 
@@ -346,7 +346,7 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "auto
     finally:
         model.set_attn_implementation(attn)
         model.eval()
-    fn_names = _add_functions(proto, body, opset, auto_threshold)
+    fn_names = _add_functions(proto, body, opset)
     n_dup = _dedupe_initializers(proto)
     n_low = _store_initializers(proto, storage_dtype)
     proto.ir_version = max(proto.ir_version, 8)
@@ -358,7 +358,7 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "auto
     check_onnx(path)
     return {"file": path.name, "kind": spec.kind, "opset": opset, "ir_version": proto.ir_version,
             "inputs": spec.inputs, "outputs": spec.outputs, "dynamic_axes": spec.dynamic_axes,
-            "sparse_body": body, "auto_dense_from_tokens": auto_threshold if body == "auto" else None,
+            "sparse_body": body,
             "functions": fn_names, "ops": sorted(f"{d or 'ai.onnx'}::{o}" for d, o in _used_ops(proto)),
             "initializers_at_storage_dtype": n_low, "initializers_deduplicated": n_dup, "storage_dtype": storage_dtype, "n_layers": spec.n_layers}
 
@@ -400,8 +400,7 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
     tokenizer = load_tokenizer(source)
     storage = section["storage_dtype"] if section else "float32"
     with atomic_dir(out, overwrite) as tmp:
-        graph = export_model(model, tmp / ONNX_FILE, opset=cfg.opset, body=cfg.sparse_body, storage_dtype=storage,
-                             auto_threshold=cfg.auto_dense_from_tokens)
+        graph = export_model(model, tmp / ONNX_FILE, opset=cfg.opset, body=cfg.sparse_body, storage_dtype=storage)
         shutil.copy(source / "config.json", tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         st = source / WEIGHTS

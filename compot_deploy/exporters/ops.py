@@ -3,14 +3,18 @@
 Stock ONNX Runtime inlines a model's local functions at load, so a model using these ops needs no custom-op
 library. Ops (version 1 of the domain):
 
-SparseCodesMatMul(z, values, indices) -> y
+SparseCodesMatMul(z, values, indices; k) -> y
     z: T (..., k) · values: T (s, d_out) · indices: int32/int64/uint8/uint16 (s, d_out), the row of C holding
-    values[t, j] → y: T (..., d_out), y[..., j] = Σ_t z[..., indices[t, j]] · values[t, j], i.e. y = z C for the
-    column-sparse C (k, d_out). The body is fixed when the model is written (`--sparse-body`):
-      "gather": Gather the s inputs each output reads, multiply, reduce: O(n·s·d_out) work, nothing of size k·d_out;
-      "dense":  ScatterElements the codes into a transient dense (k, d_out) block, then one MatMul. The block's
-                shape comes from z at run time, so ONNX Runtime cannot constant-fold C into a dense initializer.
-      "auto":   an If on the token count: gather below `threshold` tokens, dense from it on.
+    values[t, j] · attribute k: rows of C → y: T (..., d_out), y[..., j] = Σ_t z[..., indices[t, j]] · values[t, j],
+    i.e. y = z C for the column-sparse C (k, d_out). The body is fixed when the model is written (`--sparse-body`):
+      "folded": ScatterElements into a (k, d_out) block whose shape is constant, then MatMul. Every input is an
+                initializer, so ONNX Runtime builds the dense C once, at session start (float32, k·d_out).
+      "dense":  the same scatter, but the block's shape is read from z at run time: C is rebuilt on every call
+                and never held between calls.
+      "gather": Gather the s inputs each output reads, multiply, reduce: O(n·s·d_out) work, no k·d_out block.
+    Measured on ONNX Runtime's CPU EP (MiniLM, ratio 0.3, benchmarks/results/sparse_body.md): folded is the
+    fastest at every batch × sequence shape, so it is the default; the Gather/ReduceSum kernels make "gather"
+    several times slower even at one token.
 ColumnMaskToIndices(mask) -> indices
     mask: uint8 (d_out, ⌈k/8⌉), bit i of column j (byte i // 8, bit i % 8, low bit first) set when C[i, j] ≠ 0, every
     column holding the same count s → indices: int32 (s, d_out), ascending within a column. Its input is an
@@ -30,67 +34,66 @@ from onnx import helper as h
 
 DOMAIN = "ai.compot"
 DOMAIN_VERSION = 1
-BODIES = ("gather", "dense", "auto")
-# Token count from which the "auto" body densifies; measured in benchmarks/ops.py (ORT CPU EP, MiniLM shapes).
-AUTO_DENSE_FROM_TOKENS = 16
+BODIES = ("folded", "dense", "gather")
 
 
 def _c(name: str, values, dtype=TensorProto.INT64):
     return h.make_node("Constant", [], [name], value=h.make_tensor(name, dtype, [len(values)], values))
 
 
-def _gather_body(z: str, values: str, idx: str, y: str, p: str = "") -> list:
+def _gather_body(z: str, values: str, idx: str, y: str) -> list:
     return [
-        h.make_node("Gather", [z, idx], [p + "zg"], axis=-1),  # (..., s, d_out)
-        h.make_node("Mul", [p + "zg", values], [p + "prod"]),
-        _c(p + "axis", [-2]),
-        h.make_node("ReduceSum", [p + "prod", p + "axis"], [y], keepdims=0),
+        h.make_node("Gather", [z, idx], ["zg"], axis=-1),  # (..., s, d_out)
+        h.make_node("Mul", ["zg", values], ["prod"]),
+        _c("axis", [-2]),
+        h.make_node("ReduceSum", ["prod", "axis"], [y], keepdims=0),
     ]
 
 
-def _dense_body(z: str, values: str, idx: str, y: str, p: str = "") -> list:
+def _dense_body(z: str, values: str, idx: str, y: str) -> list:
     return [
-        h.make_node("Shape", [z], [p + "zshape"]),
-        _c(p + "last", [-1]),
-        h.make_node("Gather", [p + "zshape", p + "last"], [p + "k"], axis=0),
-        h.make_node("Shape", [values], [p + "vshape"]),
-        _c(p + "one", [1]),
-        h.make_node("Gather", [p + "vshape", p + "one"], [p + "dout"], axis=0),
-        h.make_node("Concat", [p + "k", p + "dout"], [p + "cshape"], axis=0),
-        h.make_node("ConstantOfShape", [p + "cshape"], [p + "zeros"]),
-        h.make_node("CastLike", [p + "zeros", values], [p + "zerosT"]),
-        h.make_node("ScatterElements", [p + "zerosT", idx, values], [p + "C"], axis=0),
-        h.make_node("MatMul", [z, p + "C"], [y]),
+        h.make_node("Shape", [z], ["zshape"]),
+        _c("last", [-1]),
+        h.make_node("Gather", ["zshape", "last"], ["k"], axis=0),
+        h.make_node("Shape", [values], ["vshape"]),
+        _c("one", [1]),
+        h.make_node("Gather", ["vshape", "one"], ["dout"], axis=0),
+        h.make_node("Concat", ["k", "dout"], ["cshape"], axis=0),
+        h.make_node("ConstantOfShape", ["cshape"], ["zeros"]),
+        h.make_node("CastLike", ["zeros", values], ["zerosT"]),
+        h.make_node("ScatterElements", ["zerosT", idx, values], ["C"], axis=0),
+        h.make_node("MatMul", [z, "C"], [y]),
     ]
 
 
-def _branch(name: str, nodes: list, out: str):
-    return h.make_graph(nodes, name, [], [onnx.ValueInfoProto(name=out)])  # typed by the caller's T
+def _folded_body(z: str, values: str, idx: str, y: str) -> list:
+    return [
+        _attr_scalar("k_s", "k"),
+        _c("axis0", [0]),
+        h.make_node("Unsqueeze", ["k_s", "axis0"], ["k"]),
+        h.make_node("Shape", [values], ["vshape"]),
+        _c("one", [1]),
+        h.make_node("Gather", ["vshape", "one"], ["dout"], axis=0),
+        h.make_node("Concat", ["k", "dout"], ["cshape"], axis=0),
+        h.make_node("ConstantOfShape", ["cshape"], ["zeros"]),
+        h.make_node("CastLike", ["zeros", values], ["zerosT"]),
+        h.make_node("ScatterElements", ["zerosT", idx, values], ["C"], axis=0),  # constant: folded at load
+        h.make_node("MatMul", [z, "C"], [y]),
+    ]
 
 
-def sparse_codes_matmul(body: str, threshold: int = AUTO_DENSE_FROM_TOKENS) -> onnx.FunctionProto:
+def sparse_codes_matmul(body: str) -> onnx.FunctionProto:
     if body not in BODIES:
         raise ValueError(f"body must be one of {BODIES}, got {body!r}")
     nodes = [h.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT32)]
-    if body == "gather":
+    if body == "folded":
+        nodes += _folded_body("z", "values", "idx", "y")
+    elif body == "gather":
         nodes += _gather_body("z", "values", "idx", "y")
-    elif body == "dense":
-        nodes += _dense_body("z", "values", "idx", "y")
     else:
-        nodes += [
-            h.make_node("Shape", ["z"], ["zs"]),
-            _c("lead", [0]),
-            _c("minus1", [-1]),
-            h.make_node("Slice", ["zs", "lead", "minus1"], ["lead_dims"]),
-            h.make_node("ReduceProd", ["lead_dims"], ["n_tokens"], keepdims=0),
-            h.make_node("Constant", [], ["thr"], value=h.make_tensor("thr", TensorProto.INT64, [], [threshold])),
-            h.make_node("Less", ["n_tokens", "thr"], ["few"]),
-            h.make_node("If", ["few"], ["y"],
-                        then_branch=_branch("gather", _gather_body("z", "values", "idx", "yg", "g_"), "yg"),
-                        else_branch=_branch("dense", _dense_body("z", "values", "idx", "yd", "d_"), "yd")),
-        ]
+        nodes += _dense_body("z", "values", "idx", "y")
     return h.make_function(DOMAIN, "SparseCodesMatMul", ["z", "values", "indices"], ["y"], nodes,
-                           opset_imports=[h.make_opsetid("", 18)], doc_string=f"body={body}")
+                           opset_imports=[h.make_opsetid("", 18)], attributes=["k"], doc_string=f"body={body}")
 
 
 def _scalar(name: str, value: int):
@@ -102,19 +105,31 @@ def column_mask_to_indices() -> onnx.FunctionProto:
         _c("bitpos", list(range(8)), TensorProto.UINT8),
         _c("first", [0]),
         _c("one", [1]),
+        _c("two", [2]),
         _c("minus1", [-1]),
-        _scalar("one_s", 1),
         h.make_node("Unsqueeze", ["mask", "minus1"], ["m3"]),  # (d_out, B, 1)
         h.make_node("BitShift", ["m3", "bitpos"], ["shifted"], direction="RIGHT"),  # (d_out, B, 8)
         _c("lowbit", [1], TensorProto.UINT8),
-        h.make_node("BitwiseAnd", ["shifted", "lowbit"], ["bits"]),
+        h.make_node("BitwiseAnd", ["shifted", "lowbit"], ["bits8"]),
         h.make_node("Shape", ["mask"], ["mshape"]),
         h.make_node("Slice", ["mshape", "first", "one"], ["dout"]),
         h.make_node("Concat", ["dout", "minus1"], ["flat2"], axis=0),
-        h.make_node("Reshape", ["bits", "flat2"], ["bits2"]),  # (d_out, 8B): row i of column j at [j, i]
-        h.make_node("NonZero", ["bits2"], ["nz"]),  # (2, d_out·s), row-major, so ascending i within each j
-        h.make_node("Gather", ["nz", "one_s"], ["rows"], axis=0),
-        h.make_node("Reshape", ["rows", "flat2"], ["rows2"]),  # (d_out, s)
+        h.make_node("Reshape", ["bits8", "flat2"], ["bits_u8"]),  # (d_out, 8B): row i of column j at [j, i]
+        h.make_node("Cast", ["bits_u8"], ["bits"], to=TensorProto.INT32),
+        # s = non-zeros per column (the same in every column); TopK on (width − i)·bit lists set rows ascending
+        h.make_node("Slice", ["bits", "first", "one"], ["col0"]),
+        h.make_node("ReduceSum", ["col0"], ["s"], keepdims=0),
+        h.make_node("Cast", ["s"], ["s64"], to=TensorProto.INT64),
+        h.make_node("Reshape", ["s64", "one"], ["s1"]),
+        h.make_node("Shape", ["bits"], ["bshape"]),
+        h.make_node("Slice", ["bshape", "one", "two"], ["width"]),
+        h.make_node("Squeeze", ["width"], ["width_s"]),
+        h.make_node("Cast", ["width_s"], ["width32"], to=TensorProto.INT32),
+        h.make_node("Constant", [], ["zero32"], value=h.make_tensor("zero32", TensorProto.INT32, [], [0])),
+        h.make_node("Constant", [], ["minus1_32"], value=h.make_tensor("minus1_32", TensorProto.INT32, [], [-1])),
+        h.make_node("Range", ["width32", "zero32", "minus1_32"], ["descending"]),  # width, …, 1
+        h.make_node("Mul", ["bits", "descending"], ["score"]),
+        h.make_node("TopK", ["score", "s1"], ["_", "rows2"], axis=-1, largest=1, sorted=1),  # (d_out, s) ascending i
         h.make_node("Transpose", ["rows2"], ["rowsT"], perm=[1, 0]),
         h.make_node("Cast", ["rowsT"], ["indices"], to=TensorProto.INT32),
     ]
@@ -197,9 +212,9 @@ def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
                            attributes=["bits", "group", "K"])
 
 
-def functions(body: str, threshold: int = AUTO_DENSE_FROM_TOKENS, opset: int = 18) -> dict[str, onnx.FunctionProto]:
+def functions(body: str, opset: int = 18) -> dict[str, onnx.FunctionProto]:
     """Every op of the domain, by name, with the chosen SparseCodesMatMul body; bodies import the model's opset."""
-    fs = [sparse_codes_matmul(body, threshold), column_mask_to_indices(), dequantize_blocks(False),
+    fs = [sparse_codes_matmul(body), column_mask_to_indices(), dequantize_blocks(False),
           dequantize_blocks(True)]
     for f in fs:
         del f.opset_import[:]

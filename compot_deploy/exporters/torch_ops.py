@@ -26,14 +26,14 @@ def matmul_nbits_ok(qt: QuantTensor) -> bool:
 
 class SparseCodesMatMul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, values, indices):
+    def forward(ctx, z, values, indices, k: int):
         lead = z.shape[:-1]
         y = sparse_codes_matmul(z.reshape(-1, z.shape[-1]), values, indices.long())
         return y.reshape(*lead, values.shape[1])
 
     @staticmethod
-    def symbolic(g, z, values, indices):
-        out = g.op(f"{DOMAIN}::SparseCodesMatMul", z, values, indices)
+    def symbolic(g, z, values, indices, k):
+        out = g.op(f"{DOMAIN}::SparseCodesMatMul", z, values, indices, k_i=k)
         sizes = z.type().varyingSizes()
         return out.setType(z.type().with_sizes(sizes[:-1] + [values.type().varyingSizes()[-1]]))
 
@@ -102,7 +102,7 @@ def _compot_forward(self: CompotLinear, x):
         idx = ColumnMaskToIndices.apply(self.mask, self)
     else:
         idx = self.indices
-    y = SparseCodesMatMul.apply(z, as_matrix(self.values), idx)
+    y = SparseCodesMatMul.apply(z, as_matrix(self.values), idx, self.k)
     return y + self.bias if self.bias is not None else y
 
 
