@@ -333,5 +333,72 @@ def validate(export_dir, source, reference, **opts) -> None:
     click.echo(f"validation passed: {export_dir}")
 
 
+def _int_list(value: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{what} must be positive integers, got {value!r}")
+    return out
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "ort"]),
+              help="Only these backends (repeatable) [default: each target's own: torch for model folders, ort for "
+                   "export folders].")
+@click.option("--device", "devices", default="cpu", show_default=True,
+              help="Comma-separated devices: cpu, cuda (PyTorch CUDA / ORT CUDA EP).")
+@click.option("--batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--seq", default="16,128", show_default=True, help="Comma-separated sequence lengths.")
+@click.option("--shapes", default=None,
+              help="Explicit BxL list instead of the batch × seq product, e.g. 1x16,1x128,8x128.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs before timing each shape.")
+@click.option("--repeat", type=int, default=50, show_default=True, help="Timed runs per shape.")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Repeat every measurement this many times, interleaved, to state run-to-run spread.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for every backend [default: each "
+                                                         "library's own default].")
+@click.option("--decode-steps", type=int, default=16, show_default=True,
+              help="Decoders: timed single-token decode calls through the KV cache after each prefill.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Folder for bench.json, bench.md and bench.png.")
+@_fail_cleanly
+def bench(targets, backends, devices, batch, seq, shapes, warmup, repeat, rounds, threads, decode_steps, out) -> None:
+    """Measure latency and memory of TARGETS side by side, each backend in its own process.
+
+    A TARGET is a model folder (PyTorch eager: the original, or one written by compress/quantize) or an export
+    folder (ONNX Runtime), optionally labelled NAME=PATH. Reports p50/p90/p99/mean latency, tokens/s, peak RSS
+    (sampled with psutil from this process, and the worker's own VmHWM peak), peak CUDA memory, load time and
+    artifact bytes; decoders also per-token decode latency. Writes JSON, Markdown and a PNG chart.
+    """
+    from pathlib import Path
+
+    from .bench import bench as run_bench
+    from .bench import write_reports
+
+    if shapes:
+        try:
+            shape_list = [tuple(int(v) for v in s.lower().split("x")) for s in shapes.split(",")]
+            assert all(len(s) == 2 and min(s) >= 1 for s in shape_list)
+        except (ValueError, AssertionError):
+            raise click.BadParameter(f"--shapes must look like 1x16,8x128, got {shapes!r}") from None
+    else:
+        shape_list = [(b, L) for b in _int_list(batch, "--batch") for L in _int_list(seq, "--seq")]
+    devs = [d.strip() for d in devices.split(",")]
+    if any(d not in ("cpu", "cuda") for d in devs):
+        raise click.BadParameter(f"--device must list cpu and/or cuda, got {devices!r}")
+    labelled = []
+    for t in targets:
+        name, _, path = t.rpartition("=") if "=" in t else (Path(t).name, "", t)
+        if not Path(path).is_dir():
+            raise CompotError(f"target not found: {path}")
+        labelled.append((name or Path(path).name, path))
+    report = run_bench(labelled, list(backends) or None, devs, shape_list, warmup, repeat, rounds, threads,
+                       decode_steps, progress=lambda m: click.echo(m, err=True))
+    for p in write_reports(report, Path(out)):
+        click.echo(f"wrote {p}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

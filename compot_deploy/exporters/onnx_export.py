@@ -190,6 +190,37 @@ def _store_initializers(model_proto, storage_dtype: str) -> int:
     return n
 
 
+def _cast_after_gather(model_proto) -> int:
+    """Where a stored-dtype table is only read by Gather (embeddings), gather first and cast the rows: the table
+    then stays at the storage dtype in memory instead of being widened to float32 at session start."""
+    from onnx import helper
+
+    graph = model_proto.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    moved, drop = 0, []
+    for cast in list(graph.node):
+        if cast.op_type != "Cast" or not cast.name.startswith("cast_"):
+            continue
+        users = consumers.get(cast.output[0], [])
+        if not users or any(n.op_type != "Gather" or i != 0 for n, i in users):
+            continue
+        for gather, _ in users:
+            out = gather.output[0]
+            gather.input[0] = cast.input[0]
+            gather.output[0] = out + ".stored"
+            graph.node.insert(list(graph.node).index(gather) + 1,
+                              helper.make_node("Cast", [out + ".stored"], [out], to=cast.attribute[0].i,
+                                               name=f"{cast.name}_rows"))
+        drop.append(cast)
+        moved += 1
+    for cast in drop:
+        graph.node.remove(cast)
+    return moved
+
+
 def _dedupe_initializers(model_proto) -> int:
     """Store a tensor once when the exporter wrote it twice: as is, or transposed (a tied LM head next to its
     embedding). The copy becomes an Identity/Transpose node of the original. Returns the number removed."""
@@ -349,6 +380,7 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
     fn_names = _add_functions(proto, body, opset)
     n_dup = _dedupe_initializers(proto)
     n_low = _store_initializers(proto, storage_dtype)
+    _cast_after_gather(proto)
     proto.ir_version = max(proto.ir_version, 8)
     proto.producer_name, proto.producer_version = "compot-deploy", _version()
     meta = {"compot.sparse_body": body, "compot.kind": spec.kind, "compot.storage_dtype": storage_dtype}
@@ -372,6 +404,17 @@ def _version() -> str:
 # ------------------------------------------------------------------------------------------------ the folder
 
 MANIFEST = "export.json"
+
+
+def _file_dtype(model_dir: Path) -> str:
+    """The floating dtype a plain model folder stores its weights in (float32 unless every float tensor is
+    float16 or bfloat16), so a half-precision checkpoint exports at half the bytes, losslessly."""
+    from ..artifact import safetensors_header
+
+    kinds = set()
+    for f in model_dir.glob("*.safetensors"):
+        kinds |= {v["dtype"] for v in safetensors_header(f).values() if v["dtype"] in ("F32", "F16", "BF16")}
+    return {frozenset({"F16"}): "float16", frozenset({"BF16"}): "bfloat16"}.get(frozenset(kinds), "float32")
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -398,7 +441,7 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
     section = read_hf_config(source).get("compot")
     model = load(source) if section else load_model(source)[0]
     tokenizer = load_tokenizer(source)
-    storage = section["storage_dtype"] if section else "float32"
+    storage = section["storage_dtype"] if section else _file_dtype(source)
     with atomic_dir(out, overwrite) as tmp:
         graph = export_model(model, tmp / ONNX_FILE, opset=cfg.opset, body=cfg.sparse_body, storage_dtype=storage)
         shutil.copy(source / "config.json", tmp / "config.json")

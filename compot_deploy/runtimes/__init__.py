@@ -1,1 +1,126 @@
-"""Runtimes the exported and compressed models run on: ONNX Runtime sessions (ort.py)."""
+"""One small interface over the runtimes a model is measured on: load, run, describe.
+
+Backends: "torch" (PyTorch eager, float32: a plain HF folder = the dense original, or a folder written by
+compress/quantize) and "ort" (an export folder in ONNX Runtime). `device` is "cpu" or "cuda".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CompotError
+
+BACKENDS = ("torch", "ort")
+
+
+def target_kind(path: str | os.PathLike) -> str:
+    """'ort' for a folder written by `export`, 'torch' for a model folder."""
+    p = Path(path)
+    if (p / "export.json").is_file():
+        return "ort"
+    if (p / "config.json").is_file():
+        return "torch"
+    raise CompotError(f"{p} is neither an export folder (export.json) nor a model folder (config.json)")
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the weights a runtime loads: model.onnx(+data) for exports, *.safetensors for model folders."""
+    p = Path(path)
+    files = list(p.glob("model.onnx*")) if target_kind(p) == "ort" else list(p.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files)
+
+
+class Runtime:
+    """load() once, run(feed) many times (feed: name → int64 numpy), describe() for the report."""
+
+    kind = ""
+
+    def __init__(self, path, device: str = "cpu", threads: int | None = None):
+        self.path, self.device, self.threads = Path(path), device, threads
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def run(self, feed: dict):
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class TorchRuntime(Runtime):
+    kind = "torch"
+
+    def load(self) -> None:
+        import torch
+
+        from ..artifact import load as load_compressed
+        from ..models import load_model, read_hf_config
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise CompotError("device cuda: this torch sees no CUDA device")
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        compressed = "compot" in read_hf_config(self.path)
+        self.model = (load_compressed(self.path) if compressed else load_model(self.path)[0]).to(self.device)
+        self.compressed = compressed
+
+    def run(self, feed: dict):
+        import torch
+
+        with torch.no_grad():
+            out = self.model(**{k: torch.from_numpy(v).to(self.device) for k, v in feed.items()})
+            t = out.logits if hasattr(out, "logits") else out.last_hidden_state
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+        return t
+
+    def describe(self) -> dict:
+        import torch
+
+        return {"backend": "torch", "device": self.device, "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "dtype": "float32", "compressed": self.compressed,
+                "attention": self.model.config._attn_implementation,
+                "gpu": torch.cuda.get_device_name() if self.device == "cuda" else None}
+
+
+class OrtRuntime(Runtime):
+    kind = "ort"
+
+    def __init__(self, path, device: str = "cpu", threads: int | None = None, opt_level: str = "all"):
+        super().__init__(path, device, threads)
+        self.opt_level = opt_level
+
+    def load(self) -> None:
+        from .ort import session
+
+        self.sess = session(self.path / "model.onnx", self.device, self.threads, self.opt_level)
+        self.outputs = [o.name for o in self.sess.get_outputs()][:1]
+        self.io_binding = self.device == "cuda"  # outputs stay on the GPU, as a serving loop keeps them
+
+    def run(self, feed: dict):
+        if not self.io_binding:
+            return self.sess.run(self.outputs, feed)
+        b = self.sess.io_binding()
+        for k, v in feed.items():
+            b.bind_cpu_input(k, v)
+        for o in self.outputs:
+            b.bind_output(o, "cuda")
+        self.sess.run_with_iobinding(b)
+        return b
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        so = self.sess.get_session_options()
+        return {"backend": "ort", "device": self.device, "onnxruntime": ort.__version__,
+                "providers": self.sess.get_providers(), "threads": so.intra_op_num_threads or "default (cores)",
+                "graph_optimization": self.opt_level, "io_binding": self.io_binding}
+
+
+def runtime(path, backend: str | None = None, device: str = "cpu", threads: int | None = None) -> Runtime:
+    backend = backend or target_kind(path)
+    if backend != target_kind(path):
+        raise CompotError(f"{path} is a {target_kind(path)} target, not {backend}")
+    return (TorchRuntime if backend == "torch" else OrtRuntime)(path, device, threads)

@@ -8,7 +8,9 @@ from pathlib import Path
 from ..errors import CompotError
 from .standalone import OrtDecoder  # noqa: F401 - re-exported
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# TF32 off: float32 graphs compute in float32 on the GPU, as PyTorch's default matmul does.
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
