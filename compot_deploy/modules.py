@@ -44,7 +44,7 @@ def sparse_codes_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Te
     idx = indices.long()
     if n >= DENSIFY_FROM_TOKENS:
         return z @ z.new_zeros(k, d_out).scatter_(0, idx, values)
-    crow = torch.arange(0, (d_out + 1) * s, s, dtype=torch.long)
+    crow = torch.arange(0, (d_out + 1) * s, s, dtype=torch.long, device=z.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         Ct = torch.sparse_csr_tensor(crow, idx.T.reshape(-1), values.T.reshape(-1), (d_out, k))

@@ -396,9 +396,9 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
 
 
 def _version() -> str:
-    from importlib.metadata import version
+    from .. import __version__
 
-    return version("compot-deploy")
+    return __version__
 
 
 # ------------------------------------------------------------------------------------------------ the folder
