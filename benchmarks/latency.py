@@ -78,6 +78,32 @@ def rss_lines(report: dict, names, device: str) -> list[str]:
     return out
 
 
+def write_summary(rep: dict, body: dict, devices, tag: str, out: Path, names, shapes, body_shapes) -> None:
+    """latency_TAG.md (ratios with their spread, RSS) and latency_TAG.json (both raw reports)."""
+    lines = [f"# Latency and memory: MiniLM ({tag})", "",
+             f"Full tables: `latency_{tag}/bench.md` (main), `sparse_body_{tag}/bench.md` (SparseCodesMatMul bodies).",
+             "",
+             "## Ratios of p50 latency (median over rounds; range = the rounds' values)", "",
+             "| ratio | device | batch×seq | median | rounds range |", "|---|---|---|---:|---|"]
+    pairs = [("ort_c03", "ort_dense", shapes), ("ort_c03", "ort_dense16", shapes), ("ort_c03q4", "ort_dense", shapes),
+             ("ort_c03", "torch_c03", shapes), ("ort_dense", "torch_dense", shapes),
+             ("torch_c03", "torch_dense", shapes)]
+    for d in devices:
+        lines += ratio_lines(rep, pairs, d)
+    lines += ["", "## SparseCodesMatMul bodies (ORT), p50 relative to the dense export", "",
+              "| ratio | device | batch×seq | median | rounds range |", "|---|---|---|---:|---|"]
+    for d in devices:
+        lines += ratio_lines(body, [(f"ort_c03{s}", "ort_dense", body_shapes) for s in ("", "_dense", "_gather")], d)
+    lines += ["", "## Peak resident memory per process (MiB, one value per round)", "",
+              "| model | device | after load | peak (VmHWM) | peak (psutil, sampled) | artifact MiB |",
+              "|---|---|---|---|---|---:|"]
+    for d in devices:
+        lines += rss_lines(rep, names, d)
+    (out / f"latency_{tag}.md").write_text("\n".join(lines) + "\n")
+    with open(out / f"latency_{tag}.json", "w") as f:
+        json.dump({"main": rep, "sparse_body": body}, f, indent=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder [default: the packaged all-MiniLM-L6-v2]")
@@ -89,7 +115,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--summary-only", action="store_true", help="rewrite latency_TAG.md from latency_TAG.json")
     args = ap.parse_args(argv)
+    if args.summary_only:
+        j = json.loads((Path(args.out) / f"latency_{args.tag}.json").read_text())
+        rep, body = j["main"], j["sparse_body"]
+        names = list(dict.fromkeys(r["label"] for r in rep["results"]))
+        write_summary(rep, body, list(dict.fromkeys(r["device"] for r in rep["results"])), args.tag, Path(args.out),
+                      names, [tuple(s) for s in rep["settings"]["shapes"]], [tuple(s) for s in body["settings"]["shapes"]])
+        return 0
 
     from compot_deploy.bench import bench, write_reports
     from compot_deploy.models import default_model_dir
@@ -112,28 +146,7 @@ def main(argv=None) -> int:
                  devices, body_shapes, args.warmup, max(10, args.repeat // 5), args.rounds, args.threads, progress=log)
     paths += write_reports(body, out / f"sparse_body_{args.tag}")
 
-    lines = [f"# Latency and memory: MiniLM ({args.tag})", "",
-             "Full tables: `latency_{0}/bench.md` (main), `sparse_body_{0}/bench.md` (SparseCodesMatMul bodies).".format(
-                 args.tag), "",
-             "## Ratios of p50 latency (median over rounds; range = the rounds' values)", "",
-             "| ratio | device | batch×seq | median | rounds range |", "|---|---|---|---:|---|"]
-    pairs = [("ort_c03", "ort_dense", shapes), ("ort_c03", "ort_dense16", shapes), ("ort_c03q4", "ort_dense", shapes),
-             ("ort_c03", "torch_c03", shapes), ("ort_dense", "torch_dense", shapes),
-             ("torch_c03", "torch_dense", shapes)]
-    for d in devices:
-        lines += ratio_lines(rep, pairs, d)
-    lines += ["", "## SparseCodesMatMul bodies (ORT), p50 relative to the dense export", "",
-              "| ratio | device | batch×seq | median | rounds range |", "|---|---|---|---:|---|"]
-    for d in devices:
-        lines += ratio_lines(body, [(f"ort_c03{s}", "ort_dense", body_shapes) for s in ("", "_dense", "_gather")], d)
-    lines += ["", "## Peak resident memory per process (MiB, one value per round)", "",
-              "| model | device | after load | peak (VmHWM) | peak (psutil, sampled) | artifact MiB |",
-              "|---|---|---|---|---|---:|"]
-    for d in devices:
-        lines += rss_lines(rep, [n for n, _ in main_targets], d)
-    (out / f"latency_{args.tag}.md").write_text("\n".join(lines) + "\n")
-    with open(out / f"latency_{args.tag}.json", "w") as f:
-        json.dump({"main": rep, "sparse_body": body}, f, indent=1)
+    write_summary(rep, body, devices, args.tag, out, [n for n, _ in main_targets], shapes, body_shapes)
     for p in paths + [out / f"latency_{args.tag}.md"]:
         print(f"wrote {os.path.relpath(p)}")
     return 0

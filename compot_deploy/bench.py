@@ -299,7 +299,9 @@ def ratio_with_spread(report: dict, num: str, den: str, batch: int, seq: int, de
         return None
     i = [tuple(s) for s in a["shapes"]].index((batch, seq))
     ratios = [ra["rows"][i]["p50_ms"] / rb["rows"][i]["p50_ms"] for ra, rb in zip(a["rounds"], b["rounds"])]
-    return {"ratio": sorted(ratios)[len(ratios) // 2], "min": min(ratios), "max": max(ratios), "rounds": ratios}
+    import statistics
+
+    return {"ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
 
 def markdown(report: dict) -> str:
