@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 
@@ -20,11 +21,12 @@ def _fail_cleanly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .build import VerifyFailed
         from .exporters.validate import GateFailed
 
         try:
             return fn(*args, **kwargs)
-        except GateFailed as e:
+        except (GateFailed, VerifyFailed) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(GATE_FAILED_EXIT)
         except CompotError as e:
@@ -190,27 +192,130 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
     click.echo(f"saved {out}")
 
 
+# build option → where it lives in BuildConfig (applied only when given on the command line)
+_BUILD_PATHS = {
+    "model_dir": "model", "target": "target", "ratio": "compress.allocation.ratio",
+    "allocation": "compress.allocation.strategy", "min_layer_ratio": "compress.allocation.min_layer_ratio",
+    "max_layer_ratio": "compress.allocation.max_layer_ratio", "method": "compress.factorize.method",
+    "k_over_s": "compress.factorize.k_over_s", "iters": "compress.factorize.iters", "dtype": "compress.factorize.dtype",
+    "include": "compress.include", "exclude": "compress.exclude", "calib": "compress.calibration.source",
+    "samples": "compress.calibration.samples", "seq_len": "compress.calibration.seq_len",
+    "batch_size": "compress.calibration.batch_size", "packing": "compress.calibration.packing",
+    "sequential": "compress.calibration.sequential", "seed": "compress.calibration.seed",
+    "gptq_bits": "compress.quantize.bits", "gptq_group": "compress.quantize.group", "gptq_sym": "compress.quantize.sym",
+    "gptq_act_order": "compress.quantize.act_order", "quant_method": "compress.quantize.method",
+    "sparse_body": "export.sparse_body", "opset": "export.opset",
+}
+
+
+def _set_path(d: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[leaf] = value
+
+
+def _build_config(ctx, opts: dict):
+    from click.core import ParameterSource
+
+    from .config import BuildConfig, build_config, load_config_file
+
+    data = load_config_file(opts["config"]) if opts["config"] else {}
+    for name, path in _BUILD_PATHS.items():
+        if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            continue
+        value = opts[name]
+        if name == "gptq_bits":
+            value = int(value)
+        elif name in ("include", "exclude"):
+            value = list(value)
+        _set_path(data, path, value)
+        if name == "seed":
+            _set_path(data, "compress.factorize.seed", value)
+    if ctx.get_parameter_source("no_bench") == ParameterSource.COMMANDLINE:
+        _set_path(data, "bench.enabled", not opts["no_bench"])
+    q = (data.get("compress") or {}).get("quantize")
+    if isinstance(q, dict) and "bits" not in q:
+        raise CompotError("--gptq-group/--gptq-sym/--gptq-act-order/--quant-method need --gptq-bits")
+    return build_config(BuildConfig, **data)
+
+
+def _print_build_summary(s: dict) -> None:
+    click.echo(f"byte ratio of the compressed linears: {s['byte_ratio']:.4f} (model file {s['model_file_ratio']:.4f})")
+    task = s.get("task") or {}
+    if "mean_cosine" in task:
+        click.echo(f"quality vs original: embedding cosine {task['mean_cosine']:.4f} (min {task['min_cosine']:.4f})")
+    elif "next_token_agreement" in task:
+        click.echo(f"quality vs original: next-token agreement {task['next_token_agreement']:.4f}, perplexity "
+                   f"{task['perplexity']:.2f} (original {task['perplexity_original']:.2f})")
+    click.echo(f"ORT vs PyTorch: max abs {s['ort_vs_pytorch_max_abs']:.2e} (gate passed)")
+    for r in s.get("latency", []):
+        click.echo(f"ORT latency {r['batch']}x{r['seq']}: {r['compressed_ms']:.2f} ms vs dense {r['dense_ms']:.2f} ms "
+                   f"({r['ratio']:.2f}x); peak RSS {r['compressed_rss_mib']:.0f} vs {r['dense_rss_mib']:.0f} MiB")
+    if s["reused"]:
+        click.echo(f"reused stages: {', '.join(s['reused'])}")
+
+
 @main.command()
 @compress_options
 @calibration_options
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="YAML/JSON build config (see --save-config); options given here override it.")
+@click.option("--save-config", type=click.Path(dir_okay=False), default=None,
+              help="Write the fully resolved config to this YAML file (the same file reproduces the build).")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "mobile"]), default="cpu", show_default=True,
+              help="cpu/cuda: execution provider of the gate and benchmark; mobile: cpu plus model.ort and its "
+                   "required-operators config for ORT Mobile.")
+@click.option("--sparse-body", type=click.Choice(["folded", "dense", "gather"]), default="folded", show_default=True,
+              help="Body of ai.compot::SparseCodesMatMul in the exported model (see `export --help`).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the exported model (18-20).")
+@click.option("--no-bench", is_flag=True, help="Skip the latency comparison against the original in ONNX Runtime.")
+@click.option("--force", is_flag=True, help="Rerun every stage even when its cached output exists.")
 @output_options
+@click.pass_context
 @_fail_cleanly
-def build(model_dir, out, quiet, overwrite, **opts) -> None:
-    """Build a deployable model from MODEL_DIR (default: the packaged all-MiniLM-L6-v2) into OUT.
+def build(ctx, out, quiet, overwrite, force, save_config, **opts) -> None:
+    """Build a verified edge package from MODEL_DIR (default: the packaged all-MiniLM-L6-v2) into OUT.
 
-    Stages available in this release: calibrate → allocate → factorize → save, written to OUT/model.
+    Stages: compress (calibrate → allocate → factorize) → quantize (with --gptq-bits) → export → validate (the
+    parity gate) → bench (ORT, against the original) → package. Each stage's output is cached in OUT/.cache under a
+    hash of its config, inputs and tool versions: a rerun (also after a crash or kill) reuses finished stages and
+    says so. OUT/package holds model.onnx, tokenizer, config, reports, loader.py, README.md and manifest.json
+    (sha256 of every file); OUT/package.tar.gz is the same folder; OUT/reports the benchmark; OUT/build.log.jsonl
+    every event. Check a package with `compot-deploy verify OUT/package`.
     """
     from pathlib import Path
 
-    from .models import default_model_dir
-    from .pipeline import compress as run
+    import yaml
 
-    cfg = _config_from_options(opts)
-    target = Path(out) / "model"
-    report = run(model_dir or default_model_dir(), target, cfg, overwrite=overwrite, progress=not quiet)
+    from .build import LOG, Build
+
+    cfg = _build_config(ctx, opts)
+    outp = Path(out)
+    if outp.exists() and not outp.is_dir():
+        raise CompotError(f"output path exists and is not a directory: {outp}")
+    if outp.is_dir() and any(outp.iterdir()) and not (outp / LOG).exists() and not overwrite:
+        raise CompotError(f"output directory {outp} is not empty and holds no earlier build (use --overwrite)")
+    if save_config:
+        Path(save_config).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    summary = Build(cfg, outp, force=force, echo=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True))).run()
     if not quiet:
-        _print_report(report)
-    click.echo(f"built {target}")
+        _print_build_summary(summary)
+    click.echo(f"built {summary['package']}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(file_okay=False))
+@_fail_cleanly
+def verify(package) -> None:
+    """Check every file of PACKAGE against its manifest.json (sha256, size, nothing extra), then run one inference
+    and compare it with the stored sample. Exit 3 on any mismatch."""
+    from .build import verify as run
+
+    res = run(package)
+    click.echo(f"verified {package}: {res['files']} files, inference {json.dumps(res['inference'])}")
 
 
 @main.command()

@@ -110,6 +110,46 @@ class ValidateConfig(_Strict):
     eval_texts: int = Field(64, ge=0, description="held-out texts for the task-level comparison (0 = skip)")
 
 
+class BenchConfig(_Strict):
+    """The build's latency check: the compressed export against the original's, in ONNX Runtime."""
+
+    enabled: bool = True
+    shapes: tuple[tuple[int, int], ...] = ((1, 16), (1, 128))
+    warmup: int = Field(5, ge=0)
+    repeat: int = Field(20, ge=1)
+
+
+class BuildConfig(_Strict):
+    """Everything `build` runs: one file (`--save-config`) reproduces a build."""
+
+    model: str | None = Field(None, description="model folder; None = the packaged all-MiniLM-L6-v2")
+    target: Literal["cpu", "cuda", "mobile"] = Field(
+        "cpu", description="cpu / cuda: the execution provider of the gate and the benchmark; mobile: cpu plus an "
+                           ".ort model and its required-operators config for ORT Mobile")
+    compress: CompressConfig = CompressConfig()
+    export: ExportConfig = ExportConfig()
+    gate: ValidateConfig = ValidateConfig()
+    bench: BenchConfig = BenchConfig()
+
+
+def load_config_file(path) -> dict:
+    """A YAML (or JSON) file as a dict, with one-line errors."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CompotError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise CompotError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CompotError(f"{p} must hold a mapping of build settings")
+    return data
+
+
 def build_config(cls, **values):
     """Instantiate `cls`, turning a ValidationError into one clear line."""
     try:

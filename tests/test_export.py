@@ -163,14 +163,15 @@ def test_plain_model_exports_dense_and_cuda_is_refused_without_the_ep(tiny_dirs,
             session(tmp_path / "dense" / "model.onnx", "cuda")
 
 
-def isolated_python(tmp: Path) -> list[str]:
-    """A python that sees only the standard library, numpy and onnxruntime (links to the installed packages)."""
+def isolated_python(tmp: Path, extra=()) -> list[str]:
+    """A python that sees only the standard library, numpy, onnxruntime and `extra` modules (links to the
+    installed packages)."""
     import numpy
     import onnxruntime
 
     site = tmp / "site"
     site.mkdir()
-    for mod in (numpy, onnxruntime):
+    for mod in (numpy, onnxruntime, *extra):
         pkg = Path(mod.__file__).parent
         (site / pkg.name).symlink_to(pkg)
         libs = pkg.parent / f"{pkg.name}.libs"

@@ -26,12 +26,17 @@ def test_build_default_model_and_quality(tmp_path, reference, heldout_texts):
     res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", "-q", "-o", tmp_path / "b"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr
-    out = tmp_path / "b" / "model"
-    report = json.loads((out / "compression_report.json").read_text())
-    assert report["linears"]["file_ratio"] == pytest.approx(0.3, abs=0.01)
-    assert report["linears"]["file_ratio"] == pytest.approx(report["linears"]["planned_ratio"], abs=0.01)
+    b = tmp_path / "b"
+    man = json.loads((b / "package" / "manifest.json").read_text())
+    lin = man["compression"]["linears"]
+    assert lin["file_ratio"] == pytest.approx(0.3, abs=0.01)
+    assert lin["file_ratio"] == pytest.approx(lin["planned_ratio"], abs=0.01)
+    assert man["validation"]["passed"] and man["validation"]["max_abs"] <= 1e-4
+    assert man["validation"]["task"]["mean_cosine"] >= 0.90
+    bench = json.loads((b / "reports" / "bench.json").read_text())
+    assert {r["label"] for r in bench["results"]} == {"ort_dense", "ort_compressed"}
     tok, ref = reference
-    loaded = compot_deploy.load(out)
+    loaded = compot_deploy.load(next((b / ".cache").glob("compress-*")))
     q = embedding_agreement(ref, mean_pooled_embeddings(loaded, tok, heldout_texts))
     assert q["mean_cosine"] >= 0.90, q  # measured 0.918 (dynamic COMPOT, bitmask positions, ratio 0.3)
 

@@ -76,6 +76,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
+    if not (Path(argv[0]) / SAMPLE).is_file():
+        print(f"error: {argv[0]} has no {SAMPLE} (run `compot-deploy validate` on it first)", file=sys.stderr)
+        return 2
     res = {"onnxruntime": ort.__version__, "numpy": np.__version__, **replay(argv[0])}
     print(json.dumps(res))
     return 0 if res["passed"] else 1
