@@ -18,16 +18,12 @@ import time
 from pathlib import Path
 
 from .config import BuildConfig
-from .errors import CompotError
+from .errors import CompotError, VerifyFailed
 
 log = logging.getLogger(__name__)
 
 CACHE, PACKAGE, REPORTS, LOG = ".cache", "package", "reports", "build.log.jsonl"
 STAGES = ("compress", "quantize", "export", "validate", "export-dense", "bench", "package")
-
-
-class VerifyFailed(CompotError):
-    """A package file does not match its manifest, or the package does not run."""
 
 
 # ------------------------------------------------------------------------------------------------------ hashing

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .errors import CompotError
+from .errors import CheckFailed, CompotError
 
 
 GATE_FAILED_EXIT = 3
@@ -17,16 +17,13 @@ GATE_FAILED_EXIT = 3
 
 def _fail_cleanly(fn):
     """Bad input → one `error: …` line on stderr and exit code 2; nothing half-written (stages write atomically).
-    A failed parity gate → exit code 3 (the artifact stays, marked invalid)."""
+    A failed check (parity gate, package verification) → exit code 3 (the artifact stays, marked invalid)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .build import VerifyFailed
-        from .exporters.validate import GateFailed
-
         try:
             return fn(*args, **kwargs)
-        except (GateFailed, VerifyFailed) as e:
+        except CheckFailed as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(GATE_FAILED_EXIT)
         except CompotError as e:

@@ -199,3 +199,18 @@ def test_standalone_replay_needs_only_numpy_and_onnxruntime(tiny_dirs, tmp_path)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     assert got["tokens_match"] and got["prefill_max_abs"] < 1e-4, got
+
+
+def test_external_data_past_the_protobuf_limit(tiny_dirs, tmp_path, monkeypatch):
+    """Models over 2 GB keep their tensors in model.onnx.data; the limit is lowered here to exercise that path."""
+    from compot_deploy.exporters import onnx_export, validate
+    from compot_deploy.runtimes import artifact_bytes, standalone
+
+    assert validate.SAMPLE == standalone.SAMPLE
+    monkeypatch.setattr(onnx_export, "TWO_GB", 3 * 2**20)
+    src = _compressed(tiny_dirs, "llama", tmp_path)
+    man = export_dir(src, tmp_path / "onnx", ExportConfig())
+    data = tmp_path / "onnx" / "model.onnx.data"
+    assert data.stat().st_size > (tmp_path / "onnx" / "model.onnx").stat().st_size
+    assert man["bytes"]["onnx"] == artifact_bytes(tmp_path / "onnx") and man["bytes"]["onnx_over_safetensors"] <= 1.05
+    assert validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=0))["passed"]
