@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tarfile
@@ -20,10 +19,7 @@ from pathlib import Path
 from .config import BuildConfig
 from .errors import CompotError, VerifyFailed
 
-log = logging.getLogger(__name__)
-
 CACHE, PACKAGE, REPORTS, LOG = ".cache", "package", "reports", "build.log.jsonl"
-STAGES = ("compress", "quantize", "export", "validate", "export-dense", "bench", "package")
 
 
 # ------------------------------------------------------------------------------------------------------ hashing

@@ -14,8 +14,8 @@ from onnx import helper as h
 
 import compot_deploy
 from compot_deploy.errors import CompotError
-from compot_deploy.config import (AllocationConfig, CalibrationConfig, CompressConfig, ExportConfig, QuantizeConfig,
-                                  ValidateConfig)
+from compot_deploy.config import (AllocationConfig, CalibrationConfig, CompressConfig, ExportConfig, FactorizeConfig,
+                                  QuantizeConfig, ValidateConfig)
 from compot_deploy.exporters import ops
 from compot_deploy.exporters.onnx_export import export_dir
 from compot_deploy.exporters.validate import GateFailed, validate_export
@@ -213,4 +213,15 @@ def test_external_data_past_the_protobuf_limit(tiny_dirs, tmp_path, monkeypatch)
     data = tmp_path / "onnx" / "model.onnx.data"
     assert data.stat().st_size > (tmp_path / "onnx" / "model.onnx").stat().st_size
     assert man["bytes"]["onnx"] == artifact_bytes(tmp_path / "onnx") and man["bytes"]["onnx_over_safetensors"] <= 1.05
+    assert validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=0))["passed"]
+
+
+def test_bfloat16_storage_exports_losslessly(tiny_dirs, tmp_path):
+    out = tmp_path / "c"
+    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(ratio=0.3),
+                         factorize=FactorizeConfig(dtype="bfloat16"))
+    compot_deploy.compress(tiny_dirs["qwen3"], out, cfg, progress=False)
+    man = export_dir(out, tmp_path / "onnx", ExportConfig())
+    assert man["graph"]["storage_dtype"] == "bfloat16" and man["graph"]["initializers_at_storage_dtype"] > 0
+    assert man["bytes"]["onnx_over_safetensors"] <= 1.05
     assert validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=0))["passed"]

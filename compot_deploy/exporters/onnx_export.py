@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CompotError
 from . import ops
-
-log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 MIN_OPSET = 18  # BitwiseAnd and the function bodies need 18
@@ -37,7 +34,6 @@ class IOSpec:
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     n_layers: int = 0
-    kv_shape: dict = field(default_factory=dict)  # decoder: {"heads": h, "head_dim": d, "dtype": …}
 
 
 def past_names(n_layers: int) -> list[str]:
@@ -52,49 +48,41 @@ def _encoder_base(model):
     return getattr(model, "base_model", model)
 
 
-class EncoderIO:
-    """Wraps an encoder as (input_ids, attention_mask[, token_type_ids]) → last_hidden_state."""
+def encoder_wrapper(model, with_token_types: bool):
+    """model as a module (input_ids, attention_mask[, token_type_ids]) → last_hidden_state."""
+    import torch
 
-    @staticmethod
-    def module(model, with_token_types: bool):
-        import torch
+    class EncoderIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = _encoder_base(model)
 
-        base = _encoder_base(model)
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kw = {"token_type_ids": token_type_ids} if with_token_types else {}
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.base = base
-
-            def forward(self, input_ids, attention_mask, token_type_ids=None):
-                kw = {"token_type_ids": token_type_ids} if with_token_types else {}
-                return self.base(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
-
-        return Wrapper()
+    return EncoderIO()
 
 
-class DecoderIO:
-    """Wraps a causal LM as (input_ids, attention_mask, position_ids, *past) → (logits, *present)."""
+def decoder_wrapper(model, n_layers: int):
+    """A causal LM as a module (input_ids, attention_mask, position_ids, *past) → (logits, *present)."""
+    import torch
+    from transformers import DynamicCache
 
-    @staticmethod
-    def module(model, n_layers: int):
-        import torch
-        from transformers import DynamicCache
+    class DecoderIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
+                                 config=self.model.config)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
 
-            def forward(self, input_ids, attention_mask, position_ids, *past):
-                cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
-                                     config=self.model.config)
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=cache, use_cache=True)
-                present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-                return (out.logits, *present)
-
-        return Wrapper()
+    return DecoderIO()
 
 
 def accepts_token_types(model) -> bool:
@@ -117,16 +105,6 @@ def io_spec(model) -> IOSpec:
     axes.update({p: {0: "batch_size", 2: "past_sequence_length"} for p in past})
     axes.update({p: {0: "batch_size", 2: "past_sequence_length + sequence_length"} for p in present})
     return IOSpec("decoder", ["input_ids", "attention_mask", "position_ids"] + past, ["logits"] + present, axes, n)
-
-
-def empty_past(model, batch: int) -> list:
-    """Past key/value tensors of length 0 for a first (prefill) call: [(batch, kv_heads, 0, head_dim)] × 2L."""
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    return [t.new_zeros(batch, t.shape[1], 0, t.shape[3]) for layer in out.past_key_values.layers
-            for t in (layer.keys, layer.values)]
 
 
 def example_inputs(model, spec: IOSpec) -> tuple:
@@ -165,11 +143,11 @@ def _store_initializers(model_proto, storage_dtype: str) -> int:
     if storage_dtype == "float32":
         return 0
     if storage_dtype == "float16":
-        np_dt, onnx_dt = np.float16, onnx.TensorProto.FLOAT16
+        np_dt = np.float16
     else:
         import ml_dtypes
 
-        np_dt, onnx_dt = ml_dtypes.bfloat16, onnx.TensorProto.BFLOAT16
+        np_dt = ml_dtypes.bfloat16
     graph = model_proto.graph
     casts, n = [], 0
     for init in graph.initializer:
@@ -181,8 +159,7 @@ def _store_initializers(model_proto, storage_dtype: str) -> int:
             continue
         name = init.name
         stored = f"{name}.stored"
-        t = numpy_helper.from_array(low, stored) if np_dt is np.float16 else _bf16_tensor(low, stored)
-        init.CopyFrom(t)
+        init.CopyFrom(numpy_helper.from_array(low, stored))
         casts.append(helper.make_node("Cast", [stored], [name], to=onnx.TensorProto.FLOAT, name=f"cast_{name}"))
         n += 1
     for node in reversed(casts):
@@ -253,15 +230,6 @@ def _dedupe_initializers(model_proto) -> int:
         for node in reversed(nodes):
             graph.node.insert(0, node)
     return len(nodes)
-
-
-def _bf16_tensor(arr, name: str):
-    import numpy as np
-    import onnx
-
-    t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.BFLOAT16, dims=list(arr.shape))
-    t.raw_data = np.ascontiguousarray(arr).view(np.uint16).tobytes()
-    return t
 
 
 def _used_ops(model_proto) -> set[tuple[str, str]]:
@@ -361,8 +329,8 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
     spec = io_spec(model)
     attn = model.config._attn_implementation
     model.set_attn_implementation("eager")  # no data-dependent SDPA shortcuts baked into the trace
-    wrapper = (EncoderIO.module(model, "token_type_ids" in spec.inputs) if spec.kind == "encoder"
-               else DecoderIO.module(model, spec.n_layers)).eval()
+    wrapper = (encoder_wrapper(model, "token_type_ids" in spec.inputs) if spec.kind == "encoder"
+               else decoder_wrapper(model, spec.n_layers)).eval()
     args = example_inputs(model, spec)
     try:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:

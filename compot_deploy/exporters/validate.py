@@ -13,14 +13,11 @@ embedding cosine for encoders, next-token agreement and perplexity for decoders.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from ..errors import GateFailed  # noqa: F401 - raised here, re-exported for callers
 
 SAMPLE = "parity_sample.npz"  # the name runtimes/standalone.py replays
-
-log = logging.getLogger(__name__)
 
 VALIDATION = "validation.json"
 

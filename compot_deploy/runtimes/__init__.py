@@ -6,13 +6,11 @@ compress/quantize) and "ort" (an export folder in ONNX Runtime). `device` is "cp
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 
 from ..errors import CompotError
-
-BACKENDS = ("torch", "ort")
-
 
 def target_kind(path: str | os.PathLike) -> str:
     """'ort' for a folder written by `export`, 'torch' for a model folder."""
@@ -31,7 +29,7 @@ def artifact_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-class Runtime:
+class Runtime(abc.ABC):
     """load() once, run(feed) many times (feed: name → int64 numpy), describe() for the report."""
 
     kind = ""
@@ -39,14 +37,17 @@ class Runtime:
     def __init__(self, path, device: str = "cpu", threads: int | None = None):
         self.path, self.device, self.threads = Path(path), device, threads
 
+    @abc.abstractmethod
     def load(self) -> None:
-        raise NotImplementedError
+        """Build the model or session on self.device."""
 
+    @abc.abstractmethod
     def run(self, feed: dict):
-        raise NotImplementedError
+        """One forward pass, finished (synchronized) when it returns."""
 
+    @abc.abstractmethod
     def describe(self) -> dict:
-        raise NotImplementedError
+        """Backend, versions, device, threads and settings, for the report."""
 
 
 class TorchRuntime(Runtime):

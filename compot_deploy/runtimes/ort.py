@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ..errors import CompotError
 from .standalone import OrtDecoder  # noqa: F401 - re-exported
@@ -11,7 +10,6 @@ from .standalone import OrtDecoder  # noqa: F401 - re-exported
 # TF32 off: float32 graphs compute in float32 on the GPU, as PyTorch's default matmul does.
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]}
-OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None, opt_level: str = "all"):
@@ -35,9 +33,3 @@ def session(path: str | os.PathLike, device: str = "cpu", threads: int | None = 
         return ort.InferenceSession(str(path), so, providers=PROVIDERS[device])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception classes
         raise CompotError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
-
-
-def onnx_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of the exported graph on disk, external data included."""
-    folder = Path(folder)
-    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
