@@ -111,14 +111,14 @@ def test_kill_9_then_rerun_gives_the_same_package(tmp_path, heldout_texts):
     assert res.returncode == 0, res.stderr
 
     k1 = tmp_path / "k1"
-    _kill_during(k1, "compress", 4.0)
+    _kill_during(k1, "compress", 2.0)
     assert list((k1 / ".cache").glob(".compress-*.tmp-*")) and not list((k1 / ".cache").glob("compress-*"))
     res = _build("--no-bench", "-o", str(k1))
     assert res.returncode == 0, res.stderr
     assert _shas(k1 / "package") == _shas(ref / "package")
 
     k2 = tmp_path / "k2"
-    _kill_during(k2, "export", 2.0)
+    _kill_during(k2, "export", 0.3)
     res = _build("--no-bench", "-o", str(k2))
     assert res.returncode == 0 and "reused stages: compress\n" in res.stdout, res.stdout
     reused = [e["stage"] for e in _log(k2) if e.get("status") == "reused"]
