@@ -239,14 +239,21 @@ def _build_config(ctx, opts: dict):
     return build_config(BuildConfig, **data)
 
 
+def _task_line(task: dict | None) -> str | None:
+    """The task-level change against the original model, as one line (None when it was not measured)."""
+    task = task or {}
+    if "mean_cosine" in task:
+        return f"embedding cosine {task['mean_cosine']:.4f} (min {task['min_cosine']:.4f})"
+    if "next_token_agreement" in task:
+        return (f"next-token agreement {task['next_token_agreement']:.4f}, perplexity {task['perplexity']:.2f} "
+                f"(original {task['perplexity_original']:.2f})")
+    return None
+
+
 def _print_build_summary(s: dict) -> None:
     click.echo(f"byte ratio of the compressed linears: {s['byte_ratio']:.4f} (model file {s['model_file_ratio']:.4f})")
-    task = s.get("task") or {}
-    if "mean_cosine" in task:
-        click.echo(f"quality vs original: embedding cosine {task['mean_cosine']:.4f} (min {task['min_cosine']:.4f})")
-    elif "next_token_agreement" in task:
-        click.echo(f"quality vs original: next-token agreement {task['next_token_agreement']:.4f}, perplexity "
-                   f"{task['perplexity']:.2f} (original {task['perplexity_original']:.2f})")
+    if _task_line(s.get("task")):
+        click.echo(f"quality vs original: {_task_line(s.get('task'))}")
     click.echo(f"ORT vs PyTorch: max abs {s['ort_vs_pytorch_max_abs']:.2e} (gate passed)")
     for r in s.get("latency", []):
         click.echo(f"ORT latency {r['batch']}x{r['seq']}: {r['compressed_ms']:.2f} ms vs dense {r['dense_ms']:.2f} ms "
@@ -373,12 +380,8 @@ def _print_validation(rep: dict) -> None:
                    f">1e-3: {ov['over_1e-3']}, cosine {ov['cosine']:.8f}"
                    + (f", tokens differing {rep['parity']['tokens']['mismatches']}/{rep['parity']['tokens']['total']}"
                       if rep["parity"].get("tokens") else ""))
-    task = rep.get("task") or {}
-    if "mean_cosine" in task:
-        click.echo(f"vs original: embedding cosine {task['mean_cosine']:.4f} (min {task['min_cosine']:.4f})")
-    elif "next_token_agreement" in task:
-        click.echo(f"vs original: next-token agreement {task['next_token_agreement']:.4f}, perplexity "
-                   f"{task['perplexity']:.2f} (original {task['perplexity_original']:.2f})")
+    if _task_line(rep.get("task")):
+        click.echo(f"vs original: {_task_line(rep.get('task'))}")
 
 
 @main.command()

@@ -50,11 +50,15 @@ def _gather_body(z: str, values: str, idx: str, y: str) -> list:
     ]
 
 
-def _dense_body(z: str, values: str, idx: str, y: str) -> list:
-    return [
-        h.make_node("Shape", [z], ["zshape"]),
-        _c("last", [-1]),
-        h.make_node("Gather", ["zshape", "last"], ["k"], axis=0),
+def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str) -> list:
+    """C = the codes scattered into zeros (k, d_out), then y = z C. k_from "input": k read from z at run time (C
+    rebuilt per call); "attribute": k from the op's attribute, every input constant, so ORT folds C at load."""
+    if k_from == "input":
+        k_nodes = [h.make_node("Shape", [z], ["zshape"]), _c("last", [-1]),
+                   h.make_node("Gather", ["zshape", "last"], ["k"], axis=0)]
+    else:
+        k_nodes = [_attr_scalar("k_s", "k"), _c("axis0", [0]), h.make_node("Unsqueeze", ["k_s", "axis0"], ["k"])]
+    return k_nodes + [
         h.make_node("Shape", [values], ["vshape"]),
         _c("one", [1]),
         h.make_node("Gather", ["vshape", "one"], ["dout"], axis=0),
@@ -66,32 +70,16 @@ def _dense_body(z: str, values: str, idx: str, y: str) -> list:
     ]
 
 
-def _folded_body(z: str, values: str, idx: str, y: str) -> list:
-    return [
-        _attr_scalar("k_s", "k"),
-        _c("axis0", [0]),
-        h.make_node("Unsqueeze", ["k_s", "axis0"], ["k"]),
-        h.make_node("Shape", [values], ["vshape"]),
-        _c("one", [1]),
-        h.make_node("Gather", ["vshape", "one"], ["dout"], axis=0),
-        h.make_node("Concat", ["k", "dout"], ["cshape"], axis=0),
-        h.make_node("ConstantOfShape", ["cshape"], ["zeros"]),
-        h.make_node("CastLike", ["zeros", values], ["zerosT"]),
-        h.make_node("ScatterElements", ["zerosT", idx, values], ["C"], axis=0),  # constant: folded at load
-        h.make_node("MatMul", [z, "C"], [y]),
-    ]
-
-
 def sparse_codes_matmul(body: str) -> onnx.FunctionProto:
     if body not in BODIES:
         raise ValueError(f"body must be one of {BODIES}, got {body!r}")
     nodes = [h.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT32)]
     if body == "folded":
-        nodes += _folded_body("z", "values", "idx", "y")
+        nodes += _scatter_body("z", "values", "idx", "y", k_from="attribute")
     elif body == "gather":
         nodes += _gather_body("z", "values", "idx", "y")
     else:
-        nodes += _dense_body("z", "values", "idx", "y")
+        nodes += _scatter_body("z", "values", "idx", "y", k_from="input")
     return h.make_function(DOMAIN, "SparseCodesMatMul", ["z", "values", "indices"], ["y"], nodes,
                            opset_imports=[h.make_opsetid("", 18)], attributes=["k"], doc_string=f"body={body}")
 
