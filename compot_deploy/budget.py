@@ -6,6 +6,7 @@ bytes of the artifact, never parameter counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -64,13 +65,20 @@ def lowrank_bytes(d_in: int, d_out: int, r: int, vbytes: int, bias: bool) -> int
     return r * (d_in + d_out) * vbytes + (d_out * vbytes if bias else 0)
 
 
+def padded_group(group: int, bits: int) -> int:
+    """Block length rounded up so a block of `bits`-bit elements fills whole bytes."""
+    per = 8 // math.gcd(8, bits)
+    return -(-group // per) * per
+
+
 def quant_bytes(K: int, N: int, bits: int, group: int, sym: bool, scale_bytes: int) -> int:
-    """Stored bytes of a (K, N) matrix quantized in blocks of `group` along K (MatMulNBits layout): packed codes
-    (each block padded to whole bytes), one scale per (block, column), packed zero points unless symmetric."""
-    per = 8 // bits
+    """Stored bytes of a (K, N) matrix quantized in blocks of `group` along K (MatMulNBits layout, group > K = one
+    block per column): packed codes (each block padded to whole bytes), one scale per (block, column), packed zero
+    points unless symmetric."""
+    group = min(group, K)
     n_blocks = -(-K // group)
-    block_bytes = -(-group // per)
-    zero_bytes = 0 if sym else N * -(-n_blocks // per)
+    block_bytes = padded_group(group, bits) * bits // 8
+    zero_bytes = 0 if sym else N * padded_group(n_blocks, bits) * bits // 8
     return N * n_blocks * (block_bytes + scale_bytes) + zero_bytes
 
 

@@ -103,7 +103,7 @@ def compress_options(fn):
                      help="Smallest per-layer ratio the dynamic/mckp allocators may choose."),
         click.option("--max-layer-ratio", type=float, default=None,
                      help="Largest per-layer ratio the dynamic/mckp allocators may choose [default: ratio + 0.1]."),
-        click.option("--gptq-bits", type=click.Choice(["2", "4", "8"]), default=None,
+        click.option("--gptq-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
                      help="Quantize the factors after compression with GPTQ at this many bits [default: no]."),
         click.option("--gptq-group", type=int, default=128, show_default=True,
                      help="Rows per quantization group of the dictionaries (code values use one grid per column)."),
@@ -324,7 +324,7 @@ def verify(package) -> None:
 
 @main.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
-@click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="Bits per weight.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True, help="Bits per weight.")
 @click.option("--group", type=int, default=128, show_default=True,
               help="Rows (input dims) per quantization group; code values use one grid per column.")
 @click.option("--sym", is_flag=True, help="Symmetric grid (no stored zero points).")

@@ -71,7 +71,7 @@ class QuantizeConfig(_Strict):
     """GPTQ (or round-to-nearest) on the factors of a compressed model, or on a dense model's linears."""
 
     method: Literal["gptq", "rtn"] = "gptq"
-    bits: Literal[2, 4, 8] = 4
+    bits: Literal[2, 3, 4, 8] = 4
     group: int = Field(128, ge=8, description="rows (input dims) per quantization group of a dense matrix")
     sym: bool = Field(False, description="symmetric grid (no stored zero points)")
     act_order: bool = Field(False, description="quantize rows by decreasing Hessian diagonal (static groups)")

@@ -67,7 +67,7 @@ def test_sparse_codes_matmul_matches_torch(body, position):
         np.testing.assert_allclose(y, ref.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("K,group", [(40, 16), (7, 7), (50, 128)])
 def test_dequantize_blocks_matches_packing(bits, sym, K, group):
@@ -93,14 +93,16 @@ def _compressed(tiny_dirs, kind, tmp_path, bits=None):
     return out
 
 
-@pytest.mark.parametrize("kind,bits", [("llama", None), ("qwen3", None), ("gpt2", None), ("llama", 4), ("bert", 4)])
+@pytest.mark.parametrize("kind,bits", [("llama", None), ("qwen3", None), ("gpt2", None), ("llama", 4), ("bert", 4),
+                                       ("gpt2", 3)])
 def test_export_passes_the_gate(kind, bits, tiny_dirs, tmp_path):
     src = _compressed(tiny_dirs, kind, tmp_path, bits)
     man = export_dir(src, tmp_path / "onnx", ExportConfig())
     assert man["bytes"]["onnx_over_safetensors"] <= 1.05, man["bytes"]
     graph = man["graph"]
     assert "ai.compot::SparseCodesMatMul" in graph["ops"]
-    assert ("com.microsoft::MatMulNBits" in graph["ops"]) == bool(bits)
+    assert ("com.microsoft::MatMulNBits" in graph["ops"]) == (bits in (2, 4, 8))  # 3-bit: DequantizeBlocks
+    assert ("ai.compot::DequantizeBlocks" in graph["ops"]) == bool(bits)
     rep = validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=8))
     par = rep["parity"]
     assert rep["passed"] and par["overall"]["max_abs"] < 1e-4, par["overall"]

@@ -18,12 +18,17 @@ from compot_deploy.quantize.gptq import rtn
 CALIB = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_roundtrip(bits):
     q = torch.randint(0, 2**bits, (3, 5, 32), dtype=torch.uint8)
-    assert torch.equal(unpack_bits(pack_bits(q, bits), bits, 32), q)
+    packed = pack_bits(q, bits)
+    assert packed.shape[-1] == 32 * bits // 8
+    assert torch.equal(unpack_bits(packed, bits, 32), q)
     if bits == 4:  # MatMulNBits order: element 2i in the low nibble of byte i
         assert int(pack_bits(torch.tensor([[1, 2]]), 4)[0, 0]) == 0x21
+    if bits == 3:  # one bit stream: 8 elements in 3 bytes, element 2 straddling bytes 0 and 1
+        b = pack_bits(torch.tensor([[1, 2, 7, 0, 0, 0, 0, 5]]), 3)[0].tolist()
+        assert b == [1 | 2 << 3 | (7 & 3) << 6, 7 >> 2, 5 << 5]
 
 
 @pytest.mark.parametrize("sym", [False, True])

@@ -21,7 +21,7 @@ ColumnMaskToIndices(mask) -> indices
     initializer, so ONNX Runtime folds it once at session start.
 DequantizeBlocks(qweight, scales, zeros) -> M  and  DequantizeBlocksSym(qweight, scales) -> M
     The packed layout of ORT's MatMulNBits (quantize/packing.py): qweight uint8 (N, n_blocks, blob), scales T
-    (N, n_blocks), zeros uint8 (N, ⌈n_blocks·bits/8⌉), or 2^(bits−1) for the Sym op. Attributes bits (2, 4, 8),
+    (N, n_blocks), zeros uint8 (N, ⌈n_blocks·bits/8⌉), or 2^(bits−1) for the Sym op. Attributes bits (2, 3, 4, 8),
     group (rows per block), K (rows of M). → M: T (K, N). Used for quantized code values (one block per column)
     and for any quantized matrix MatMulNBits cannot take (block size not a power of two ≥ 16).
 """
@@ -134,6 +134,35 @@ def _attr_scalar(name: str, attr: str) -> onnx.NodeProto:
     return node
 
 
+def _unpack_nodes(src: str, out: str) -> list:
+    """Nodes reading the bit stream src: uint8 (..., B) as out: int32 (..., ⌊8B/bits⌋) codes (the `bits` attribute;
+    packing.pack_bits' layout). Element e sits at stream bit e·bits, so inside the 16-bit window of bytes
+    e·bits//8 and the one after it, shifted by e·bits % 8: any width 1–8 reads the same way."""
+    p = f"{out}_"
+    return [
+        h.make_node("Cast", [src], [p + "i"], to=TensorProto.INT32),
+        h.make_node("Pad", [p + "i", "pad_tail", "", "minus1"], [p + "padded"]),  # one zero byte past the end
+        h.make_node("Shape", [src], [p + "shape"]),
+        h.make_node("Gather", [p + "shape", "minus1"], [p + "B"], axis=0),
+        h.make_node("Mul", [p + "B", "eight"], [p + "nbits"]),
+        h.make_node("Div", [p + "nbits", "bits1"], [p + "n"]),
+        h.make_node("Squeeze", [p + "n"], [p + "n_s"]),
+        h.make_node("Range", ["zero_s", p + "n_s", "one_s"], [p + "e"]),
+        h.make_node("Mul", [p + "e", "bits"], [p + "pos"]),
+        h.make_node("Div", [p + "pos", "eight_s"], [p + "b0"]),
+        h.make_node("Add", [p + "b0", "one_s"], [p + "b1"]),
+        h.make_node("Mod", [p + "pos", "eight_s"], [p + "off"]),
+        h.make_node("Pow", ["two_s", p + "off"], [p + "div64"]),
+        h.make_node("Cast", [p + "div64"], [p + "div"], to=TensorProto.INT32),
+        h.make_node("Gather", [p + "padded", p + "b0"], [p + "lo"], axis=-1),
+        h.make_node("Gather", [p + "padded", p + "b1"], [p + "hi"], axis=-1),
+        h.make_node("Mul", [p + "hi", "c256"], [p + "hi8"]),
+        h.make_node("Add", [p + "lo", p + "hi8"], [p + "pair"]),
+        h.make_node("Div", [p + "pair", p + "div"], [p + "shifted"]),
+        h.make_node("Mod", [p + "shifted", "levels32"], [out]),
+    ]
+
+
 def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
     nodes = [
         _attr_scalar("bits", "bits"),
@@ -143,26 +172,22 @@ def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
         _c("one", [1]),
         _c("two", [2]),
         _c("minus1", [-1]),
+        _c("eight", [8]),
+        _c("pad_tail", [0, 1]),
         _scalar("zero_s", 0),
         _scalar("one_s", 1),
+        _scalar("two_s", 2),
         _scalar("eight_s", 8),
+        h.make_node("Constant", [], ["c256"], value=h.make_tensor("c256", TensorProto.INT32, [], [256])),
         h.make_node("Unsqueeze", ["group_s", "zero"], ["group"]),
         h.make_node("Unsqueeze", ["K_s", "zero"], ["K"]),
-        h.make_node("Range", ["zero_s", "eight_s", "bits"], ["shifts64"]),  # 0, bits, 2·bits, … < 8
-        h.make_node("Cast", ["shifts64"], ["shifts"], to=TensorProto.UINT8),
-        _scalar("two_s", 2),
+        h.make_node("Unsqueeze", ["bits", "zero"], ["bits1"]),
         h.make_node("Pow", ["two_s", "bits"], ["levels"]),
-        h.make_node("Sub", ["levels", "one_s"], ["maskv"]),
-        h.make_node("Cast", ["maskv"], ["mask8"], to=TensorProto.UINT8),
-        # codes: (N, nb, blob, 1) >> shifts & mask → (N, nb, blob·per) → [..., :group]
-        h.make_node("Unsqueeze", ["qweight", "minus1"], ["q4"]),
-        h.make_node("BitShift", ["q4", "shifts"], ["qs"], direction="RIGHT"),
-        h.make_node("BitwiseAnd", ["qs", "mask8"], ["qm"]),
+        h.make_node("Cast", ["levels"], ["levels32"], to=TensorProto.INT32),
+        # codes: (N, nb, blob) → (N, nb, block_len) → [..., :group]
+        *_unpack_nodes("qweight", "codes_all"),
         h.make_node("Shape", ["qweight"], ["qshape"]),
-        h.make_node("Slice", ["qshape", "zero", "two"], ["n_nb"]),
-        h.make_node("Concat", ["n_nb", "minus1"], ["shape3"], axis=0),
-        h.make_node("Reshape", ["qm", "shape3"], ["codes_all"]),
-        h.make_node("Slice", ["codes_all", "zero", "group", "two"], ["codes"]),
+        h.make_node("Slice", ["codes_all", "zero", "group", "minus1"], ["codes"]),
         h.make_node("CastLike", ["codes", "scales"], ["codesT"]),
     ]
     if sym:
@@ -173,12 +198,7 @@ def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
         ]
     else:
         nodes += [
-            h.make_node("Unsqueeze", ["zeros", "minus1"], ["z3"]),
-            h.make_node("BitShift", ["z3", "shifts"], ["zsh"], direction="RIGHT"),
-            h.make_node("BitwiseAnd", ["zsh", "mask8"], ["zm"]),
-            h.make_node("Slice", ["qshape", "zero", "one"], ["n_dim"]),
-            h.make_node("Concat", ["n_dim", "minus1"], ["shape2"], axis=0),
-            h.make_node("Reshape", ["zm", "shape2"], ["zall"]),
+            *_unpack_nodes("zeros", "zall"),
             h.make_node("Slice", ["qshape", "one", "two"], ["nb"]),
             h.make_node("Slice", ["zall", "zero", "nb", "one"], ["zcut"]),  # (N, nb)
             h.make_node("Unsqueeze", ["zcut", "minus1"], ["zcut3"]),

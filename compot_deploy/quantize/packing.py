@@ -1,9 +1,11 @@
 """Packed storage of quantized matrices, laid out as ONNX Runtime's MatMulNBits reads its B input.
 
 A matrix M: (K, N) (K = the input dimension, quantized in blocks of `group` rows) is stored transposed, as
-qweight: uint8 (N, n_blocks, group·bits/8) — element k of a block at byte k·bits/8, low bits first —,
-scales: (N, n_blocks) at the storage dtype, and, for asymmetric grids, zeros: uint8 (N, ⌈n_blocks·bits/8⌉)
-packed the same way. Symmetric grids store no zeros (their zero is 2^(bits−1), MatMulNBits' default).
+qweight: uint8 (N, n_blocks, block_len·bits/8) — a bit stream, element k of a block at bits [k·bits, (k+1)·bits),
+low bits first; at 2/4/8 bits that is byte k·bits/8 as MatMulNBits reads it —, scales: (N, n_blocks) at the
+storage dtype, and, for asymmetric grids, zeros: uint8 (N, ⌈n_blocks·bits/8⌉) packed the same way. Symmetric grids
+store no zeros (their zero is 2^(bits−1), MatMulNBits' default). 3-bit blocks are padded to 8 elements (3 bytes);
+MatMulNBits does not take them, so they are exported through ai.compot::DequantizeBlocks.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..budget import padded_group
 from .gptq import Quantized
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """(…, L) integers < 2^bits (bits in 1, 2, 4, 8), L a multiple of 8/bits → (…, L·bits/8) uint8, low bits
-    first."""
+    """(…, L) integers < 2^bits (bits in 1…8), L·bits a multiple of 8 → (…, L·bits/8) uint8: the bit stream with
+    element k at bits [k·bits, (k+1)·bits), low bits first."""
+    if 8 % bits:  # 8 elements fill `bits` whole bytes: build each such word, then cut it into bytes
+        L = q.shape[-1]
+        q = torch.nn.functional.pad(q.to(torch.int64), (0, -L % 8)).reshape(*q.shape[:-1], -1, 8)
+        word = (q << (bits * torch.arange(8))).sum(-1, keepdim=True)
+        out = ((word >> (8 * torch.arange(bits))) & 255).to(torch.uint8).reshape(*q.shape[:-2], -1)
+        return out[..., : L * bits // 8]
     per = 8 // bits
     q = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // per, per)
     out = torch.zeros(q.shape[:-1], dtype=torch.uint8)
@@ -31,16 +40,16 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(p: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of pack_bits: (…, B) uint8 → (…, length) uint8."""
-    per = 8 // bits
     mask = (1 << bits) - 1
+    if 8 % bits:
+        B = p.shape[-1]
+        w = torch.nn.functional.pad(p.to(torch.int64), (0, -B % bits)).reshape(*p.shape[:-1], -1, bits)
+        word = (w << (8 * torch.arange(bits))).sum(-1, keepdim=True)
+        codes = ((word >> (bits * torch.arange(8))) & mask).to(torch.uint8)
+        return codes.reshape(*p.shape[:-1], -1)[..., :length]
+    per = 8 // bits
     parts = [(p >> (bits * j)) & mask for j in range(per)]
     return torch.stack(parts, -1).reshape(*p.shape[:-1], p.shape[-1] * per)[..., :length]
-
-
-def padded_group(group: int, bits: int) -> int:
-    """Block length rounded up so a block fills whole bytes."""
-    per = 8 // bits
-    return -(-group // per) * per
 
 
 class PackedMeta(NamedTuple):
@@ -74,6 +83,7 @@ class QuantTensor(nn.Module):
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        group = min(group, K)
         self.K, self.N, self.bits, self.group, self.sym = K, N, bits, group, sym
         self.n_blocks = -(-K // group)
         self.block_len = padded_group(group, bits)
