@@ -1,20 +1,32 @@
-"""Quality against bytes on MiniLM: compot-deploy's points beside ONNX Runtime's own one-line quantizers.
+"""Quality against bytes on MiniLM, in one run: the joint allocator beside every fixed recipe and ORT's quantizers.
 
-    python benchmarks/frontier.py      # after benchmarks/quality.py and benchmarks/latency.py (reuses their output)
+    python benchmarks/frontier.py [--budgets 0.10,0.15,0.20,0.25,0.30] [--compot-ratios 0.2,0.3,0.4,0.5,0.6]
 
-x: bytes of the target linears (weights + biases + scales/zero points/indices) as a fraction of the same linears
-at float16; y: mean cosine of mean-pooled embeddings against the original on the held-out sentences. Our points
-(dense GPTQ/RTN, COMPOT fp16, COMPOT + GPTQ) come from benchmarks/results/quality.json; the peers are measured
-here on the float32 ONNX export of the original: `quantize_dynamic` int8 and MatMulNBits int4 RTN (block 32 and
-128), each counted from its own initializers. Writes benchmarks/results/frontier.{json,md,png}.
+x: bytes of the block linears (weights, biases, scales, zero points, code positions) as a fraction of the same
+linears at float16; y: mean cosine of mean-pooled embeddings against the original on the held-out sentences.
+Points, all measured here:
+  * ORT peers on the float32 ONNX export of the original, each counted from its own initializers:
+    `quantize_dynamic` int8 per channel, MatMulNBits int4 RTN block 32 and 128;
+  * dense GPTQ 2/3/4-bit (group 32 and 128) and 8-bit g128 (`compot-deploy quantize`);
+  * COMPOT + GPTQ 4/8-bit at several ratios, and float16 COMPOT (`compot-deploy compress`);
+  * the joint allocator (`--target-ratio`), its candidates measured once, built at each budget and at every other
+    point's exact bytes; and the allocator restricted to COMPOT (`--method compot`) at each budget.
+Then, for every other point, whether the allocator given that point's bytes reaches its cosine.
+Writes benchmarks/results/frontier.{json,md,png}.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 LAYER = "/encoder/layer."
 
@@ -55,39 +67,26 @@ def ort_embeddings(path: Path, tokenizer, texts) -> "np.ndarray":  # noqa: F821
     return np.concatenate(out)
 
 
-def main() -> int:
+def ort_peers(model_dir: str, work: Path, tok, texts, ref, dense_fp16: int, bias16: dict) -> list[dict]:
+    import onnx
     import torch
-
-    from compot_deploy.calibration import heldout_texts
-    from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
-    from compot_deploy.models import default_model_dir, find_targets, load_model
-
-    work, res = HERE / ".work", HERE / "results"
-    dense_onnx = work / "ort_dense" / "model.onnx"
-    if not dense_onnx.is_file():
-        print("run benchmarks/latency.py first (it writes the float32 export of the original)", file=sys.stderr)
-        return 2
-    texts = heldout_texts()
-    model, tok = load_model(default_model_dir())
-    ref = mean_pooled_embeddings(model, tok, texts)
-    targets = find_targets(model)
-    dense_fp16 = sum((t.d_in * t.d_out + (t.d_out if t.bias else 0)) * 2 for t in targets)
-    bias16 = {t.name: t.d_out * 2 for t in targets if t.bias}
-
-    rows = []
-    assert abs(linear_bytes(dense_onnx, bias16) / dense_fp16 - 2.0) < 0.01  # float32 weights: twice fp16
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    from compot_deploy.config import ExportConfig
+    from compot_deploy.evaluate import embedding_agreement
+    from compot_deploy.exporters.onnx_export import export_dir
+
+    dense_onnx = work / "ort_dense" / "model.onnx"
+    if not dense_onnx.is_file():
+        export_dir(model_dir, dense_onnx.parent, ExportConfig(), overwrite=True)
+    assert abs(linear_bytes(dense_onnx, bias16) / dense_fp16 - 2.0) < 0.01  # float32 weights: twice fp16
     peers = work / "peers"
-    peers.mkdir(exist_ok=True)
+    peers.mkdir(parents=True, exist_ok=True)
     q8 = peers / "int8_dynamic.onnx"
     quantize_dynamic(str(dense_onnx), str(q8), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                      per_channel=True)
     cands = [("ORT quantize_dynamic int8 (per channel)", q8)]
-    import onnx
-
     for block in (32, 128):
         q4 = peers / f"int4_rtn_b{block}.onnx"
         mq = MatMulNBitsQuantizer(onnx.load(str(dense_onnx)), algo_config=DefaultWeightOnlyQuantConfig(
@@ -95,57 +94,219 @@ def main() -> int:
         mq.process()
         mq.model.save_model_to_file(str(q4), use_external_data_format=False)
         cands.append((f"ORT MatMulNBits int4 RTN block {block}", q4))
+    rows = []
     for label, path in cands:
-        emb = torch.from_numpy(ort_embeddings(path, tok, texts))
-        q = embedding_agreement(ref, emb)
+        q = embedding_agreement(ref, torch.from_numpy(ort_embeddings(path, tok, texts)))
         rows.append({"family": "ORT peer", "label": label, "fp16_fraction": linear_bytes(path, bias16) / dense_fp16,
                      **q})
+    return rows
 
-    ours = json.loads((res / "quality.json").read_text())["rows"]
-    for r in ours:
-        if r["section"] == "factorize" and r.get("allocation") != "dynamic":
-            continue
-        fam = ("dense " + r.get("quant", "")).strip() if r["method"] == "dense" else \
-            f"{r['method']} fp16" if r["section"] == "factorize" else f"{r['method']} + {r.get('quant', 'gptq')}"
-        rows.append({"family": fam, "label": r["label"], "fp16_fraction": r["fp16_fraction"],
-                     "mean_cosine": r["mean_cosine"], "min_cosine": r["min_cosine"],
-                     "pairwise_spearman": r["pairwise_spearman"]})
-    rows.sort(key=lambda r: r["fp16_fraction"])
-    # the upper envelope: a point is on it when nothing at most as large has a higher cosine
-    best = -1.0
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="0.10,0.15,0.20,0.25,0.30")
+    ap.add_argument("--compot-ratios", default="0.2,0.3,0.4,0.5,0.6")
+    ap.add_argument("--work", default=str(HERE / ".work"))
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--report-only", action="store_true", help="re-render frontier.md/png from frontier.json")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        result = json.loads((Path(args.out) / "frontier.json").read_text())
+        (Path(args.out) / "frontier.md").write_text(markdown(result))
+        chart(result["rows"], Path(args.out) / "frontier.png")
+        return 0
+
+    import torch
+
+    import compot_deploy
+    from compot_deploy.calibration import heldout_texts
+    from compot_deploy.config import AllocationConfig, CompressConfig, QuantizeConfig
+    from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
+    from compot_deploy.models import default_model_dir, find_targets, load_model
+    from compot_deploy.pipeline import joint_build, joint_profile, quantize_dir, save_with_report
+
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    work, res = Path(args.work), Path(args.out)
+    res.mkdir(parents=True, exist_ok=True)
+    model_dir = str(default_model_dir())
+    texts = heldout_texts()
+    model, tok = load_model(model_dir)
+    ref = mean_pooled_embeddings(model, tok, texts)
+    targets = find_targets(model)
+    dense_fp16 = sum((t.d_in * t.d_out + (t.d_out if t.bias else 0)) * 2 for t in targets)
+    bias16 = {t.name: t.d_out * 2 for t in targets if t.bias}
+    del model
+
+    def log(row: dict) -> None:
+        print(f"{row['family']:22s} {row['label']:42s} {row['fp16_fraction']:.4f}  cos {row['mean_cosine']:.4f}  "
+              f"{time.perf_counter() - t_start:6.0f}s", flush=True)
+
+    rows = ort_peers(model_dir, work, tok, texts, ref, dense_fp16, bias16)
     for r in rows:
+        log(r)
+
+    def saved_point(family: str, label: str, run, **extra) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            rep = run(Path(tmp) / "m")
+            q = embedding_agreement(ref, mean_pooled_embeddings(compot_deploy.load(Path(tmp) / "m"), tok, texts))
+        row = {"family": family, "label": label, "fp16_fraction": 1.0 - rep["linears"]["file_ratio"], **q, **extra}
+        log(row)
+        rows.append(row)
+        return rep
+
+    for bits, group in ((2, 32), (2, 128), (3, 32), (3, 128), (4, 32), (4, 128), (8, 128)):
+        qc = QuantizeConfig(bits=bits, group=group)
+        saved_point("dense GPTQ", f"dense GPTQ {bits}-bit g{group}",
+                    lambda out, qc=qc: quantize_dir(model_dir, out, qc, progress=False))
+    for r in [float(x) for x in args.compot_ratios.split(",")]:
+        for bits in (4, 8):
+            cfg = CompressConfig(allocation=AllocationConfig(ratio=r), quantize=QuantizeConfig(bits=bits))
+            saved_point(f"COMPOT + GPTQ {bits}-bit", f"COMPOT {r} + GPTQ {bits}-bit",
+                        lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    for r in (0.2, 0.3, 0.5):
+        cfg = CompressConfig(allocation=AllocationConfig(ratio=r))
+        saved_point("COMPOT fp16", f"COMPOT {r} fp16",
+                    lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    peers = list(rows)
+
+    # the joint allocator: candidates measured once, then built at each budget
+    jcfg = CompressConfig(allocation=AllocationConfig(strategy="joint", target_ratio=0.2))
+    model, _ = load_model(model_dir)
+    profile = joint_profile(model, tok, jcfg, progress=False)
+    del model
+    print(f"joint candidates: {sum(len(c) for c in profile.candidates)} over {len(profile.targets)} layers, "
+          f"{profile.seconds:.0f}s", flush=True)
+
+    def joint_point(frac: float, family: str, methods=None, peer: str | None = None) -> dict:
+        def run(out):
+            m, _ = load_model(model_dir)
+            t0 = time.perf_counter()
+            entries = joint_build(m, profile, round(frac * profile.dense_linear_bytes), jcfg, False, methods)
+            return save_with_report(m, tok, out, model_dir, jcfg.model_dump(mode="json"), "float16", profile.targets,
+                                    entries, {"build": time.perf_counter() - t0}, 0, t0, False, model_dir)
+
+        label = f"budget {frac:.4f}" + (f" (= {peer})" if peer else "")
+        rep = saved_point(family, label, run, budget=frac, peer=peer)
+        rows[-1]["choices"] = rep["joint"]["choices"]
+        return rows[-1]
+
+    budgets = [float(x) for x in args.budgets.split(",")]
+    for b in budgets:
+        joint_point(b, "joint allocator")
+        joint_point(b, "joint, COMPOT only", ("compot",))
+    checks = []
+    for p in peers:
+        j = joint_point(p["fp16_fraction"], "joint allocator", peer=p["label"])
+        checks.append({"peer": p["label"], "family": p["family"], "bytes": p["fp16_fraction"],
+                       "peer_cosine": p["mean_cosine"], "joint_cosine": j["mean_cosine"],
+                       "joint_bytes": j["fp16_fraction"], "margin": j["mean_cosine"] - p["mean_cosine"],
+                       "joint_at_least_peer": j["mean_cosine"] >= p["mean_cosine"] - 1e-4})
+
+    rows.sort(key=lambda r: r["fp16_fraction"])
+    best = -1.0
+    for r in rows:  # the upper envelope: nothing at most as large has a higher cosine
         r["on_frontier"] = r["mean_cosine"] > best
         best = max(best, r["mean_cosine"])
-    (res / "frontier.json").write_text(json.dumps({"dense_fp16_linear_bytes": dense_fp16, "rows": rows}, indent=1))
-    lines = ["# Quality against bytes (MiniLM, held-out cosine)", "",
-             "x = bytes of the block linears / the same at float16 (scales, zero points, indices, biases included).",
-             "Frontier = no smaller point has a higher cosine.", "",
-             "| fp16 fraction | mean cos | min cos | family | configuration | frontier |", "|---:|---:|---:|---|---|---|"]
-    lines += [f"| {r['fp16_fraction']:.3f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['family']} | "
-              f"{r['label']} | {'yes' if r['on_frontier'] else ''} |" for r in rows]
-    (res / "frontier.md").write_text("\n".join(lines) + "\n")
+    result = {
+        "model": model_dir, "heldout_sentences": len(texts), "dense_fp16_linear_bytes": dense_fp16,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "compot_deploy": compot_deploy.__version__, "threads": torch.get_num_threads()},
+        "joint_profile_seconds": profile.seconds, "seconds": time.perf_counter() - t_start,
+        "rows": rows, "peer_checks": checks,
+    }
+    (res / "frontier.json").write_text(json.dumps(result, indent=1) + "\n")
+    (res / "frontier.md").write_text(markdown(result))
+    chart(rows, res / "frontier.png")
+    print(markdown(result))
+    return 0
 
+
+def _choices(r: dict) -> str:
+    return ", ".join(f"{n}× {c}" for c, n in r.get("choices", {}).items())
+
+
+def _layers_of(r: dict, family: str) -> int:
+    return sum(n for c, n in r.get("choices", {}).items() if c.startswith(family))
+
+
+def low_budget(result: dict, limit: float = 0.165) -> list[dict]:
+    """The allocator against dense GPTQ where 2-bit GPTQ collapses: at each dense GPTQ point ≤ `limit` (the
+    allocator given its bytes), and at each budget ≤ `limit` (the best dense GPTQ point at or below it)."""
+    rows = result["rows"]
+    dense = [r for r in rows if r["family"] == "dense GPTQ"]
+    out = [{"where": f"at {c['peer']}", "bytes": c["joint_bytes"], "joint": c["joint_cosine"], "dense": c["peer_cosine"]}
+           for c in result["peer_checks"] if c["family"] == "dense GPTQ" and c["bytes"] <= limit]
+    for r in rows:
+        if r["family"] == "joint allocator" and not r.get("peer") and r["fp16_fraction"] <= limit:
+            best = max((d for d in dense if d["fp16_fraction"] <= r["fp16_fraction"] + 1e-9),
+                       key=lambda d: d["mean_cosine"], default=None)
+            out.append({"where": f"budget {r['budget']:.2f}", "bytes": r["fp16_fraction"], "joint": r["mean_cosine"],
+                        "dense": None if best is None else best["mean_cosine"],
+                        "dense_label": None if best is None else best["label"]})
+    return sorted(out, key=lambda x: x["bytes"])
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = ["# Quality against bytes (all-MiniLM-L6-v2, held-out cosine)", "",
+             "x = bytes of the block linears / the same at float16 (scales, zero points, code positions, biases "
+             "included). Frontier = no smaller point has a higher cosine. One run, "
+             f"{result['seconds'] / 60:.0f} min on {result['environment']['threads']} threads; the joint allocator's "
+             f"candidates took {result['joint_profile_seconds']:.0f} s to measure, once.", "",
+             "## Every point", "",
+             "| fp16 fraction | mean cos | min cos | family | configuration | frontier |", "|---:|---:|---:|---|---|---|"]
+    lines += [f"| {r['fp16_fraction']:.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['family']} | "
+              f"{r['label']} | {'yes' if r['on_frontier'] else ''} |" for r in rows]
+    lines += ["", "## The joint allocator at each budget", "",
+              "| budget | bytes | mean cos | family | layers: COMPOT / SVD-LLM / dense | layers chose |",
+              "|---:|---:|---:|---|---|---|"]
+    lines += [f"| {r['budget']:.2f} | {r['fp16_fraction']:.4f} | {r['mean_cosine']:.4f} | {r['family']} | "
+              f"{_layers_of(r, 'compot')} / {_layers_of(r, 'svd-llm')} / {_layers_of(r, 'dense')} | {_choices(r)} |"
+              for r in sorted(rows, key=lambda r: (r['family'], r['fp16_fraction']))
+              if r["family"].startswith("joint") and not r.get("peer")]
+    checks = result["peer_checks"]
+    failed = [c for c in checks if not c["joint_at_least_peer"]]
+    lines += ["", "## Does any point beat the allocator at its own bytes?", "",
+              f"{len(checks) - len(failed)} of {len(checks)} points: the allocator given exactly that point's bytes "
+              "reaches at least its cosine" + (" (the others are listed with a negative margin)." if failed else "."),
+              "", "| point | bytes | its cos | allocator cos | margin |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {c['peer']} | {c['bytes']:.4f} | {c['peer_cosine']:.4f} | {c['joint_cosine']:.4f} | "
+              f"{c['margin']:+.4f} |" for c in sorted(checks, key=lambda c: c["bytes"])]
+    lines += ["", "## Around 0.16 × fp16 and below: the allocator against dense GPTQ", "",
+              "| where | allocator bytes | allocator cos | dense GPTQ cos | gain |", "|---|---:|---:|---:|---:|"]
+    for x in low_budget(result):
+        dense = "none at or below" if x["dense"] is None else f"{x['dense']:.4f}" + (
+            f" ({x['dense_label']})" if x.get("dense_label") else "")
+        gain = "—" if x["dense"] is None else f"{x['joint'] - x['dense']:+.4f}"
+        lines.append(f"| {x['where']} | {x['bytes']:.4f} | {x['joint']:.4f} | {dense} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    markers = dict(zip(sorted({r["family"] for r in rows}), "osD^v<>ph*"))
-    for fam, mk in markers.items():
-        pts = [r for r in rows if r["family"] == fam]
-        ax.scatter([p["fp16_fraction"] for p in pts], [p["mean_cosine"] for p in pts], marker=mk, label=fam, s=45)
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fams = sorted({r["family"] for r in rows})
+    for fam, mk in zip(fams, "osD^v<>ph*X"):
+        pts = [r for r in rows if r["family"] == fam and not r.get("peer")]
+        if fam == "joint allocator":
+            pts = [r for r in rows if r["family"] == fam]
+        ax.scatter([p["fp16_fraction"] for p in pts], [p["mean_cosine"] for p in pts], marker=mk, label=fam, s=40)
     front = [r for r in rows if r["on_frontier"]]
     ax.plot([r["fp16_fraction"] for r in front], [r["mean_cosine"] for r in front], "k--", lw=0.8, label="frontier")
     ax.set_xlabel("bytes of the block linears / float16")
     ax.set_ylabel("mean cosine vs original (held-out)")
     ax.set_title("all-MiniLM-L6-v2: quality against bytes")
+    ax.set_xlim(0.08, 0.75)
+    ax.set_ylim(0.4, 1.005)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(res / "frontier.png", dpi=110)
-    print(f"wrote {res / 'frontier.md'}, frontier.json, frontier.png")
-    return 0
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

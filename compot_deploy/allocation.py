@@ -30,7 +30,8 @@ def mckp(candidates: list[list[Candidate]], budget: float, resolution: int = 400
     """Multiple-choice knapsack: one candidate per layer, minimising Σ error with Σ bytes ≤ budget.
 
     Bytes are discretised into `resolution` units, each candidate's cost rounded up, so the exact total
-    never exceeds the budget. Returns the chosen candidate index per layer.
+    never exceeds the budget; the bytes that rounding left unused are then spent exactly (`refine`).
+    Returns the chosen candidate index per layer.
     Raises ValueError when even the cheapest candidates do not fit.
     """
     if sum(min(c.bytes for c in cs) for cs in candidates) > budget:
@@ -61,4 +62,23 @@ def mckp(candidates: list[list[Candidate]], budget: float, resolution: int = 400
         j = int(arg[u])
         picked.append(j)
         u -= math.ceil(cs[j].bytes / unit)
-    return picked[::-1]
+    return refine(candidates, picked[::-1], budget)
+
+
+def refine(candidates: list[list[Candidate]], picks: list[int], budget: float) -> list[int]:
+    """Greedily switch single layers to lower-error candidates while the exact total stays within `budget`,
+    largest error reduction first."""
+    picks = list(picks)
+    total = sum(cs[j].bytes for cs, j in zip(candidates, picks))
+    while True:
+        best = None
+        for i, (cs, j) in enumerate(zip(candidates, picks)):
+            for jj, c in enumerate(cs):
+                gain = cs[j].error - c.error
+                if gain > 0 and total - cs[j].bytes + c.bytes <= budget and (best is None or gain > best[0]):
+                    best = (gain, i, jj)
+        if best is None:
+            return picks
+        _, i, jj = best
+        total += candidates[i][jj].bytes - candidates[i][picks[i]].bytes
+        picks[i] = jj

@@ -71,11 +71,16 @@ def padded_group(group: int, bits: int) -> int:
     return -(-group // per) * per
 
 
+def effective_group(group: int, K: int) -> int:
+    """Rows per quantization block of a K-row matrix: `group`, or all K rows when group is 0 or exceeds K."""
+    return K if group <= 0 else min(group, K)
+
+
 def quant_bytes(K: int, N: int, bits: int, group: int, sym: bool, scale_bytes: int) -> int:
-    """Stored bytes of a (K, N) matrix quantized in blocks of `group` along K (MatMulNBits layout, group > K = one
-    block per column): packed codes (each block padded to whole bytes), one scale per (block, column), packed zero
+    """Stored bytes of a (K, N) matrix quantized in blocks of `group` along K (MatMulNBits layout; see
+    effective_group): packed codes (each block padded to whole bytes), one scale per (block, column), packed zero
     points unless symmetric."""
-    group = min(group, K)
+    group = effective_group(group, K)
     n_blocks = -(-K // group)
     block_bytes = padded_group(group, bits) * bits // 8
     zero_bytes = 0 if sym else N * padded_group(n_blocks, bits) * bits // 8

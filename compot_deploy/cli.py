@@ -86,12 +86,21 @@ def compress_options(fn):
         click.argument("model_dir", required=False, type=click.Path(file_okay=False)),
         click.option("--ratio", type=float, default=0.3, show_default=True,
                      help="Fraction of the target linears' stored bytes to remove, in (0, 1)."),
-        click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi"]), default="compot",
-                     show_default=True, help="Factorization: COMPOT, the SVD-LLM baseline, or CoSpaDi (K-SVD + OMP)."),
+        click.option("--target-ratio", type=float, default=None,
+                     help="Byte budget for the joint allocator: the target linears may keep this fraction of their "
+                          "dense bytes at the storage dtype (0.2 = a fifth of float16). Each layer then gets the "
+                          "best of dense GPTQ 2/3/4/8-bit, COMPOT and SVD-LLM factors (float16 or GPTQ) that fits."),
+        click.option("--target-bytes", default=None,
+                     help="Byte budget for the joint allocator as the size of the whole weights file, e.g. 26MB, "
+                          "25MiB or 26000000 (the weights outside the linears count at the storage dtype)."),
+        click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi"]), default=None,
+                     help="Factorization: COMPOT, the SVD-LLM baseline, or CoSpaDi (K-SVD + OMP) [default: compot]. "
+                          "With a --target-*: only this family's candidates (compot or svd-llm), in every layer."),
         click.option("--allocation", type=click.Choice(["uniform", "dynamic", "mckp"]), default="dynamic",
                      show_default=True,
-                     help="How the byte budget is split across layers: the same ratio everywhere, COMPOT's one-shot "
-                          "spectral split, or a knapsack over measured per-layer error profiles."),
+                     help="How the --ratio budget is split across layers: the same ratio everywhere, COMPOT's "
+                          "one-shot spectral split, or a knapsack over measured per-layer error profiles (a "
+                          "--target-* uses the joint allocator instead)."),
         click.option("--sequential", is_flag=True,
                      help="Calibrate block i on the outputs of the already-compressed blocks before it."),
         click.option("--k-over-s", type=float, default=2.0, show_default=True,
@@ -112,6 +121,35 @@ def compress_options(fn):
         click.option("--quant-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
                      help="GPTQ, or plain round-to-nearest for comparison."),
     ])
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: str) -> int:
+    """A byte count: an integer, optionally with a unit (kB, MB, GB: powers of 1000; KiB, MiB, GiB: of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m and _BYTE_UNITS.get(m.group(2).lower())
+    if not unit:
+        raise CompotError(f"--target-bytes: {value!r} is not a byte size (e.g. 26000000, 26MB, 25MiB)")
+    return int(float(m.group(1)) * unit)
+
+
+def _joint_settings(o: dict, method_given: bool) -> dict:
+    """Allocation settings a --target-ratio / --target-bytes implies (empty without one)."""
+    if o.get("target_ratio") is None and o.get("target_bytes") is None:
+        return {}
+    tb = o.get("target_bytes")
+    out = {"strategy": "joint", "target_ratio": o.get("target_ratio"), "target_bytes": None if tb is None else
+           parse_bytes(tb)}
+    if method_given:
+        if o["method"] == "cospadi":
+            raise CompotError("--method cospadi cannot take a byte target: its K-SVD is too slow to measure at every "
+                              "candidate size; use --method compot or svd-llm")
+        out["joint"] = {"methods": [o["method"]]}
+    return out
 
 
 def _quant_config(bits, group, sym, act_order, method):
@@ -137,9 +175,10 @@ def _config_from_options(o: dict):
     return build_config(
         CompressConfig,
         calibration=_calib_config(o),
-        allocation=build_config(AllocationConfig, strategy=o["allocation"], ratio=o["ratio"],
-                                min_layer_ratio=o["min_layer_ratio"], max_layer_ratio=o["max_layer_ratio"]),
-        factorize=build_config(FactorizeConfig, method=o["method"], k_over_s=o["k_over_s"], iters=o["iters"],
+        allocation=build_config(AllocationConfig, **{
+            "strategy": o["allocation"], "ratio": o["ratio"], "min_layer_ratio": o["min_layer_ratio"],
+            "max_layer_ratio": o["max_layer_ratio"], **_joint_settings(o, o["method"] is not None)}),
+        factorize=build_config(FactorizeConfig, method=o["method"] or "compot", k_over_s=o["k_over_s"], iters=o["iters"],
                                dtype=o["dtype"] or "float16", seed=o["seed"]),
         quantize=quant,
         include=tuple(o["include"]),
@@ -166,6 +205,12 @@ def _print_report(report: dict) -> None:
                f"-> ratio {lin['file_ratio']:.4f} (planned {lin['planned_ratio']:.4f}), read from the saved file")
     click.echo(f"model file: {mf['bytes']:,} bytes vs {mf['dense_bytes']:,} dense at the same dtype "
                f"-> ratio {mf['ratio']:.4f}; total {report['seconds']:.1f}s")
+    if report.get("joint"):
+        j = report["joint"]
+        target = (f"{j['target_bytes']:,} bytes for the file" if j.get("target_bytes")
+                  else f"{j['target_ratio']} of the linears' dense bytes")
+        click.echo(f"joint allocation within {target} ({'fits' if j['fits'] else 'DOES NOT FIT'}), per layer: "
+                   f"{_choices_line(j)}")
 
 
 @main.command()
@@ -202,6 +247,7 @@ _BUILD_PATHS = {
     "gptq_bits": "compress.quantize.bits", "gptq_group": "compress.quantize.group", "gptq_sym": "compress.quantize.sym",
     "gptq_act_order": "compress.quantize.act_order", "quant_method": "compress.quantize.method",
     "sparse_body": "export.sparse_body", "opset": "export.opset",
+    "target_ratio": "compress.allocation.target_ratio", "target_bytes": "compress.allocation.target_bytes",
 }
 
 
@@ -231,6 +277,10 @@ def _build_config(ctx, opts: dict):
         _set_path(data, path, value)
         if name == "seed":
             _set_path(data, "compress.factorize.seed", value)
+    given = {n for n in opts if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+    for key, value in _joint_settings({n: opts[n] if n in given else None for n in ("target_ratio", "target_bytes")}
+                                      | {"method": opts["method"]}, "method" in given).items():
+        _set_path(data, f"compress.allocation.{key}", value)
     if ctx.get_parameter_source("no_bench") == ParameterSource.COMMANDLINE:
         _set_path(data, "bench.enabled", not opts["no_bench"])
     q = (data.get("compress") or {}).get("quantize")
@@ -250,8 +300,14 @@ def _task_line(task: dict | None) -> str | None:
     return None
 
 
+def _choices_line(joint: dict) -> str:
+    return ", ".join(f"{n}× {c}" for c, n in joint["choices"].items())
+
+
 def _print_build_summary(s: dict) -> None:
     click.echo(f"byte ratio of the compressed linears: {s['byte_ratio']:.4f} (model file {s['model_file_ratio']:.4f})")
+    if s.get("joint"):
+        click.echo(f"joint allocation, per layer: {_choices_line(s['joint'])}")
     if _task_line(s.get("task")):
         click.echo(f"quality vs original: {_task_line(s.get('task'))}")
     click.echo(f"ORT vs PyTorch: max abs {s['ort_vs_pytorch_max_abs']:.2e} (gate passed)")

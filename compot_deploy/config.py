@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import CompotError
 
 Method = Literal["compot", "svd-llm", "cospadi"]
-Allocation = Literal["uniform", "dynamic", "mckp"]
+Allocation = Literal["uniform", "dynamic", "mckp", "joint"]
+JointMethod = Literal["dense", "compot", "svd-llm"]
 StorageDtype = Literal["float16", "float32", "bfloat16"]
 
 
@@ -30,11 +31,43 @@ class CalibrationConfig(_Strict):
     seed: int = 0
 
 
+class JointConfig(_Strict):
+    """The candidates of the joint allocator: for every layer, each family below with its exact stored bytes and
+    its measured whitened error; a multiple-choice knapsack then picks one per layer."""
+
+    methods: tuple[JointMethod, ...] = Field(
+        ("dense", "compot", "svd-llm"), min_length=1,
+        description="families: dense (float16 or GPTQ), COMPOT and SVD-LLM factors (float16 or GPTQ)")
+    dense_quant: tuple[tuple[Literal[2, 3, 4, 8], int], ...] = Field(
+        ((2, 32), (2, 128), (3, 32), (3, 128), (4, 32), (4, 128), (8, 128), (8, 0)),
+        description="(bits, group) of the dense GPTQ candidates; group 0 = one grid per column")
+    factor_ratios: tuple[float, ...] = Field(
+        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), min_length=1, description="byte ratios removed by the float16 factorizations")
+    factor_bits: tuple[Literal[2, 3, 4, 8, 16], ...] = Field(
+        (16, 8, 4), min_length=1, description="bits of the factors (16 = stored at the storage dtype, else GPTQ)")
+    factor_group: int = Field(128, ge=0, description="quantization group of the dictionaries / low-rank factors")
+    quant_method: Literal["gptq", "rtn"] = "gptq"
+    sensitivity: bool = Field(True, description="weight each layer's errors by how much a probe error in it moves "
+                                                "the final hidden states (off: every layer counts the same)")
+    sensitivity_batches: int = Field(4, ge=1, description="calibration batches the sensitivity probes run on")
+
+    @model_validator(mode="after")
+    def _ratios(self):
+        if not all(0.0 < r < 1.0 for r in self.factor_ratios):
+            raise ValueError("factor_ratios must lie in (0, 1)")
+        return self
+
+
 class AllocationConfig(_Strict):
     """How the global byte budget of the target linears is split across layers."""
 
     strategy: Allocation = "dynamic"
     ratio: float = Field(0.3, gt=0.0, lt=1.0, description="fraction of the target linears' bytes to remove")
+    target_ratio: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="joint: stored bytes of the target linears as a fraction of their dense bytes at the storage dtype")
+    target_bytes: int | None = Field(None, gt=0, description="joint: bytes of the whole saved weights file")
+    joint: JointConfig = JointConfig()
     min_layer_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     max_layer_ratio: float | None = Field(
         None, gt=0.0, lt=1.0, description="largest per-layer ratio; None = ratio + 0.1 (best measured on MiniLM)")
@@ -48,6 +81,11 @@ class AllocationConfig(_Strict):
 
     @model_validator(mode="after")
     def _range(self):
+        targets = (self.target_ratio is not None) + (self.target_bytes is not None)
+        if self.strategy == "joint" and targets != 1:
+            raise ValueError("the joint allocator needs exactly one of target_ratio / target_bytes")
+        if self.strategy != "joint" and targets:
+            raise ValueError("target_ratio / target_bytes need strategy 'joint'")
         if not self.min_layer_ratio <= self.ratio <= self.layer_ratio_cap:
             raise ValueError(f"need min_layer_ratio <= ratio <= max_layer_ratio (got {self.min_layer_ratio}, "
                              f"{self.ratio}, {self.layer_ratio_cap})")
@@ -72,7 +110,8 @@ class QuantizeConfig(_Strict):
 
     method: Literal["gptq", "rtn"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
-    group: int = Field(128, ge=8, description="rows (input dims) per quantization group of a dense matrix")
+    group: int = Field(128, ge=0, description="rows (input dims) per quantization group of a dense matrix; 0 = all rows "
+                                              "(one grid per column)")
     sym: bool = Field(False, description="symmetric grid (no stored zero points)")
     act_order: bool = Field(False, description="quantize rows by decreasing Hessian diagonal (static groups)")
     damp: float = Field(0.01, gt=0.0, description="initial damping as a fraction of mean(diag H)")

@@ -190,6 +190,8 @@ def compress_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = T
     Returns (targets, {name: layer entry of the `compot` config section}, timings)."""
     from tqdm.auto import tqdm
 
+    if cfg.allocation.strategy == "joint":
+        return joint_in_memory(model, tokenizer, cfg, progress)
     timings = {}
     t0 = time.perf_counter()
     targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
@@ -230,6 +232,73 @@ def compress_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = T
             entries[name]["quant"] = rec
         timings["quantize"] = time.perf_counter() - t0
     return targets, entries, timings
+
+
+@dataclass
+class JointProfile:
+    """What the joint allocator measured on a model: its targets, calibration batches, every layer's candidates
+    (errors weighted by the layer's sensitivity) and the sensitivities; enough to build it at any budget."""
+
+    targets: list[Target]
+    batches: list[dict]
+    candidates: list[list[alloc.Candidate]]
+    weights: list[float]
+    dense_linear_bytes: int
+    seconds: float
+
+
+def joint_profile(model, tokenizer, cfg: CompressConfig, progress: bool = True) -> JointProfile:
+    """Calibrate `model` and measure every joint candidate of every layer (joint.py); the model is left as it was."""
+    from . import joint
+
+    t0 = time.perf_counter()
+    a, f = cfg.allocation, cfg.factorize
+    targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
+    batches = calibration_batches(tokenizer, cfg.calibration, is_causal_lm(model))
+    grams = calibrate(model, batches, targets, progress=progress)
+    cands = joint.measure(model, targets, grams, a.joint, f, progress)
+    weights = [1.0] * len(targets)
+    if a.joint.sensitivity:
+        weights = joint.sensitivities(model, targets, grams, batches[: a.joint.sensitivity_batches],
+                                      seed=cfg.calibration.seed)
+        cands = joint.weighted(cands, weights)
+    vb = value_bytes(f.dtype)
+    return JointProfile(targets, batches, cands, weights,
+                        sum(dense_bytes(t.d_in, t.d_out, vb, t.bias) for t in targets), time.perf_counter() - t0)
+
+
+def joint_build(model, profile: JointProfile, budget: float, cfg: CompressConfig, progress: bool = True,
+                methods: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Pick one candidate per layer within `budget` bytes (only of `methods`, when given) and build the picks in
+    `model` in place. Returns the layer entries."""
+    from . import joint
+
+    cands = profile.candidates
+    if methods is not None:
+        cands = [[c for c in cs if c.tag[0].method in methods] for cs in cands]
+    picks = joint.pick(cands, budget, profile.dense_linear_bytes)
+    round_other_params(model, {t.name for t in profile.targets}, cfg.factorize.dtype)
+    return joint.assemble(model, profile.targets, profile.batches,
+                          {t.name: cs[j] for t, cs, j in zip(profile.targets, cands, picks)}, cfg.factorize,
+                          cfg.allocation.joint, {t.name: w for t, w in zip(profile.targets, profile.weights)}, progress)
+
+
+def joint_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = True):
+    """compress_in_memory for the joint allocator: measure every candidate of every layer, pick one per layer
+    within the byte budget, build the picks block by block (joint.py)."""
+    from . import joint
+
+    if cfg.quantize is not None:
+        raise CompotError("the joint allocator picks the bits of every layer itself: drop the quantize settings "
+                          "(--gptq-bits) or the byte target")
+    vb = value_bytes(cfg.factorize.dtype)
+    targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
+    n_tensors = len({t.data_ptr() for t in model.state_dict().values()})
+    budget = joint.budget_bytes(cfg.allocation, targets, _dense_model_bytes(model, vb), n_tensors, vb)  # fail early
+    profile = joint_profile(model, tokenizer, cfg, progress)
+    t0 = time.perf_counter()
+    entries = joint_build(model, profile, budget, cfg, progress)
+    return profile.targets, entries, {"allocate": profile.seconds, "factorize": time.perf_counter() - t0}
 
 
 def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: CompressConfig, overwrite: bool = False,
@@ -323,6 +392,16 @@ def _report(model_dir, weights: Path, section: dict, timings, vb: int) -> dict:
     stored = sum(x["file_bytes"] for x in layers)
     model_file = weights.stat().st_size
     dense_model = section["dense_model_bytes"]
+    extra = {}
+    if any("joint" in e for e in section["layers"].values()):
+        from .joint import families
+
+        a = section["config"].get("allocation", {})
+        extra["joint"] = {"target_ratio": a.get("target_ratio"), "target_bytes": a.get("target_bytes"),
+                          "fits": model_file <= a["target_bytes"] if a.get("target_bytes") else planned <= (
+                              a["target_ratio"] * dense_lin + 1e-6),
+                          "estimated_error": sum(e["joint"]["estimated_error"] for e in section["layers"].values()),
+                          "choices": families(section["layers"])}
     return {
         "model_dir": str(model_dir),
         "linears": {
@@ -335,5 +414,6 @@ def _report(model_dir, weights: Path, section: dict, timings, vb: int) -> dict:
         },
         "model_file": {"bytes": model_file, "dense_bytes": dense_model, "ratio": ratio(model_file, dense_model)},
         "timings": timings,
+        **extra,
         "layers": layers,
     }

@@ -22,10 +22,17 @@ from .packing import QuantTensor
 log = logging.getLogger(__name__)
 
 
-def _quantize_matrix(M: torch.Tensor, H: torch.Tensor | None, cfg, name: str, n_tokens: int) -> Quantized:
+def _quantize_matrix(M: torch.Tensor, H: torch.Tensor | None, cfg, name: str, n_tokens: int,
+                     cache: dict | None = None) -> Quantized:
     if cfg.method == "rtn":
         return rtn(M, cfg.bits, cfg.group, cfg.sym)
-    return gptq(M, H, cfg.bits, cfg.group, cfg.sym, cfg.act_order, damp=cfg.damp, name=name, n_tokens=n_tokens)
+    return gptq(M, H, cfg.bits, cfg.group, cfg.sym, cfg.act_order, damp=cfg.damp, name=name, n_tokens=n_tokens,
+                cache=cache)
+
+
+def output_error2(E: torch.Tensor, G: torch.Tensor) -> float:
+    """tr(Eᵀ G E): the squared output error of a weight error E: (d_in, d_out) on inputs with Gram G."""
+    return float(((G @ E) * E).sum())
 
 
 def _put(module, slot: str, qz: Quantized, round_scales, rec: dict) -> torch.Tensor:
@@ -34,15 +41,17 @@ def _put(module, slot: str, qz: Quantized, round_scales, rec: dict) -> torch.Ten
     return put_slot(module, slot, QuantTensor.from_quantized(qz, round_scales)).dequantize().to(torch.float64)
 
 
-def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
-    """Quantize the layer `name` of `model` in place. gram: Gram of its inputs. Returns its quant record."""
+def quantize_layer(model, name: str, gram, cfg, round_scales, cache: dict | None = None) -> dict:
+    """Quantize the layer `name` of `model` in place. gram: Gram of its inputs. Returns its quant record.
+    cache: a dict shared by calls on the same layer and Gram (GPTQ reuses the factored inverse Hessian)."""
     t0 = time.perf_counter()
     mod = model.get_submodule(name)
     H = 2.0 * gram.G / max(gram.n, 1)
     rec: dict = {"bits": cfg.bits, "group": cfg.group, "sym": cfg.sym, "method": cfg.method}
     if isinstance(mod, CompotLinear):
         W_before = mod.reconstruct()
-        A_hat = _put(mod, "A", _quantize_matrix(mod.A.data, H, cfg, f"{name}.A", gram.n), round_scales, rec)
+        A_hat = _put(mod, "A", _quantize_matrix(mod.A.data, H, cfg, f"{name}.A", gram.n, cache), round_scales,
+                     rec)
         if cfg.method == "rtn":
             qv = rtn(mod.values.data, cfg.bits, mod.s, cfg.sym)
         else:
@@ -52,12 +61,12 @@ def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
         W_after = mod.reconstruct()
     elif isinstance(mod, LowRankLinear):
         W_before = mod.reconstruct()
-        A_hat = _put(mod, "A", _quantize_matrix(mod.A.data, H, cfg, f"{name}.A", gram.n), round_scales, rec)
+        A_hat = _put(mod, "A", _quantize_matrix(mod.A.data, H, cfg, f"{name}.A", gram.n, cache), round_scales, rec)
         _put(mod, "B", _quantize_matrix(mod.B.data, A_hat.T @ H @ A_hat, cfg, f"{name}.B", gram.n), round_scales, rec)
         W_after = mod.reconstruct()
     elif is_dense_linear(mod):
         W_before = dense_weight(mod).detach().double()
-        qz = _quantize_matrix(W_before, H, cfg, name, gram.n)
+        qz = _quantize_matrix(W_before, H, cfg, name, gram.n, cache)
         new = QuantLinear(W_before.shape[0], W_before.shape[1], qz.bits, qz.group, qz.sym, mod.bias is not None)
         put_slot(new, "weight", QuantTensor.from_quantized(qz, round_scales))
         if mod.bias is not None:
@@ -68,7 +77,7 @@ def quantize_layer(model, name: str, gram, cfg, round_scales) -> dict:
     else:
         raise TypeError(f"{name}: cannot quantize a {type(mod).__name__}")
     E = W_before - W_after
-    rec["rel_error"] = float(torch.sqrt(torch.trace(E.T @ gram.G @ E) / torch.trace(W_before.T @ gram.G @ W_before)))
+    rec["rel_error"] = (output_error2(E, gram.G) / output_error2(W_before, gram.G)) ** 0.5
     rec["seconds"] = time.perf_counter() - t0
     return rec
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import effective_group
 from ..errors import CompotError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def rtn(W: torch.Tensor, bits: int = 4, group: int = 128, sym: bool = False) -> 
     """Round-to-nearest with the same grid as GPTQ: the baseline GPTQ must beat. W: (K, N)."""
     W = W.to(torch.float64)
     K, N = W.shape
-    group = min(group, K) if group > 0 else K
+    group = effective_group(group, K)
     scales, zeros, qs = [], [], []
     for g0 in range(0, K, group):
         s, z = grid(W[g0 : g0 + group], bits, sym)
@@ -91,16 +92,17 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float = 0.01, name: str = "la
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group: int = 128, sym: bool = False,
          act_order: bool = False, block: int = 128, damp: float = 0.01, name: str = "layer",
-         n_tokens: int | None = None) -> Quantized:
+         n_tokens: int | None = None, cache: dict | None = None) -> Quantized:
     """GPTQ with lazy batched updates. W: (K, N), H: (K, K) Hessian of the inputs (∝ XᵀX).
 
     act_order quantizes rows by decreasing diag(H); groups stay contiguous in the original row order
     ("static groups", grids fixed from the unquantized weights), so the stored layout needs no row index.
+    cache: a dict shared by calls on the same H (and the same dead inputs of W), keeping its factored inverse.
     """
     W = W.to(torch.float64).clone()
     H = H.to(torch.float64).clone()
     K, N = W.shape
-    group = min(group, K) if group > 0 else K
+    group = effective_group(group, K)
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[dead] = 0
@@ -117,7 +119,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group: int = 128, sym:
     else:
         perm = torch.arange(K)
     W, H = W[perm], H[perm][:, perm]
-    U = damped_inverse_cholesky(H, damp, name)
+    U = None if cache is None else cache.get((damp, act_order))
+    if U is None:
+        U = damped_inverse_cholesky(H, damp, name)
+        if cache is not None:
+            cache[(damp, act_order)] = U
     block = max(group, block // group * group)  # whole groups per block: a group's rows are all in flight together
     Q = torch.zeros_like(W)
     for b0 in range(0, K, block):

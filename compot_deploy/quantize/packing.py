@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..budget import padded_group
+from ..budget import effective_group, padded_group
 from .gptq import Quantized
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -83,7 +83,7 @@ class QuantTensor(nn.Module):
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-        group = min(group, K)
+        group = effective_group(group, K)
         self.K, self.N, self.bits, self.group, self.sym = K, N, bits, group, sym
         self.n_blocks = -(-K // group)
         self.block_len = padded_group(group, bits)
