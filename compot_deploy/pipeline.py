@@ -398,7 +398,7 @@ def _report(model_dir, weights: Path, section: dict, timings, vb: int) -> dict:
 
         a = section["config"].get("allocation", {})
         extra["joint"] = {"target_ratio": a.get("target_ratio"), "target_bytes": a.get("target_bytes"),
-                          "fits": model_file <= a["target_bytes"] if a.get("target_bytes") else planned <= (
+                          "fits": model_file <= a["target_bytes"] if a.get("target_bytes") else stored <= (
                               a["target_ratio"] * dense_lin + 1e-6),
                           "estimated_error": sum(e["joint"]["estimated_error"] for e in section["layers"].values()),
                           "choices": families(section["layers"])}

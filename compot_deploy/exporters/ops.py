@@ -17,7 +17,7 @@ SparseCodesMatMul(z, values, indices; k) -> y
     several times slower even at one token.
 ColumnMaskToIndices(mask) -> indices
     mask: uint8 (d_out, ⌈k/8⌉), bit i of column j (byte i // 8, bit i % 8, low bit first) set when C[i, j] ≠ 0, every
-    column holding the same count s → indices: int32 (s, d_out), ascending within a column. Its input is an
+    column holding the same count s → indices: int64 (s, d_out), ascending within a column. Its input is an
     initializer, so ONNX Runtime folds it once at session start.
 DequantizeBlocks(qweight, scales, zeros) -> M  and  DequantizeBlocksSym(qweight, scales) -> M
     The packed layout of ORT's MatMulNBits (quantize/packing.py): qweight uint8 (N, n_blocks, blob), scales T
@@ -63,9 +63,10 @@ def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str) -> list:
         _c("one", [1]),
         h.make_node("Gather", ["vshape", "one"], ["dout"], axis=0),
         h.make_node("Concat", ["k", "dout"], ["cshape"], axis=0),
-        h.make_node("ConstantOfShape", ["cshape"], ["zeros"]),
-        h.make_node("CastLike", ["zeros", values], ["zerosT"]),
-        h.make_node("ScatterElements", ["zerosT", idx, values], ["C"], axis=0),
+        h.make_node("Constant", [], ["zero"], value=h.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
+        h.make_node("CastLike", ["zero", values], ["zeroT"]),
+        h.make_node("Expand", ["zeroT", "cshape"], ["zeros"]),  # one (k, d_out) block, not two
+        h.make_node("ScatterElements", ["zeros", idx, values], ["C"], axis=0),
         h.make_node("MatMul", [z, "C"], [y]),
     ]
 
@@ -89,37 +90,28 @@ def _scalar(name: str, value: int):
 
 
 def column_mask_to_indices() -> onnx.FunctionProto:
+    # Every node of a folded chain stays in memory until ORT's constant folding ends (benchmarks/fold_peak.py), so
+    # the chain is kept short: a 256 × 8 lookup table unpacks the bits straight to int32, and TopK, which breaks
+    # ties by the lower index (ONNX spec), lists each column's set rows in ascending order.
+    lut = [(b >> i) & 1 for b in range(256) for i in range(8)]
     nodes = [
-        _c("bitpos", list(range(8)), TensorProto.UINT8),
+        h.make_node("Constant", [], ["lut"], value=h.make_tensor("lut", TensorProto.INT32, [256, 8], lut)),
         _c("first", [0]),
         _c("one", [1]),
-        _c("two", [2]),
         _c("minus1", [-1]),
-        h.make_node("Unsqueeze", ["mask", "minus1"], ["m3"]),  # (d_out, B, 1)
-        h.make_node("BitShift", ["m3", "bitpos"], ["shifted"], direction="RIGHT"),  # (d_out, B, 8)
-        _c("lowbit", [1], TensorProto.UINT8),
-        h.make_node("BitwiseAnd", ["shifted", "lowbit"], ["bits8"]),
+        h.make_node("Cast", ["mask"], ["mask32"], to=TensorProto.INT32),  # Gather takes int32/int64 indices
+        h.make_node("Gather", ["lut", "mask32"], ["bits3"], axis=0),  # (d_out, B, 8)
         h.make_node("Shape", ["mask"], ["mshape"]),
         h.make_node("Slice", ["mshape", "first", "one"], ["dout"]),
         h.make_node("Concat", ["dout", "minus1"], ["flat2"], axis=0),
-        h.make_node("Reshape", ["bits8", "flat2"], ["bits_u8"]),  # (d_out, 8B): row i of column j at [j, i]
-        h.make_node("Cast", ["bits_u8"], ["bits"], to=TensorProto.INT32),
-        # s = non-zeros per column (the same in every column); TopK on (width − i)·bit lists set rows ascending
+        h.make_node("Reshape", ["bits3", "flat2"], ["bits"]),  # (d_out, 8B): row i of column j at [j, i]
+        # s = non-zeros per column (the same in every column)
         h.make_node("Slice", ["bits", "first", "one"], ["col0"]),
         h.make_node("ReduceSum", ["col0"], ["s"], keepdims=0),
         h.make_node("Cast", ["s"], ["s64"], to=TensorProto.INT64),
         h.make_node("Reshape", ["s64", "one"], ["s1"]),
-        h.make_node("Shape", ["bits"], ["bshape"]),
-        h.make_node("Slice", ["bshape", "one", "two"], ["width"]),
-        h.make_node("Squeeze", ["width"], ["width_s"]),
-        h.make_node("Cast", ["width_s"], ["width32"], to=TensorProto.INT32),
-        h.make_node("Constant", [], ["zero32"], value=h.make_tensor("zero32", TensorProto.INT32, [], [0])),
-        h.make_node("Constant", [], ["minus1_32"], value=h.make_tensor("minus1_32", TensorProto.INT32, [], [-1])),
-        h.make_node("Range", ["width32", "zero32", "minus1_32"], ["descending"]),  # width, …, 1
-        h.make_node("Mul", ["bits", "descending"], ["score"]),
-        h.make_node("TopK", ["score", "s1"], ["_", "rows2"], axis=-1, largest=1, sorted=1),  # (d_out, s) ascending i
-        h.make_node("Transpose", ["rows2"], ["rowsT"], perm=[1, 0]),
-        h.make_node("Cast", ["rowsT"], ["indices"], to=TensorProto.INT32),
+        h.make_node("TopK", ["bits", "s1"], ["_", "rows2"], axis=-1, largest=1, sorted=1),  # (d_out, s) ascending
+        h.make_node("Transpose", ["rows2"], ["indices"], perm=[1, 0]),
     ]
     return h.make_function(DOMAIN, "ColumnMaskToIndices", ["mask"], ["indices"], nodes,
                            opset_imports=[h.make_opsetid("", 18)])
@@ -132,6 +124,25 @@ def _attr_scalar(name: str, attr: str) -> onnx.NodeProto:
     a.name, a.ref_attr_name, a.type = "value_int", attr, onnx.AttributeProto.INT
     node.attribute.append(a)
     return node
+
+
+def _byte_unpack_nodes(src: str, out: str) -> list:
+    """Nodes reading src: uint8 (..., B) packed at a width `bits` dividing 8 as out: uint8 (..., B·8/bits) codes:
+    each byte shifted right by 0, bits, 2·bits, … and masked (uint8 throughout: few, small folded tensors)."""
+    p = f"{out}_"
+    return [
+        h.make_node("Range", ["zero_s", "eight_s", "bits"], [p + "shifts64"]),  # 0, bits, 2·bits, … < 8
+        h.make_node("Cast", [p + "shifts64"], [p + "shifts"], to=TensorProto.UINT8),
+        h.make_node("Sub", ["levels", "one_s"], [p + "maskv"]),
+        h.make_node("Cast", [p + "maskv"], [p + "mask8"], to=TensorProto.UINT8),
+        h.make_node("Unsqueeze", [src, "minus1"], [p + "u"]),
+        h.make_node("BitShift", [p + "u", p + "shifts"], [p + "sh"], direction="RIGHT"),
+        h.make_node("BitwiseAnd", [p + "sh", p + "mask8"], [p + "m"]),
+        h.make_node("Shape", [src], [p + "shape"]),
+        h.make_node("Slice", [p + "shape", "zero", "minus1"], [p + "lead"]),
+        h.make_node("Concat", [p + "lead", "minus1"], [p + "flat"], axis=0),
+        h.make_node("Reshape", [p + "m", p + "flat"], [out]),
+    ]
 
 
 def _unpack_nodes(src: str, out: str) -> list:
@@ -163,7 +174,10 @@ def _unpack_nodes(src: str, out: str) -> list:
     ]
 
 
-def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
+def dequantize_blocks(sym: bool, any_width: bool = False) -> onnx.FunctionProto:
+    """DequantizeBlocks[Sym] (widths dividing 8, uint8 unpacking) or DequantizeBlocksAnyWidth[Sym] (the 16-bit
+    window, any width; its folded intermediates are int32, so it is used only where the first cannot be)."""
+    unpack = _unpack_nodes if any_width else _byte_unpack_nodes
     nodes = [
         _attr_scalar("bits", "bits"),
         _attr_scalar("group_s", "group"),
@@ -185,7 +199,7 @@ def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
         h.make_node("Pow", ["two_s", "bits"], ["levels"]),
         h.make_node("Cast", ["levels"], ["levels32"], to=TensorProto.INT32),
         # codes: (N, nb, blob) → (N, nb, block_len) → [..., :group]
-        *_unpack_nodes("qweight", "codes_all"),
+        *unpack("qweight", "codes_all"),
         h.make_node("Shape", ["qweight"], ["qshape"]),
         h.make_node("Slice", ["codes_all", "zero", "group", "minus1"], ["codes"]),
         h.make_node("CastLike", ["codes", "scales"], ["codesT"]),
@@ -198,7 +212,7 @@ def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
         ]
     else:
         nodes += [
-            *_unpack_nodes("zeros", "zall"),
+            *unpack("zeros", "zall"),
             h.make_node("Slice", ["qshape", "one", "two"], ["nb"]),
             h.make_node("Slice", ["zall", "zero", "nb", "one"], ["zcut"]),  # (N, nb)
             h.make_node("Unsqueeze", ["zcut", "minus1"], ["zcut3"]),
@@ -214,7 +228,7 @@ def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
         h.make_node("Slice", ["rows", "zero", "K", "one"], ["cut"]),
         h.make_node("Transpose", ["cut"], ["M"], perm=[1, 0]),
     ]
-    name = "DequantizeBlocksSym" if sym else "DequantizeBlocks"
+    name = "DequantizeBlocks" + ("AnyWidth" if any_width else "") + ("Sym" if sym else "")
     inputs = ["qweight", "scales"] + ([] if sym else ["zeros"])
     return h.make_function(DOMAIN, name, inputs, ["M"], nodes, opset_imports=[h.make_opsetid("", 18)],
                            attributes=["bits", "group", "K"])
@@ -222,8 +236,8 @@ def dequantize_blocks(sym: bool) -> onnx.FunctionProto:
 
 def functions(body: str, opset: int = 18) -> dict[str, onnx.FunctionProto]:
     """Every op of the domain, by name, with the chosen SparseCodesMatMul body; bodies import the model's opset."""
-    fs = [sparse_codes_matmul(body), column_mask_to_indices(), dequantize_blocks(False),
-          dequantize_blocks(True)]
+    fs = [sparse_codes_matmul(body), column_mask_to_indices(), dequantize_blocks(False), dequantize_blocks(True),
+          dequantize_blocks(False, True), dequantize_blocks(True, True)]
     for f in fs:
         del f.opset_import[:]
         f.opset_import.append(h.make_opsetid("", opset))

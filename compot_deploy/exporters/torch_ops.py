@@ -45,12 +45,12 @@ def _absent(v) -> bool:
 class ColumnMaskToIndices(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mask, module: CompotLinear):
-        return module.code_indices().to(torch.int32)
+        return module.code_indices().to(torch.int64)
 
     @staticmethod
     def symbolic(g, mask, module):
         out = g.op(f"{DOMAIN}::ColumnMaskToIndices", mask)
-        return out.setType(mask.type().with_dtype(torch.int32).with_sizes([module.s, module.out_features]))
+        return out.setType(mask.type().with_dtype(torch.int64).with_sizes([module.s, module.out_features]))
 
 
 class DequantizeBlocks(torch.autograd.Function):
@@ -61,10 +61,11 @@ class DequantizeBlocks(torch.autograd.Function):
     @staticmethod
     def symbolic(g, qweight, scales, zeros, meta):
         attrs = dict(bits_i=meta.bits, group_i=meta.group, K_i=meta.K)
+        op = f"{DOMAIN}::DequantizeBlocks" + ("" if 8 % meta.bits == 0 else "AnyWidth")
         if _absent(zeros):
-            out = g.op(f"{DOMAIN}::DequantizeBlocksSym", qweight, scales, **attrs)
+            out = g.op(op + "Sym", qweight, scales, **attrs)
         else:
-            out = g.op(f"{DOMAIN}::DequantizeBlocks", qweight, scales, zeros, **attrs)
+            out = g.op(op, qweight, scales, zeros, **attrs)
         return out.setType(scales.type().with_sizes([meta.K, meta.N]))
 
 
