@@ -183,7 +183,8 @@ def main(argv=None) -> int:
             m, _ = load_model(model_dir)
             t0 = time.perf_counter()
             entries = joint_build(m, profile, round(frac * profile.dense_linear_bytes), jcfg, False, methods)
-            return save_with_report(m, tok, out, model_dir, jcfg.model_dump(mode="json"), "float16", profile.targets,
+            cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"target_ratio": frac})})
+            return save_with_report(m, tok, out, model_dir, cfg.model_dump(mode="json"), "float16", profile.targets,
                                     entries, {"build": time.perf_counter() - t0}, 0, t0, False, model_dir)
 
         label = f"budget {frac:.4f}" + (f" (= {peer})" if peer else "")
