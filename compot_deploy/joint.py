@@ -6,16 +6,15 @@ factors at each byte ratio, stored at the storage dtype or GPTQ-quantized. Each 
 ‖Lᵀ(W − Ŵ)‖² / ‖LᵀW‖² = tr(EᵀGE) / tr(WᵀGW), measured by building the candidate with the same code the final
 model is built with. Layers do not matter equally (on MiniLM a probe error moves the final hidden states 300×
 more through the last FFN output than through an early query), so each layer's errors are weighted by its
-measured sensitivity (`sensitivities`): that lifted the allocator at 0.2 × fp16 bytes from cosine 0.856 to 0.934,
-at 0.136 × from 0.708 to 0.800. Candidates are measured on the original model's Grams, each layer on its own (layers stay
-independent); the chosen ones are then built block by block on the outputs of the blocks already compressed, as
-plain GPTQ does, so a choice that is one family everywhere reproduces that family's model exactly.
+measured sensitivity (`sensitivities`): that lifted the allocator at 0.2 × fp16 bytes from cosine 0.856 to
+0.934, at 0.136 × from 0.708 to 0.800. Candidates are measured on the original model's Grams, each layer on its
+own (layers stay independent); the chosen ones are then built block by block on the outputs of the blocks already
+compressed, as plain GPTQ does, so a choice that is one family everywhere reproduces that family's model exactly.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 
 from . import allocation as alloc
@@ -25,8 +24,6 @@ from .errors import CompotError
 from .factorize import LayerPlan, plan_layer
 from .models import Target, dense_weight
 from .pipeline import _round, compress_layer
-
-log = logging.getLogger(__name__)
 
 # safetensors header bytes reserved per stored tensor when the budget is a whole-file size (names, dtype, shape,
 # offsets in JSON: ~70–110 bytes each on the models measured)
