@@ -247,13 +247,15 @@ class JointProfile:
     seconds: float
 
 
-def joint_profile(model, tokenizer, cfg: CompressConfig, progress: bool = True) -> JointProfile:
-    """Calibrate `model` and measure every joint candidate of every layer (joint.py); the model is left as it was."""
+def joint_profile(model, tokenizer, cfg: CompressConfig, progress: bool = True,
+                  targets: list[Target] | None = None) -> JointProfile:
+    """Calibrate `model` and measure every joint candidate of every layer (joint.py); the model is left as it was.
+    targets: the linears to compress, when already found."""
     from . import joint
 
     t0 = time.perf_counter()
     a, f = cfg.allocation, cfg.factorize
-    targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
+    targets = targets or find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     batches = calibration_batches(tokenizer, cfg.calibration, is_causal_lm(model))
     grams = calibrate(model, batches, targets, progress=progress)
     cands = joint.measure(model, targets, grams, a.joint, f, progress)
@@ -295,7 +297,7 @@ def joint_in_memory(model, tokenizer, cfg: CompressConfig, progress: bool = True
     targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     n_tensors = len({t.data_ptr() for t in model.state_dict().values()})
     budget = joint.budget_bytes(cfg.allocation, targets, _dense_model_bytes(model, vb), n_tensors, vb)  # fail early
-    profile = joint_profile(model, tokenizer, cfg, progress)
+    profile = joint_profile(model, tokenizer, cfg, progress, targets)
     t0 = time.perf_counter()
     entries = joint_build(model, profile, budget, cfg, progress)
     return profile.targets, entries, {"allocate": profile.seconds, "factorize": time.perf_counter() - t0}
