@@ -60,6 +60,11 @@ def compot_bytes(d_in: int, d_out: int, k: int, s: int, vbytes: int, bias: bool)
             + (d_out * vbytes if bias else 0))
 
 
+def linears_dense_bytes(targets, vbytes: int) -> int:
+    """Dense bytes of every linear in `targets` (anything with d_in, d_out, bias), biases included."""
+    return sum(dense_bytes(t.d_in, t.d_out, vbytes, t.bias) for t in targets)
+
+
 def lowrank_bytes(d_in: int, d_out: int, r: int, vbytes: int, bias: bool) -> int:
     """Stored bytes of a rank-r linear A (d_in, r) · B (r, d_out) plus bias."""
     return r * (d_in + d_out) * vbytes + (d_out * vbytes if bias else 0)

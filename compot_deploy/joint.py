@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass
 
 from . import allocation as alloc
-from .budget import dense_bytes, value_bytes
+from .budget import dense_bytes, linears_dense_bytes, value_bytes
 from .config import AllocationConfig, FactorizeConfig, JointConfig, QuantizeConfig
 from .errors import CompotError
 from .factorize import LayerPlan, plan_layer
@@ -180,7 +180,7 @@ def budget_bytes(a: AllocationConfig, targets: list[Target], dense_model: int, n
     """Bytes the target linears may take: target_ratio × their dense bytes, or target_bytes less what everything
     else in the weights file takes (the other tensors at the storage dtype, and the header). n_tensors: tensors the
     original stores."""
-    dense_lin = sum(dense_bytes(t.d_in, t.d_out, vb, t.bias) for t in targets)
+    dense_lin = linears_dense_bytes(targets, vb)
     if a.target_ratio is not None:
         return a.target_ratio * dense_lin
     header = HEADER_BYTES_PER_TENSOR * (n_tensors + 6 * len(targets))  # a factorized, quantized layer: ≤ 7 tensors

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import allocation as alloc
-from .budget import dense_bytes, ratio, value_bytes
+from .budget import dense_bytes, linears_dense_bytes, ratio, value_bytes
 from .calibration import Gram, calibrate, load_texts, make_batches, make_samples
 from .artifact import check_output_dir
 from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
@@ -90,7 +90,7 @@ def allocate(model, targets: list[Target], grams: dict[str, Gram], cfg: Compress
         if not layer:
             raise CompotError(f"{t.name}: no allocation candidate inside the layer ratio range")
         cands.append(list(layer.values()))
-    budget = (1.0 - a.ratio) * sum(dense_bytes(t.d_in, t.d_out, vb, t.bias) for t in targets)
+    budget = (1.0 - a.ratio) * linears_dense_bytes(targets, vb)
     try:
         picks = alloc.mckp(cands, budget)
     except ValueError as e:
@@ -266,7 +266,7 @@ def joint_profile(model, tokenizer, cfg: CompressConfig, progress: bool = True,
         cands = joint.weighted(cands, weights)
     vb = value_bytes(f.dtype)
     return JointProfile(targets, batches, cands, weights,
-                        sum(dense_bytes(t.d_in, t.d_out, vb, t.bias) for t in targets), time.perf_counter() - t0)
+                        linears_dense_bytes(targets, vb), time.perf_counter() - t0)
 
 
 def joint_build(model, profile: JointProfile, budget: float, cfg: CompressConfig, progress: bool = True,

@@ -186,18 +186,23 @@ def dequantize_blocks(sym: bool, any_width: bool = False) -> onnx.FunctionProto:
         _c("one", [1]),
         _c("two", [2]),
         _c("minus1", [-1]),
-        _c("eight", [8]),
-        _c("pad_tail", [0, 1]),
         _scalar("zero_s", 0),
         _scalar("one_s", 1),
         _scalar("two_s", 2),
         _scalar("eight_s", 8),
-        h.make_node("Constant", [], ["c256"], value=h.make_tensor("c256", TensorProto.INT32, [], [256])),
         h.make_node("Unsqueeze", ["group_s", "zero"], ["group"]),
         h.make_node("Unsqueeze", ["K_s", "zero"], ["K"]),
-        h.make_node("Unsqueeze", ["bits", "zero"], ["bits1"]),
         h.make_node("Pow", ["two_s", "bits"], ["levels"]),
-        h.make_node("Cast", ["levels"], ["levels32"], to=TensorProto.INT32),
+    ]
+    if any_width:  # what the 16-bit window reads with
+        nodes += [
+            _c("eight", [8]),
+            _c("pad_tail", [0, 1]),
+            h.make_node("Constant", [], ["c256"], value=h.make_tensor("c256", TensorProto.INT32, [], [256])),
+            h.make_node("Unsqueeze", ["bits", "zero"], ["bits1"]),
+            h.make_node("Cast", ["levels"], ["levels32"], to=TensorProto.INT32),
+        ]
+    nodes += [
         # codes: (N, nb, blob) → (N, nb, block_len) → [..., :group]
         *unpack("qweight", "codes_all"),
         h.make_node("Shape", ["qweight"], ["qshape"]),
