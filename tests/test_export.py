@@ -18,6 +18,7 @@ from compot_deploy.config import (AllocationConfig, CalibrationConfig, CompressC
                                   QuantizeConfig, ValidateConfig)
 from compot_deploy.exporters import ops
 from compot_deploy.exporters.onnx_export import export_dir
+from compot_deploy.exporters.torch_ops import bit_planes, plane_indices
 from compot_deploy.exporters.validate import GateFailed, validate_export
 from compot_deploy.modules import CompotLinear, sparse_codes_matmul
 from compot_deploy.pipeline import quantize_dir
@@ -43,20 +44,24 @@ def _session(nodes, inits, inputs, outputs, body="folded"):
 
 @pytest.mark.parametrize("body", ops.BODIES)
 @pytest.mark.parametrize("position", ["bitmask", "uint8"])
-def test_sparse_codes_matmul_matches_torch(body, position):
+@pytest.mark.parametrize("values_dtype", [np.float32, np.float16])  # float16: values read at the storage dtype
+def test_sparse_codes_matmul_matches_torch(body, position, values_dtype):
     torch.manual_seed(0)
     d_out, k, s = 24, 20, 10 if position == "bitmask" else 3  # k/s = 2 → bitmask, k/s ≈ 7 → index list
     idx = torch.stack([torch.randperm(k)[:s] for _ in range(d_out)], 1)
     m = CompotLinear.from_factors(torch.randn(8, k), torch.randn(s, d_out), idx, None)
     assert m.position == position
     if position == "bitmask":
-        nodes = [h.make_node("ColumnMaskToIndices", ["pos"], ["idx"], domain=ops.DOMAIN)]
-        pos = m.mask.numpy()
+        nodes = [h.make_node("ColumnMaskToIndices", ["pos"], ["idx"], domain=ops.DOMAIN, s=s)]
+        pos = bit_planes(m.mask, k).numpy()
+        assert torch.equal(plane_indices(torch.from_numpy(pos), s), m.code_indices())  # what the tracer records
     else:
         nodes = [h.make_node("Identity", ["pos"], ["idx"])]
         pos = m.indices.numpy()
     nodes.append(h.make_node("SparseCodesMatMul", ["z", "values", "idx"], ["y"], domain=ops.DOMAIN, k=k))
-    inits = [numpy_helper.from_array(pos, "pos"), numpy_helper.from_array(m.values.data.numpy(), "values")]
+    vals = m.values.data.numpy().astype(values_dtype)
+    m.values.data = torch.from_numpy(vals.astype(np.float32))  # the reference at the values' precision
+    inits = [numpy_helper.from_array(pos, "pos"), numpy_helper.from_array(vals, "values")]
     idx_type = TensorProto.INT64 if position == "bitmask" else TensorProto.UINT8
     sess = _session(nodes, inits, ["z"], [("y", TensorProto.FLOAT, ["a", "b", "d"]), ("idx", idx_type, ["s", "d"])], body)
     for n in (1, 7, 40):

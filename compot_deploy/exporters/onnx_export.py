@@ -167,9 +167,16 @@ def _store_initializers(model_proto, storage_dtype: str) -> int:
     return n
 
 
-def _cast_after_gather(model_proto) -> int:
-    """Where a stored-dtype table is only read by Gather (embeddings), gather first and cast the rows: the table
-    then stays at the storage dtype in memory instead of being widened to float32 at session start."""
+# (op, input) pairs that read a stored-dtype tensor as well as its float32 cast: Gather's table (the rows are cast
+# after gathering) and SparseCodesMatMul's values (its body scatters them at their own dtype and widens C once;
+# ORT's CPU EP has no bfloat16 Expand/ScatterElements, so bfloat16 values keep their cast)
+_READS_STORED = {"float16": {("Gather", 0), ("SparseCodesMatMul", 1)}, "bfloat16": {("Gather", 0)}}
+
+
+def _narrow_reads(model_proto, storage_dtype: str) -> int:
+    """Where every reader of a storage cast is in _READS_STORED[storage_dtype], let it read the stored tensor and drop the cast:
+    the stored tensor is then never widened whole to float32 at session start (an embedding table stays at the
+    storage dtype in memory; the sparse codes' values add no folded float32 copy). Returns the casts dropped."""
     from onnx import helper
 
     graph = model_proto.graph
@@ -177,25 +184,25 @@ def _cast_after_gather(model_proto) -> int:
     for node in graph.node:
         for i, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, i))
-    moved, drop = 0, []
+    drop = []
     for cast in list(graph.node):
         if cast.op_type != "Cast" or not cast.name.startswith("cast_"):
             continue
         users = consumers.get(cast.output[0], [])
-        if not users or any(n.op_type != "Gather" or i != 0 for n, i in users):
+        if not users or any((n.op_type, i) not in _READS_STORED.get(storage_dtype, set()) for n, i in users):
             continue
-        for gather, _ in users:
-            out = gather.output[0]
-            gather.input[0] = cast.input[0]
-            gather.output[0] = out + ".stored"
-            graph.node.insert(list(graph.node).index(gather) + 1,
-                              helper.make_node("Cast", [out + ".stored"], [out], to=cast.attribute[0].i,
-                                               name=f"{cast.name}_rows"))
+        for node, i in users:
+            node.input[i] = cast.input[0]
+            if node.op_type == "Gather":
+                out = node.output[0]
+                node.output[0] = out + ".stored"
+                graph.node.insert(list(graph.node).index(node) + 1,
+                                  helper.make_node("Cast", [out + ".stored"], [out], to=cast.attribute[0].i,
+                                                   name=f"{cast.name}_rows"))
         drop.append(cast)
-        moved += 1
     for cast in drop:
         graph.node.remove(cast)
-    return moved
+    return len(drop)
 
 
 def _dedupe_initializers(model_proto) -> int:
@@ -348,7 +355,7 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
     fn_names = _add_functions(proto, body, opset)
     n_dup = _dedupe_initializers(proto)
     n_low = _store_initializers(proto, storage_dtype)
-    _cast_after_gather(proto)
+    _narrow_reads(proto, storage_dtype)
     proto.ir_version = max(proto.ir_version, 8)
     proto.producer_name, proto.producer_version = "compot-deploy", _version()
     meta = {"compot.sparse_body": body, "compot.kind": spec.kind, "compot.storage_dtype": storage_dtype}

@@ -4,9 +4,10 @@ Stock ONNX Runtime inlines a model's local functions at load, so a model using t
 library. Ops (version 1 of the domain):
 
 SparseCodesMatMul(z, values, indices; k) -> y
-    z: T (..., k) · values: T (s, d_out) · indices: int32/int64/uint8/uint16 (s, d_out), the row of C holding
-    values[t, j] · attribute k: rows of C → y: T (..., d_out), y[..., j] = Σ_t z[..., indices[t, j]] · values[t, j],
-    i.e. y = z C for the column-sparse C (k, d_out). The body is fixed when the model is written (`--sparse-body`):
+    z: T (..., k) · values: V (s, d_out) (the storage dtype; read as is, no float32 copy) · indices: int32/int64/
+    uint8/uint16 (s, d_out), the row of C holding values[t, j] · attribute k: rows of C → y: T (..., d_out),
+    y[..., j] = Σ_t z[..., indices[t, j]] · values[t, j], i.e. y = z C for the column-sparse C (k, d_out). The body
+    is fixed when the model is written (`--sparse-body`):
       "folded": ScatterElements into a (k, d_out) block whose shape is constant, then MatMul. Every input is an
                 initializer, so ONNX Runtime builds the dense C once, at session start (float32, k·d_out).
       "dense":  the same scatter, but the block's shape is read from z at run time: C is rebuilt on every call
@@ -15,10 +16,12 @@ SparseCodesMatMul(z, values, indices; k) -> y
     Measured on ONNX Runtime's CPU EP (MiniLM, ratio 0.3, benchmarks/results/sparse_body.md): folded is the
     fastest at every batch × sequence shape, so it is the default; the Gather/ReduceSum kernels make "gather"
     several times slower even at one token.
-ColumnMaskToIndices(mask) -> indices
-    mask: uint8 (d_out, ⌈k/8⌉), bit i of column j (byte i // 8, bit i % 8, low bit first) set when C[i, j] ≠ 0, every
-    column holding the same count s → indices: int64 (s, d_out), ascending within a column. Its input is an
-    initializer, so ONNX Runtime folds it once at session start.
+ColumnMaskToIndices(planes; s) -> indices
+    planes: uint8 (B, d_out), B = ⌈k/8⌉, the column bitmask in bit planes: row r of C is bit r // B of byte
+    [r % B, j] (`torch_ops.bit_planes` writes it from the stored mask; same bytes) · attribute s: the non-zeros
+    of every column → indices: int64 (s, d_out), ascending within a column. Its input is an initializer, so
+    ONNX Runtime folds it once at session start; the plane layout makes the unpacked bits come out as (8B, d_out)
+    rows directly, with no transpose.
 DequantizeBlocks(qweight, scales, zeros) -> M  and  DequantizeBlocksSym(qweight, scales) -> M
     The packed layout of ORT's MatMulNBits (quantize/packing.py): qweight uint8 (N, n_blocks, blob), scales T
     (N, n_blocks), zeros uint8 (N, ⌈n_blocks·bits/8⌉), or 2^(bits−1) for the Sym op. Attributes bits (2, 3, 4, 8),
@@ -44,15 +47,17 @@ def _c(name: str, values, dtype=TensorProto.INT64):
 def _gather_body(z: str, values: str, idx: str, y: str) -> list:
     return [
         h.make_node("Gather", [z, idx], ["zg"], axis=-1),  # (..., s, d_out)
-        h.make_node("Mul", ["zg", values], ["prod"]),
+        h.make_node("CastLike", [values, z], ["valuesT"]),
+        h.make_node("Mul", ["zg", "valuesT"], ["prod"]),
         _c("axis", [-2]),
         h.make_node("ReduceSum", ["prod", "axis"], [y], keepdims=0),
     ]
 
 
 def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str) -> list:
-    """C = the codes scattered into zeros (k, d_out), then y = z C. k_from "input": k read from z at run time (C
-    rebuilt per call); "attribute": k from the op's attribute, every input constant, so ORT folds C at load."""
+    """C = the codes scattered into zeros (k, d_out) at the values' dtype, widened to z's, then y = z C. k_from
+    "input": k read from z at run time (C rebuilt per call); "attribute": k from the op's attribute, every input
+    constant, so ORT folds C at load."""
     if k_from == "input":
         k_nodes = [h.make_node("Shape", [z], ["zshape"]), _c("last", [-1]),
                    h.make_node("Gather", ["zshape", "last"], ["k"], axis=0)]
@@ -65,8 +70,9 @@ def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str) -> list:
         h.make_node("Concat", ["k", "dout"], ["cshape"], axis=0),
         h.make_node("Constant", [], ["zero"], value=h.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
         h.make_node("CastLike", ["zero", values], ["zeroT"]),
-        h.make_node("Expand", ["zeroT", "cshape"], ["zeros"]),  # one (k, d_out) block, not two
-        h.make_node("ScatterElements", ["zeros", idx, values], ["C"], axis=0),
+        h.make_node("Expand", ["zeroT", "cshape"], ["zeros"]),
+        h.make_node("ScatterElements", ["zeros", idx, values], ["Cv"], axis=0),
+        h.make_node("CastLike", ["Cv", z], ["C"]),
         h.make_node("MatMul", [z, "C"], [y]),
     ]
 
@@ -74,7 +80,8 @@ def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str) -> list:
 def sparse_codes_matmul(body: str) -> onnx.FunctionProto:
     if body not in BODIES:
         raise ValueError(f"body must be one of {BODIES}, got {body!r}")
-    nodes = [h.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT32)]
+    # int64 indices pass through (ORT drops a Cast to the same type before folding); stored lists widen
+    nodes = [h.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT64)]
     if body == "folded":
         nodes += _scatter_body("z", "values", "idx", "y", k_from="attribute")
     elif body == "gather":
@@ -91,30 +98,28 @@ def _scalar(name: str, value: int):
 
 def column_mask_to_indices() -> onnx.FunctionProto:
     # Every node of a folded chain stays in memory until ORT's constant folding ends (benchmarks/fold_peak.py), so
-    # the chain is kept short: a 256 × 8 lookup table unpacks the bits straight to int32, and TopK, which breaks
-    # ties by the lower index (ONNX spec), lists each column's set rows in ascending order.
-    lut = [(b >> i) & 1 for b in range(256) for i in range(8)]
+    # the chain is short and narrow: an (8, 256) uint8 table unpacks the planes to (8, B, d_out) bits, one reshape
+    # makes them C's rows, and TopK, which breaks ties by the lower index (ONNX spec), lists each column's set
+    # rows in ascending order.
+    lut = [(v >> i) & 1 for i in range(8) for v in range(256)]
     nodes = [
-        h.make_node("Constant", [], ["lut"], value=h.make_tensor("lut", TensorProto.INT32, [256, 8], lut)),
-        _c("first", [0]),
+        h.make_node("Constant", [], ["lut"], value=h.make_tensor("lut", TensorProto.UINT8, [8, 256], lut)),
+        _attr_scalar("s_s", "s"),
+        _c("zero", [0]),
         _c("one", [1]),
+        _c("two", [2]),
         _c("minus1", [-1]),
-        h.make_node("Cast", ["mask"], ["mask32"], to=TensorProto.INT32),  # Gather takes int32/int64 indices
-        h.make_node("Gather", ["lut", "mask32"], ["bits3"], axis=0),  # (d_out, B, 8)
-        h.make_node("Shape", ["mask"], ["mshape"]),
-        h.make_node("Slice", ["mshape", "first", "one"], ["dout"]),
-        h.make_node("Concat", ["dout", "minus1"], ["flat2"], axis=0),
-        h.make_node("Reshape", ["bits3", "flat2"], ["bits"]),  # (d_out, 8B): row i of column j at [j, i]
-        # s = non-zeros per column (the same in every column)
-        h.make_node("Slice", ["bits", "first", "one"], ["col0"]),
-        h.make_node("ReduceSum", ["col0"], ["s"], keepdims=0),
-        h.make_node("Cast", ["s"], ["s64"], to=TensorProto.INT64),
-        h.make_node("Reshape", ["s64", "one"], ["s1"]),
-        h.make_node("TopK", ["bits", "s1"], ["_", "rows2"], axis=-1, largest=1, sorted=1),  # (d_out, s) ascending
-        h.make_node("Transpose", ["rows2"], ["indices"], perm=[1, 0]),
+        h.make_node("Unsqueeze", ["s_s", "zero"], ["s"]),
+        h.make_node("Cast", ["planes"], ["planes32"], to=TensorProto.INT32),  # Gather takes int32/int64 indices
+        h.make_node("Gather", ["lut", "planes32"], ["bits3"], axis=1),  # (8, B, d_out)
+        h.make_node("Shape", ["planes"], ["pshape"]),
+        h.make_node("Slice", ["pshape", "one", "two"], ["dout"]),
+        h.make_node("Concat", ["minus1", "dout"], ["rows_shape"], axis=0),
+        h.make_node("Reshape", ["bits3", "rows_shape"], ["bits"]),  # (8B, d_out): row r = plane r // B, byte r % B
+        h.make_node("TopK", ["bits", "s"], ["_", "indices"], axis=0, largest=1, sorted=1),
     ]
-    return h.make_function(DOMAIN, "ColumnMaskToIndices", ["mask"], ["indices"], nodes,
-                           opset_imports=[h.make_opsetid("", 18)])
+    return h.make_function(DOMAIN, "ColumnMaskToIndices", ["planes"], ["indices"], nodes,
+                           opset_imports=[h.make_opsetid("", 18)], attributes=["s"])
 
 
 def _attr_scalar(name: str, attr: str) -> onnx.NodeProto:

@@ -14,7 +14,7 @@ import torch
 
 from ..budget import BITMASK
 from ..modules import CompotLinear, LowRankLinear, QuantLinear, sparse_codes_matmul
-from ..quantize.packing import PackedMeta, QuantTensor, dequantize_packed
+from ..quantize.packing import PackedMeta, QuantTensor, dequantize_packed, unpack_bits
 from .ops import DOMAIN
 
 
@@ -42,15 +42,33 @@ def _absent(v) -> bool:
     return v is None or (hasattr(v, "node") and v.node().mustBeNone())
 
 
+def bit_planes(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The stored column bitmask (d_out, ⌈k/8⌉) re-laid as ColumnMaskToIndices reads it: (B, d_out) uint8, row r
+    of C at bit r // B of byte [r % B, j]. Same bytes, same bits."""
+    d_out, B = mask.shape
+    bits = torch.zeros(d_out, 8 * B, dtype=torch.uint8, device=mask.device)
+    bits[:, :k] = unpack_bits(mask, 1, k)
+    planes = bits.T.reshape(8, B, d_out).to(torch.int32)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=mask.device)).reshape(8, 1, 1)
+    return (planes * weights).sum(0).to(torch.uint8)
+
+
+def plane_indices(planes: torch.Tensor, s: int) -> torch.Tensor:
+    """What ColumnMaskToIndices computes: bit planes (B, d_out) → (s, d_out) int64 set rows, ascending."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device).reshape(8, 1, 1)
+    bits = ((planes.unsqueeze(0) >> shifts) & 1).reshape(-1, planes.shape[1])  # (8B, d_out)
+    return bits.T.nonzero()[:, 1].reshape(planes.shape[1], s).T
+
+
 class ColumnMaskToIndices(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mask, module: CompotLinear):
-        return module.code_indices().to(torch.int64)
+    def forward(ctx, planes, module: CompotLinear):
+        return plane_indices(planes, module.s)  # from its input only: the tracer records the body too
 
     @staticmethod
-    def symbolic(g, mask, module):
-        out = g.op(f"{DOMAIN}::ColumnMaskToIndices", mask)
-        return out.setType(mask.type().with_dtype(torch.int64).with_sizes([module.s, module.out_features]))
+    def symbolic(g, planes, module):
+        out = g.op(f"{DOMAIN}::ColumnMaskToIndices", planes, s_i=module.s)
+        return out.setType(planes.type().with_dtype(torch.int64).with_sizes([module.s, module.out_features]))
 
 
 class DequantizeBlocks(torch.autograd.Function):
@@ -100,7 +118,7 @@ def matmul(x: torch.Tensor, t) -> torch.Tensor:
 def _compot_forward(self: CompotLinear, x):
     z = matmul(x, self.A)
     if self.position == BITMASK:
-        idx = ColumnMaskToIndices.apply(self.mask, self)
+        idx = ColumnMaskToIndices.apply(self.mask_planes, self)
     else:
         idx = self.indices
     y = SparseCodesMatMul.apply(z, as_matrix(self.values), idx, self.k)
@@ -122,16 +140,20 @@ _FORWARDS = {CompotLinear: _compot_forward, LowRankLinear: _lowrank_forward, Qua
 
 @contextlib.contextmanager
 def export_forwards(model: torch.nn.Module):
-    """Within the block, compressed modules of `model` trace to our ops; their eager forwards come back after.
-    Yields how many modules were switched."""
+    """Within the block, compressed modules of `model` trace to our ops (bitmasks exported as `mask_planes`, the
+    layout ColumnMaskToIndices reads); their eager forwards come back after. Yields how many modules were switched."""
     patched = []
     for mod in model.modules():
         fn = _FORWARDS.get(type(mod))
         if fn is not None:
             mod.forward = types.MethodType(fn, mod)
+            if isinstance(mod, CompotLinear) and mod.position == BITMASK:
+                mod.register_buffer("mask_planes", bit_planes(mod.mask, mod.k))
             patched.append(mod)
     try:
         yield len(patched)
     finally:
         for mod in patched:
             del mod.forward
+            if hasattr(mod, "mask_planes"):
+                del mod.mask_planes

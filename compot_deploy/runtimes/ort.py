@@ -30,6 +30,21 @@ def session(path: str | os.PathLike, device: str = "cpu", threads: int | None = 
     if threads:
         so.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), so, providers=PROVIDERS[device])
+        sess = ort.InferenceSession(str(path), so, providers=PROVIDERS[device])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception classes
         raise CompotError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+    release_free_heap()
+    return sess
+
+
+def release_free_heap() -> bool:
+    """Hand the heap that session start freed back to the OS (glibc's malloc_trim). ORT's constant folding frees
+    its intermediates only when it ends, and glibc keeps those pages: without this an ORT session's RSS after load
+    stays at its load peak (benchmarks/fold_peak.py). Returns False where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
