@@ -7,7 +7,8 @@ after the session is created, and VmRSS after glibc's malloc_trim(0) hands freed
 session really keeps). A synthetic model — one 10 MB float32 initializer through a chain of n foldable Mul
 nodes — shows ONNX Runtime's constant folding keeping every intermediate of a folded chain alive until the pass
 ends: the peak grows by ~10 MB per node although the folded result is one 10 MB tensor. Our function bodies
-(Cast, mask unpacking, scatter) are such chains, once per layer. Writes benchmarks/results/fold_peak.{json,md}.
+(mask unpacking, scatter, dequantization) are such chains, once per layer, so they are kept short and their
+intermediates narrow (exporters/ops.py). Writes benchmarks/results/fold_peak.{json,md}.
 """
 
 from __future__ import annotations

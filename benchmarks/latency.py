@@ -78,6 +78,24 @@ def rss_lines(report: dict, names, device: str) -> list[str]:
     return out
 
 
+def rss_ratio_lines(report: dict, pairs, device: str) -> list[str]:
+    """Peak RSS of num over den, per round (VmHWM and the psutil-sampled peak): median and range."""
+    import statistics
+
+    pick = {(r["label"], r["device"]): r for r in report["results"]}
+    out = []
+    for num, den in pairs:
+        a, b = pick.get((num, device)), pick.get((den, device))
+        if not a or not b:
+            continue
+        cells = []
+        for key in ("peak_rss_bytes", "peak_rss_sampled_bytes"):
+            r = [ra[key] / rb[key] for ra, rb in zip(a["rounds"], b["rounds"])]
+            cells.append(f"{statistics.median(r):.3f} | {min(r):.3f}–{max(r):.3f}")
+        out.append(f"| {num} / {den} | {device} | {' | '.join(cells)} |")
+    return out
+
+
 def write_summary(rep: dict, body: dict, devices, tag: str, out: Path, names, shapes, body_shapes) -> None:
     """latency_TAG.md (ratios with their spread, RSS) and latency_TAG.json (both raw reports)."""
     lines = [f"# Latency and memory: MiniLM ({tag})", "",
@@ -94,6 +112,11 @@ def write_summary(rep: dict, body: dict, devices, tag: str, out: Path, names, sh
               "| ratio | device | batch×seq | median | rounds range |", "|---|---|---|---:|---|"]
     for d in devices:
         lines += ratio_lines(body, [(f"ort_c03{s}", "ort_dense", body_shapes) for s in ("", "_dense", "_gather")], d)
+    lines += ["", "## Ratios of peak resident memory (whole process: load and every shape; median over rounds)", "",
+              "| ratio | device | VmHWM | rounds range | psutil sampled | rounds range |", "|---|---|---:|---|---:|---|"]
+    for d in devices:
+        lines += rss_ratio_lines(rep, [("ort_c03", "ort_dense"), ("ort_c03q4", "ort_dense"), ("ort_c03", "ort_dense16"),
+                                       ("ort_dense", "torch_dense"), ("ort_c03", "torch_c03")], d)
     lines += ["", "## Peak resident memory per process (MiB, one value per round)", "",
               "| model | device | after load | peak (VmHWM) | peak (psutil, sampled) | artifact MiB |",
               "|---|---|---|---|---|---:|"]
