@@ -232,3 +232,30 @@ def test_bfloat16_storage_exports_losslessly(tiny_dirs, tmp_path):
     assert man["graph"]["storage_dtype"] == "bfloat16" and man["graph"]["initializers_at_storage_dtype"] > 0
     assert man["bytes"]["onnx_over_safetensors"] <= 1.05
     assert validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=0))["passed"]
+
+
+@pytest.mark.parametrize("k,s,product", [(24, 12, True), (8, 4, False)])
+def test_compot_layer_exports_the_cheaper_form(k, s, product, tmp_path):
+    """W = A C folded at load where d_in·d_out ≤ k·(d_in + d_out), else x·A then the sparse codes; same outputs."""
+    from compot_deploy.exporters.torch_ops import export_forwards
+
+    torch.manual_seed(0)
+    d = 32
+    idx = torch.stack([torch.randperm(k)[:s] for _ in range(d)], 1)
+    m = CompotLinear.from_factors(torch.randn(d, k), torch.randn(s, d), idx, torch.randn(d))
+    path = tmp_path / "m.onnx"
+    with export_forwards(m), torch.no_grad():
+        torch.onnx.export(m, (torch.randn(2, d),), str(path), dynamo=False, opset_version=18, input_names=["x"],
+                          custom_opsets={ops.DOMAIN: 1}, dynamic_axes={"x": {0: "n"}})
+    proto = onnx.load(str(path))
+    shapes = sorted(tuple(i.dims) for i in proto.graph.initializer)  # the stored factors, no dense product
+    assert shapes == sorted([(d, k), (s, d), (d,), (-(-k // 8), d)])
+    order = [n.op_type for n in proto.graph.node if n.op_type in ("MatMul", "SparseCodesMatMul")]
+    assert order == (["SparseCodesMatMul", "MatMul"] if product else ["MatMul", "SparseCodesMatMul"])
+    for f in ops.functions("folded").values():
+        proto.functions.append(f)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, d)
+    np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], m(x).detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -342,7 +342,7 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
     try:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             raw = Path(tmp) / "raw.onnx"
-            with export_forwards(model) as n_compressed, torch.no_grad(), warnings.catch_warnings():
+            with export_forwards(model, fold_products=body == "folded") as n_compressed, torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, args, str(raw), dynamo=False, opset_version=opset,
                                   input_names=spec.inputs, output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,

@@ -8,7 +8,6 @@ tensors, so the exported initializers are the compact ones, never a densified or
 from __future__ import annotations
 
 import contextlib
-import types
 
 import torch
 
@@ -115,22 +114,33 @@ def matmul(x: torch.Tensor, t) -> torch.Tensor:
     return x @ as_matrix(t)
 
 
-def _compot_forward(self: CompotLinear, x):
-    z = matmul(x, self.A)
+def product_is_cheaper(d_in: int, d_out: int, k: int, *factors) -> bool:
+    """Whether ONNX Runtime should multiply by the factors' product W (d_in, d_out), built once at load, rather
+    than by the factors in turn: W takes d_in·d_out multiply-adds per row and as many float32 values in memory,
+    the factors k·(d_in + d_out). Packed factors keep MatMulNBits."""
+    return d_in * d_out <= k * (d_in + d_out) and not any(isinstance(f, QuantTensor) for f in factors)
+
+
+def _compot_forward(self: CompotLinear, x, fold_product: bool):
     if self.position == BITMASK:
         idx = ColumnMaskToIndices.apply(self.mask_planes, self)
     else:
         idx = self.indices
-    y = SparseCodesMatMul.apply(z, as_matrix(self.values), idx, self.k)
+    if fold_product and product_is_cheaper(self.in_features, self.out_features, self.k, self.A):
+        # W = A C through our op, so torch's exporter cannot fold it into a stored dense initializer
+        y = x @ SparseCodesMatMul.apply(self.A, as_matrix(self.values), idx, self.k)
+    else:
+        y = SparseCodesMatMul.apply(matmul(x, self.A), as_matrix(self.values), idx, self.k)
     return y + self.bias if self.bias is not None else y
 
 
-def _lowrank_forward(self: LowRankLinear, x):
+def _lowrank_forward(self: LowRankLinear, x, fold_product: bool):
+    # never cheaper as a product: r·(d_in + d_out) stored values already fit under the dense bytes
     y = matmul(matmul(x, self.A), self.B)
     return y + self.bias if self.bias is not None else y
 
 
-def _quant_forward(self: QuantLinear, x):
+def _quant_forward(self: QuantLinear, x, fold_product: bool):
     y = matmul(x, self.weight)
     return y + self.bias if self.bias is not None else y
 
@@ -138,15 +148,24 @@ def _quant_forward(self: QuantLinear, x):
 _FORWARDS = {CompotLinear: _compot_forward, LowRankLinear: _lowrank_forward, QuantLinear: _quant_forward}
 
 
+def _bound(fn, mod, fold_products: bool):
+    def forward(x):  # signature (x): the tracer reads it
+        return fn(mod, x, fold_products)
+
+    return forward
+
+
 @contextlib.contextmanager
-def export_forwards(model: torch.nn.Module):
+def export_forwards(model: torch.nn.Module, fold_products: bool = True):
     """Within the block, compressed modules of `model` trace to our ops (bitmasks exported as `mask_planes`, the
-    layout ColumnMaskToIndices reads); their eager forwards come back after. Yields how many modules were switched."""
+    layout ColumnMaskToIndices reads); their eager forwards come back after. fold_products: factors whose product
+    is cheaper to run (product_is_cheaper) are exported as that product, folded at load. Yields how many modules
+    were switched."""
     patched = []
     for mod in model.modules():
         fn = _FORWARDS.get(type(mod))
         if fn is not None:
-            mod.forward = types.MethodType(fn, mod)
+            mod.forward = _bound(fn, mod, fold_products)
             if isinstance(mod, CompotLinear) and mod.position == BITMASK:
                 mod.register_buffer("mask_planes", bit_planes(mod.mask, mod.k))
             patched.append(mod)
