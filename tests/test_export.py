@@ -234,6 +234,7 @@ def test_bfloat16_storage_exports_losslessly(tiny_dirs, tmp_path):
     assert validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=0))["passed"]
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("k,s,product", [(24, 12, True), (8, 4, False)])
 def test_compot_layer_exports_the_cheaper_form(k, s, product, tmp_path):
     """W = A C folded at load where d_in·d_out ≤ k·(d_in + d_out), else x·A then the sparse codes; same outputs."""
