@@ -174,9 +174,10 @@ _READS_STORED = {"float16": {("Gather", 0), ("SparseCodesMatMul", 1)}, "bfloat16
 
 
 def _narrow_reads(model_proto, storage_dtype: str) -> int:
-    """Where every reader of a storage cast is in _READS_STORED[storage_dtype], let it read the stored tensor and drop the cast:
-    the stored tensor is then never widened whole to float32 at session start (an embedding table stays at the
-    storage dtype in memory; the sparse codes' values add no folded float32 copy). Returns the casts dropped."""
+    """Where every reader of a storage cast is in _READS_STORED[storage_dtype], let it read the stored tensor and
+    drop the cast: the stored tensor is then never widened whole to float32 at session start (an embedding table
+    stays at the storage dtype in memory; the sparse codes' values add no folded float32 copy). Returns the casts
+    dropped."""
     from onnx import helper
 
     graph = model_proto.graph
@@ -342,7 +343,8 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
     try:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             raw = Path(tmp) / "raw.onnx"
-            with export_forwards(model, fold_products=body == "folded") as n_compressed, torch.no_grad(), warnings.catch_warnings():
+            fold = body == "folded"  # the other bodies exist to keep C out of memory
+            with export_forwards(model, fold) as n_compressed, torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, args, str(raw), dynamo=False, opset_version=opset,
                                   input_names=spec.inputs, output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
