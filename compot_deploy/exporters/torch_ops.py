@@ -13,7 +13,7 @@ import torch
 
 from ..budget import BITMASK
 from ..modules import CompotLinear, LowRankLinear, QuantLinear, sparse_codes_matmul
-from ..quantize.packing import PackedMeta, QuantTensor, dequantize_packed, unpack_bits
+from ..quantize.packing import PackedMeta, QuantTensor, dequantize_packed, pack_bits, unpack_bits
 from .ops import DOMAIN
 
 
@@ -47,15 +47,12 @@ def bit_planes(mask: torch.Tensor, k: int) -> torch.Tensor:
     d_out, B = mask.shape
     bits = torch.zeros(d_out, 8 * B, dtype=torch.uint8, device=mask.device)
     bits[:, :k] = unpack_bits(mask, 1, k)
-    planes = bits.T.reshape(8, B, d_out).to(torch.int32)
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=mask.device)).reshape(8, 1, 1)
-    return (planes * weights).sum(0).to(torch.uint8)
+    return pack_bits(bits.T.reshape(8, B, d_out).permute(1, 2, 0), 1).squeeze(-1)  # the 8 planes into one byte
 
 
 def plane_indices(planes: torch.Tensor, s: int) -> torch.Tensor:
     """What ColumnMaskToIndices computes: bit planes (B, d_out) → (s, d_out) int64 set rows, ascending."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device).reshape(8, 1, 1)
-    bits = ((planes.unsqueeze(0) >> shifts) & 1).reshape(-1, planes.shape[1])  # (8B, d_out)
+    bits = unpack_bits(planes.unsqueeze(-1), 1, 8).permute(2, 0, 1).reshape(-1, planes.shape[1])  # (8B, d_out)
     return bits.T.nonzero()[:, 1].reshape(planes.shape[1], s).T
 
 

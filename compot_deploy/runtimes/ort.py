@@ -42,9 +42,8 @@ def release_free_heap() -> bool:
     its intermediates only when it ends, and glibc keeps those pages: without this an ORT session's RSS after load
     stays at its load peak (benchmarks/fold_peak.py). Returns False where the C library has no malloc_trim."""
     import ctypes
-    import ctypes.util
 
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    try:  # the symbols already loaded into this process: no library search on every session
+        return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):
         return False
