@@ -119,11 +119,13 @@ def main(argv=None) -> int:
     import torch
 
     import compot_deploy
-    from compot_deploy.calibration import heldout_texts
+    from compot_deploy.calibrate.data import heldout_texts
     from compot_deploy.config import AllocationConfig, CompressConfig, QuantizeConfig
+    from compot_deploy.storage.budget import Budget, linear_budget
     from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
     from compot_deploy.models import default_model_dir, find_targets, load_model
-    from compot_deploy.pipeline import joint_build, joint_profile, quantize_dir, save_with_report
+    from compot_deploy.allocate import joint
+    from compot_deploy.compression import Compressed, quantize_dir, save
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -161,19 +163,19 @@ def main(argv=None) -> int:
                     lambda out, qc=qc: quantize_dir(model_dir, out, qc, progress=False))
     for r in [float(x) for x in args.compot_ratios.split(",")]:
         for bits in (4, 8):
-            cfg = CompressConfig(allocation=AllocationConfig(ratio=r), quantize=QuantizeConfig(bits=bits))
+            cfg = CompressConfig(allocation=AllocationConfig(budget=Budget(removed=r)), quantize=QuantizeConfig(bits=bits))
             saved_point(f"COMPOT + GPTQ {bits}-bit", f"COMPOT {r} + GPTQ {bits}-bit",
                         lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
     for r in (0.2, 0.3, 0.5):
-        cfg = CompressConfig(allocation=AllocationConfig(ratio=r))
+        cfg = CompressConfig(allocation=AllocationConfig(budget=Budget(removed=r)))
         saved_point("COMPOT fp16", f"COMPOT {r} fp16",
                     lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
     peers = list(rows)
 
     # the joint allocator: candidates measured once, then built at each budget
-    jcfg = CompressConfig(allocation=AllocationConfig(strategy="joint", target_ratio=0.2))
+    jcfg = CompressConfig(allocation=AllocationConfig(strategy="joint", budget=Budget(kept=0.2)))
     model, _ = load_model(model_dir)
-    profile = joint_profile(model, tok, jcfg, progress=False)
+    profile = joint.profile(model, tok, jcfg, progress=False)
     del model
     print(f"joint candidates: {sum(len(c) for c in profile.candidates)} over {len(profile.targets)} layers, "
           f"{profile.seconds:.0f}s", flush=True)
@@ -182,10 +184,12 @@ def main(argv=None) -> int:
         def run(out):
             m, _ = load_model(model_dir)
             t0 = time.perf_counter()
-            entries = joint_build(m, profile, round(frac * profile.dense_linear_bytes), jcfg, False, methods)
-            cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"target_ratio": frac})})
-            return save_with_report(m, tok, out, model_dir, cfg.model_dump(mode="json"), "float16", profile.targets,
-                                    entries, {"build": time.perf_counter() - t0}, 0, t0, False, model_dir)
+            budget = Budget(kept=frac)
+            records, stats = joint.build(m, profile, linear_budget(budget, profile.dense_linear_bytes), jcfg, False,
+                                         methods)
+            cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"budget": budget})})
+            result = Compressed(profile.targets, records, stats, {"build": time.perf_counter() - t0})
+            return save(m, tok, out, result, cfg.model_dump(mode="json"), "float16", 0, model_dir, model_dir, t0, False)
 
         label = f"budget {frac:.4f}" + (f" (= {peer})" if peer else "")
         rep = saved_point(family, label, run, budget=frac, peer=peer)

@@ -27,7 +27,7 @@ def build_artifacts(model: Path, work: Path, log) -> dict[str, Path]:
     from compot_deploy.config import CompressConfig, ExportConfig, QuantizeConfig
     from compot_deploy.exporters.onnx_export import export_dir
     from compot_deploy.models import load_model
-    from compot_deploy.pipeline import quantize_dir
+    from compot_deploy.compression import quantize_dir
 
     work.mkdir(parents=True, exist_ok=True)
     a = {"c03": work / "c03", "c03q4": work / "c03q4", "dense16": work / "dense16"}
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
         return 0
 
     from compot_deploy.bench import bench, write_reports
+    from compot_deploy.config import BenchConfig
     from compot_deploy.models import default_model_dir
 
     def log(m):
@@ -160,13 +161,15 @@ def main(argv=None) -> int:
     shapes = [(1, 16), (1, 128), (8, 128)]
     main_targets = [("torch_dense", model), ("torch_c03", a["c03"]), ("ort_dense", a["ort_dense"]),
                     ("ort_dense16", a["ort_dense16"]), ("ort_c03", a["ort_c03"]), ("ort_c03q4", a["ort_c03q4"])]
-    rep = bench([(n, str(p)) for n, p in main_targets], None, devices, shapes, args.warmup, args.repeat, args.rounds,
-                args.threads, progress=log)
+    cfg = BenchConfig(shapes=shapes, warmup=args.warmup, repeat=args.repeat, rounds=args.rounds, threads=args.threads,
+                      devices=devices)
+    rep = bench([(n, str(p)) for n, p in main_targets], cfg, progress=log)
     out = Path(args.out)
     paths = write_reports(rep, out / f"latency_{args.tag}")
     body_shapes = [(1, 1), (1, 16), (1, 128), (8, 128)]
-    body = bench([(n, str(a[n])) for n in ("ort_dense", "ort_c03", "ort_c03_dense", "ort_c03_gather")], ["ort"],
-                 devices, body_shapes, args.warmup, max(10, args.repeat // 5), args.rounds, args.threads, progress=log)
+    body_cfg = cfg.model_copy(update={"shapes": body_shapes, "repeat": max(10, args.repeat // 5), "backends": ("ort",)})
+    body = bench([(n, str(a[n])) for n in ("ort_dense", "ort_c03", "ort_c03_dense", "ort_c03_gather")], body_cfg,
+                 progress=log)
     paths += write_reports(body, out / f"sparse_body_{args.tag}")
 
     write_summary(rep, body, devices, args.tag, out, [n for n, _ in main_targets], shapes, body_shapes)

@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     import torch
 
     import compot_deploy
+    from compot_deploy.storage.budget import Budget
     from compot_deploy.config import AllocationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
-    from compot_deploy.pipeline import quantize_dir
+    from compot_deploy.compression import quantize_dir
     from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
     from compot_deploy.models import default_model_dir, load_model
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     if args.heldout:
         texts = [ln for ln in Path(args.heldout).read_text().splitlines() if ln.strip()]
     else:
-        from compot_deploy.calibration import heldout_texts
+        from compot_deploy.calibrate.data import heldout_texts
 
         texts = heldout_texts()
     orig, tok = load_model(model_dir)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                 for method in args.methods.split(","):
                     if method == "cospadi" and alloc != "dynamic":
                         continue
-                    cfg = CompressConfig(allocation=AllocationConfig(strategy=alloc, ratio=r),
+                    cfg = CompressConfig(allocation=AllocationConfig(strategy=alloc, budget=Budget(removed=r)),
                                          factorize=FactorizeConfig(method=method))
                     measure({"section": "factorize", "label": f"{method} {alloc} {r}", "ratio": r,
                              "allocation": alloc, "method": method},
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
                          "quant": qm, "bits": bits, "ratio": 0.0},
                         lambda out, qc=qc: quantize_dir(model_dir, out, qc, progress=False))
                 for r in ratios if (qm, bits) == ("gptq", 4) else [0.3]:
-                    cfg = CompressConfig(allocation=AllocationConfig(ratio=r), quantize=qc)
+                    cfg = CompressConfig(allocation=AllocationConfig(budget=Budget(removed=r)), quantize=qc)
                     measure({"section": "quantize", "label": f"compot {r} dynamic + {qm} {bits}-bit",
                              "method": "compot", "quant": qm, "bits": bits, "ratio": r},
                             lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))

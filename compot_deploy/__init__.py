@@ -3,12 +3,12 @@
 Heavy libraries (torch, transformers) are imported lazily, so `compot-deploy --help` stays fast.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - the public version
 
 
 def load(path):
     """Rebuild a compressed model saved by `compot-deploy compress` (float32, eval mode)."""
-    from .artifact import load as _load
+    from .storage.artifact import load as _load
 
     return _load(path)
 
@@ -16,6 +16,6 @@ def load(path):
 def compress(model_dir, out, config=None, **kwargs):
     """Compress `model_dir` into `out` with a CompressConfig (defaults when None); returns the report dict."""
     from .config import CompressConfig
-    from .pipeline import compress as _compress
+    from .compression import compress as _compress
 
     return _compress(model_dir, out, config or CompressConfig(), **kwargs)

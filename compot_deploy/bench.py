@@ -18,8 +18,6 @@ from pathlib import Path
 
 from .errors import CompotError
 
-DEFAULT_SHAPES = ((1, 16), (1, 128), (8, 128))
-
 
 # --------------------------------------------------------------------------------------------- in the worker
 
@@ -71,47 +69,21 @@ def _model_spec(path: Path, kind: str) -> dict:
     return {"vocab": text.get("vocab_size", 30000), "decoder": decoder, "token_type_ids": token_types}
 
 
-def _decode_ort(rt, spec, batch: int, seq: int, steps: int, warmup: int) -> list[float]:
-    import numpy as np
+def _decode_times(step, feed: dict, steps: int, warmup: int) -> list[float]:
+    """Seconds of each one-token decode call of greedy decoding after a prefill of `feed`'s input ids, the first
+    `warmup` calls left out. step: as runtimes.loader.greedy takes it."""
+    from .runtimes.loader import greedy
 
-    from .runtimes.ort import OrtDecoder
-
-    dec = OrtDecoder(rt.sess)
-    feed = _feed(spec, batch, seq)
-    pos = np.arange(seq, dtype=np.int64)[None].repeat(batch, 0)
-    _, past = dec.step(feed["input_ids"], feed["attention_mask"], pos, dec.empty_past(batch))
-    times, tok = [], feed["input_ids"][:, -1:]
-    for t in range(warmup + steps):
-        n = seq + t + 1
-        t0 = time.perf_counter()
-        logits, past = dec.step(tok, np.ones((batch, n), np.int64), np.full((batch, 1), n - 1, np.int64), past)
-        if t >= warmup:
-            times.append(time.perf_counter() - t0)
-        tok = logits[:, -1:].argmax(-1).astype(np.int64)
-    return times
-
-
-def _decode_torch(rt, spec, batch: int, seq: int, steps: int, warmup: int) -> list[float]:
-    import torch
-    from transformers import DynamicCache
-
-    feed = {k: torch.from_numpy(v).to(rt.device) for k, v in _feed(spec, batch, seq).items()}
-    cache = DynamicCache(config=rt.model.config)
     times = []
-    with torch.no_grad():
-        out = rt.model(**feed, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        for t in range(warmup + steps):
-            n = seq + t + 1
-            t0 = time.perf_counter()
-            out = rt.model(input_ids=tok, attention_mask=torch.ones(batch, n, dtype=torch.long, device=rt.device),
-                           past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            if rt.device == "cuda":
-                torch.cuda.synchronize()
-            if t >= warmup:
-                times.append(time.perf_counter() - t0)
-    return times
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        out = step(*args)
+        times.append(time.perf_counter() - t0)
+        return out
+
+    greedy(timed, feed["input_ids"], warmup + steps)
+    return times[1 + warmup:]
 
 
 def peak_rss_bytes() -> int:
@@ -130,7 +102,8 @@ def peak_rss_bytes() -> int:
 
 def measure(job: dict) -> dict:
     """Run in a worker: load the target, time every shape, report peak memory."""
-    from .runtimes import artifact_bytes, runtime
+    from .runtimes import artifact_bytes, runtime, torch_step
+    from .runtimes.ort import OrtDecoder
 
     path = Path(job["target"])
     t0 = time.perf_counter()
@@ -145,14 +118,12 @@ def measure(job: dict) -> dict:
         if spec["decoder"] and rt.kind == "ort":  # a prefill: positions 0…L-1 and an empty cache
             import numpy as np
 
-            from .runtimes.ort import OrtDecoder
-
             feed["position_ids"] = np.arange(L, dtype=np.int64)[None].repeat(b, 0)
             feed.update(OrtDecoder(rt.sess).empty_past(b))
-        row = {"batch": b, "seq": L, **_stats(_timed(lambda: rt.run(feed), job["warmup"], job["repeat"]), b * L)}
+        row = {"batch": b, "seq": L, **_stats(_timed(lambda feed=feed: rt.run(feed), job["warmup"], job["repeat"]), b * L)}
         if spec["decoder"] and job.get("decode_steps"):
-            dec = (_decode_ort if rt.kind == "ort" else _decode_torch)(rt, spec, b, L, job["decode_steps"],
-                                                                         min(job["warmup"], 3))
+            step = OrtDecoder(rt.sess).step if rt.kind == "ort" else torch_step(rt.model, rt.device)
+            dec = _decode_times(step, _feed(spec, b, L), job["decode_steps"], min(job["warmup"], 3))
             row["decode"] = _stats(dec, b)
         rows.append(row)
     res = {"load_s": load_s, "artifact_bytes": artifact_bytes(path), "runtime": rt.describe(), "rows": rows,
@@ -240,30 +211,32 @@ def environment() -> dict:
     return env
 
 
-def bench(targets: list[tuple[str, str]], backends: list[str] | None, devices: list[str], shapes, warmup: int,
-          repeat: int, rounds: int = 1, threads: int | None = None, decode_steps: int = 16, progress=None) -> dict:
-    """targets: [(label, path)]. Every applicable (target, backend, device) is measured `rounds` times."""
+def bench(targets: list[tuple[str, str]], cfg, progress=None) -> dict:
+    """targets: [(label, path)]; cfg: BenchConfig. Every applicable (target, backend, device) is measured
+    cfg.rounds times, the rounds interleaved."""
     from .runtimes import target_kind
 
+    shapes = [list(s) for s in cfg.shapes]
     jobs = []
     for label, path in targets:
         kind = target_kind(path)
-        if backends and kind not in backends:
+        if cfg.backends and kind not in cfg.backends:
             continue
-        for device in devices:
+        for device in cfg.devices:
             jobs.append({"label": label, "target": str(Path(path).resolve()), "backend": kind, "device": device,
-                         "shapes": [list(s) for s in shapes], "warmup": warmup, "repeat": repeat, "threads": threads,
-                         "decode_steps": decode_steps})
+                         "shapes": shapes, "warmup": cfg.warmup, "repeat": cfg.repeat, "threads": cfg.threads,
+                         "decode_steps": cfg.decode_steps})
     if not jobs:
         raise CompotError("no target matches the chosen backends")
     results = {f"{j['label']}|{j['backend']}|{j['device']}": {**j, "rounds": []} for j in jobs}
-    for r in range(rounds):
+    for r in range(cfg.rounds):
         for j in jobs:
             if progress:
-                progress(f"round {r + 1}/{rounds}: {j['label']} on {j['backend']}/{j['device']}")
+                progress(f"round {r + 1}/{cfg.rounds}: {j['label']} on {j['backend']}/{j['device']}")
             results[f"{j['label']}|{j['backend']}|{j['device']}"]["rounds"].append(run_job(j))
-    return {"environment": environment(), "settings": {"warmup": warmup, "repeat": repeat, "rounds": rounds,
-            "threads": threads or "library default", "shapes": [list(s) for s in shapes]},
+    return {"environment": environment(), "settings": {"warmup": cfg.warmup, "repeat": cfg.repeat,
+                                                       "rounds": cfg.rounds,
+                                                       "threads": cfg.threads or "library default", "shapes": shapes},
             "results": list(results.values())}
 
 
@@ -367,7 +340,7 @@ def chart(report: dict, path: Path) -> bool:
 
 
 def write_reports(report: dict, out: Path) -> list[Path]:
-    from .artifact import write_json_atomic
+    from .storage.artifact import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "bench.json", report)

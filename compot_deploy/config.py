@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import CompotError
+from .storage.budget import Budget
+from .storage.record import STORAGE
 
 Method = Literal["compot", "svd-llm", "cospadi"]
 Allocation = Literal["uniform", "dynamic", "mckp", "joint"]
@@ -59,36 +61,37 @@ class JointConfig(_Strict):
 
 
 class AllocationConfig(_Strict):
-    """How the global byte budget of the target linears is split across layers."""
+    """How the byte budget of the target linears is split across layers. The budget (storage/budget.py) is a
+    fraction removed for uniform / dynamic / mckp, and a fraction kept or the file's bytes for joint."""
 
     strategy: Allocation = "dynamic"
-    ratio: float = Field(0.3, gt=0.0, lt=1.0, description="fraction of the target linears' bytes to remove")
-    target_ratio: float | None = Field(
-        None, gt=0.0, le=1.0,
-        description="joint: stored bytes of the target linears as a fraction of their dense bytes at the storage dtype")
-    target_bytes: int | None = Field(None, gt=0, description="joint: bytes of the whole saved weights file")
+    budget: Budget = Budget(removed=0.3)
     joint: JointConfig = JointConfig()
-    min_layer_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    min_layer_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="smallest fraction removed from one layer")
     max_layer_ratio: float | None = Field(
-        None, gt=0.0, lt=1.0, description="largest per-layer ratio; None = ratio + 0.1 (best measured on MiniLM)")
+        None, gt=0.0, lt=1.0,
+        description="largest fraction removed from one layer; None = the budget's + 0.1 (best measured on MiniLM)")
     mckp_ratios: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     mckp_k_over_s: tuple[float, ...] = (1.5, 2.0, 3.0)
     mckp_profile_iters: int = Field(3, ge=0)
 
     @property
     def layer_ratio_cap(self) -> float:
-        return self.max_layer_ratio if self.max_layer_ratio is not None else min(0.99, self.ratio + 0.1)
+        return self.max_layer_ratio if self.max_layer_ratio is not None else min(0.99, self.budget.removed + 0.1)
 
     @model_validator(mode="after")
     def _range(self):
-        targets = (self.target_ratio is not None) + (self.target_bytes is not None)
-        if self.strategy == "joint" and targets != 1:
-            raise ValueError("the joint allocator needs exactly one of target_ratio / target_bytes")
-        if self.strategy != "joint" and targets:
-            raise ValueError("target_ratio / target_bytes need strategy 'joint'")
-        if not self.min_layer_ratio <= self.ratio <= self.layer_ratio_cap:
-            raise ValueError(f"need min_layer_ratio <= ratio <= max_layer_ratio (got {self.min_layer_ratio}, "
-                             f"{self.ratio}, {self.layer_ratio_cap})")
+        if self.strategy == "joint":
+            if self.budget.removed is not None:
+                raise ValueError("the joint allocator takes a fraction kept (--target-ratio) or the bytes of the "
+                                 "file (--target-bytes), not a fraction removed (--ratio)")
+            return self
+        if self.budget.removed is None:
+            raise ValueError(f"a fraction kept (--target-ratio) or a file size (--target-bytes) needs the joint "
+                             f"allocator, not {self.strategy!r}")
+        if not self.min_layer_ratio <= self.budget.removed <= self.layer_ratio_cap:
+            raise ValueError(f"need min_layer_ratio <= ratio removed <= max_layer_ratio (got {self.min_layer_ratio}, "
+                             f"{self.budget.removed}, {self.layer_ratio_cap})")
         return self
 
 
@@ -109,7 +112,7 @@ class QuantizeConfig(_Strict):
     """GPTQ (or round-to-nearest) on the factors of a compressed model, or on a dense model's linears."""
 
     method: Literal["gptq", "rtn"] = "gptq"
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: Literal[2, 3, 4, 8]
     group: int = Field(128, ge=0, description="rows (input dims) per quantization group of a dense matrix; 0 = all rows "
                                               "(one grid per column)")
     sym: bool = Field(False, description="symmetric grid (no stored zero points)")
@@ -126,6 +129,25 @@ class CompressConfig(_Strict):
     quantize: QuantizeConfig | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantize_needs_bits(cls, data):
+        q = data.get("quantize") if isinstance(data, dict) else None
+        if isinstance(q, dict) and "bits" not in q:
+            raise ValueError("the quantization settings (--gptq-group, --gptq-sym, --gptq-act-order, --quant-method) "
+                             "need --gptq-bits")
+        return data
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.allocation.strategy == "joint" and self.quantize is not None:
+            raise ValueError("a byte target (--target-ratio/--target-bytes) lets the joint allocator pick every "
+                             "layer's bits itself: drop --gptq-bits, or use --ratio")
+        if self.allocation.strategy == "joint" and not STORAGE[self.factorize.method].joint_candidate:
+            raise ValueError(f"--method {self.factorize.method} cannot take a byte target: it is too slow to measure "
+                             f"at every candidate size; use --method compot or svd-llm")
+        return self
 
 
 class ExportConfig(_Strict):
@@ -150,12 +172,26 @@ class ValidateConfig(_Strict):
 
 
 class BenchConfig(_Strict):
-    """The build's latency check: the compressed export against the original's, in ONNX Runtime."""
+    """Latency and memory measurement (`bench`, and the build's check of its export against the original's):
+    each (target, backend, device) in its own worker process."""
 
-    enabled: bool = True
-    shapes: tuple[tuple[int, int], ...] = ((1, 16), (1, 128))
-    warmup: int = Field(5, ge=0)
-    repeat: int = Field(20, ge=1)
+    enabled: bool = Field(True, description="build only: run the benchmark stage")
+    shapes: tuple[tuple[int, int], ...] = Field(((1, 16), (1, 128), (8, 128)), min_length=1,
+                                                description="(batch, sequence length) of each timed input")
+    warmup: int = Field(5, ge=0, description="untimed runs before timing each shape")
+    repeat: int = Field(20, ge=1, description="timed runs per shape")
+    rounds: int = Field(1, ge=1, description="every measurement repeated, interleaved, to state the spread")
+    threads: int | None = Field(None, ge=1, description="intra-op threads; None = each library's default")
+    decode_steps: int = Field(16, ge=0, description="decoders: timed one-token decode calls after each prefill")
+    backends: tuple[Literal["torch", "ort"], ...] | None = Field(
+        None, description="only these backends; None = each target's own (torch: model folder, ort: export)")
+    devices: tuple[Literal["cpu", "cuda"], ...] = Field(("cpu",), min_length=1)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if not all(len(s) == 2 and min(s) >= 1 for s in self.shapes):
+            raise ValueError("shapes must be positive (batch, sequence length) pairs")
+        return self
 
 
 class BuildConfig(_Strict):
@@ -189,11 +225,14 @@ def load_config_file(path) -> dict:
     return data
 
 
-def build_config(cls, **values):
-    """Instantiate `cls`, turning a ValidationError into one clear line."""
+def build_config(cls, names: dict[str, str] | None = None, **values):
+    """Instantiate `cls`, turning a ValidationError into one clear line. names: setting path → the command-line
+    option that sets it, named in the message instead of the path."""
     try:
         return cls(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or cls.__name__
-        raise CompotError(f"invalid {loc}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in err["loc"])
+        loc = (names or {}).get(loc, loc)
+        raise CompotError(f"invalid {loc}: {msg}" if loc else f"invalid settings: {msg}") from None

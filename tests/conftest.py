@@ -21,7 +21,7 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def heldout_texts() -> list[str]:
-    from compot_deploy.calibration import heldout_texts as texts
+    from compot_deploy.calibrate.data import heldout_texts as texts
 
     return texts()
 

@@ -3,11 +3,7 @@ import random
 
 import pytest
 
-from compot_deploy.allocation import Candidate, mckp, uniform
-
-
-def test_uniform_keeps_the_same_fraction():
-    assert uniform([1000, 400], 0.25) == [750, 300]
+from compot_deploy.allocate.knapsack import Candidate, mckp
 
 
 @pytest.mark.parametrize("seed", range(5))

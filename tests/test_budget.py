@@ -1,7 +1,7 @@
 import pytest
 
-from compot_deploy.budget import (compot_bytes, dense_bytes, index_dtype, lowrank_bytes, position_bytes,
-                                  position_format, ratio, solve_compot_shape, solve_rank)
+from compot_deploy.storage.budget import (compot_bytes, dense_bytes, index_dtype, lowrank_bytes, position_bytes,
+                                  position_format, removed_fraction, solve_compot_shape, solve_rank)
 
 
 def test_index_dtype_boundaries():
@@ -22,7 +22,7 @@ def test_byte_formulas():
     assert position_format(1000, 50) == "uint16"
     assert position_bytes(10, 1000, 50, "uint16") == 10 * 50 * 2 < position_bytes(10, 1000, 50, "bitmask") == 10 * 125
     assert lowrank_bytes(384, 1536, 10, 4, False) == 10 * (384 + 1536) * 4
-    assert ratio(70, 100) == pytest.approx(0.3)
+    assert removed_fraction(70, 100) == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("d_in,d_out,frac,ks", [(384, 384, 0.7, 2.0), (384, 1536, 0.5, 2.0), (1536, 384, 0.8, 3.0),
@@ -51,4 +51,4 @@ def test_bitmask_spends_the_budget_at_k_over_s_2():
     budget = 0.8 * dense_bytes(384, 1536, 2, True)
     sh = solve_compot_shape(384, 1536, budget, 2, True)
     assert position_format(sh.k, sh.s) == "bitmask" and sh.k > 256
-    assert ratio(compot_bytes(384, 1536, sh.k, sh.s, 2, True), dense_bytes(384, 1536, 2, True)) == pytest.approx(0.2, abs=0.005)
+    assert removed_fraction(compot_bytes(384, 1536, sh.k, sh.s, 2, True), dense_bytes(384, 1536, 2, True)) == pytest.approx(0.2, abs=0.005)

@@ -30,6 +30,25 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / "build.log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("args,pattern", [
+    (["--target-ratio", "0.2", "--gptq-bits", "4"], "pick every layer's bits itself"),
+    (["--gptq-group", "32"], "need --gptq-bits"),
+    (["--target-ratio", "0.2", "--method", "cospadi"], "cospadi cannot take a byte target"),
+])
+def test_build_refuses_what_compress_refuses_before_any_work(args, pattern, tiny_dirs, tmp_path):
+    """build and compress share one path from options to configs: the same combination fails the same way, at
+    once (before calibration or the joint profiling), with nothing written."""
+    from test_cli import assert_clean_failure
+
+    for cmd in ("build", "compress"):
+        out = tmp_path / cmd
+        t0 = time.perf_counter()
+        res = subprocess.run(CLI + [cmd, str(tiny_dirs["bert"]), *TINY, *args, "-o", str(out)], capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and time.perf_counter() - t0 < 30
+        assert_clean_failure(res, out, pattern)
+
+
 def test_build_package_cache_config_and_verify(tiny_dirs, tmp_path):
     out = tmp_path / "b"
     res = _build(str(tiny_dirs["bert"]), *TINY, "--gptq-bits", "4", "--gptq-group", "32", "-o", str(out),
@@ -42,19 +61,19 @@ def test_build_package_cache_config_and_verify(tiny_dirs, tmp_path):
     assert man["signature"]["inputs"][0]["name"] == "input_ids" and "ai.compot" in man["op_domains"]
     assert man["compression"]["linears"]["file_ratio"] > 0.3 and man["validation"]["passed"]
     assert [e["stage"] for e in _log(out) if "stage" in e and e["status"] == "done"] == \
-        ["compress", "quantize", "export", "validate", "export-dense", "bench", "package"]
+        ["compress", "export", "validate", "export-dense", "bench", "package"]
     assert (out / "package.tar.gz").stat().st_size > 100_000 and (out / "reports" / "bench.json").is_file()
 
     # the saved config reproduces the build: every stage reused, same files
     res = _build("--config", str(tmp_path / "build.yaml"), "-o", str(out))
     assert res.returncode == 0, res.stderr
-    assert "reused stages: compress, quantize, export, validate, export-dense, bench, package" in res.stdout
+    assert "reused stages: compress, export, validate, export-dense, bench, package" in res.stdout
     # a changed option reruns from the first stage it affects
     cfg = yaml.safe_load((tmp_path / "build.yaml").read_text())
     cfg["export"]["sparse_body"] = "dense"
     (tmp_path / "b2.yaml").write_text(yaml.safe_dump(cfg))
     res = _build("--config", str(tmp_path / "b2.yaml"), "-o", str(out), "--no-bench")
-    assert res.returncode == 0 and "reused stages: compress, quantize\n" in res.stdout, res.stdout
+    assert res.returncode == 0 and "reused stages: compress\n" in res.stdout, res.stdout
 
     assert subprocess.run(CLI + ["verify", str(pkg)], capture_output=True, text=True).returncode == 0
     with open(pkg / "model.onnx", "r+b") as f:  # flip one byte in the middle of the weights

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from compot_deploy.calibration import calibrate, load_texts, make_batches, make_samples, special_tokens_around
+from compot_deploy.calibrate.data import load_texts, make_batches, make_samples, special_tokens_around
+from compot_deploy.calibrate.runner import calibrate, run_blocks
 from compot_deploy.errors import CompotError
 from compot_deploy.models import find_targets, load_model
 
@@ -60,23 +61,30 @@ def test_grams_exclude_padding(kind, tiny_dirs):
     single = calibrate(model, make_batches(samples, 1, tok.pad_token_id), targets, progress=False)
     for t in targets:
         assert padded[t.name].n == single[t.name].n == sum(len(s) for s in samples)
-        torch.testing.assert_close(padded[t.name].G, single[t.name].G, rtol=1e-4, atol=1e-6)
+        # float32 activations: batching changes their last bits, so entries agree to 1e-6 of the Gram's scale
+        scale = float(single[t.name].G.abs().max())
+        torch.testing.assert_close(padded[t.name].G, single[t.name].G, rtol=1e-4, atol=1e-6 * scale)
 
 
-def test_sequential_calibration_sees_compressed_outputs(tiny_dirs):
+def test_the_walk_reruns_a_block_its_step_changed(tiny_dirs):
     model, tok = load_model(tiny_dirs["llama"])
     batches = make_batches(make_samples(tok, load_texts(None), 4, 32, seed=0), 2, tok.pad_token_id)
     targets = find_targets(model)
     base = calibrate(model, batches, targets, progress=False)
 
+    seq, seen = {}, []
+
     def zero_block0(i, grams):
+        seen.append(i)
+        seq.update(grams)
         if i == 0:
             for t in targets:
                 if t.block == 0:
                     model.get_submodule(t.name).weight.data.zero_()
         return True
 
-    seq = calibrate(model, batches, targets, on_block=zero_block0, progress=False)
+    run_blocks(model, batches, targets, zero_block0, "test", progress=False)
+    assert seen == sorted({t.block for t in targets})
     b0 = [t.name for t in targets if t.block == 0]
     b1 = [t.name for t in targets if t.block == 1]
     assert all(torch.equal(base[n].G, seq[n].G) for n in b0)

@@ -13,6 +13,7 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as h
 
 import compot_deploy
+from compot_deploy.storage.budget import Budget
 from compot_deploy.errors import CompotError
 from compot_deploy.config import (AllocationConfig, CalibrationConfig, CompressConfig, ExportConfig, FactorizeConfig,
                                   QuantizeConfig, ValidateConfig)
@@ -20,10 +21,10 @@ from compot_deploy.exporters import ops
 from compot_deploy.exporters.onnx_export import export_dir
 from compot_deploy.exporters.torch_ops import bit_planes, plane_indices
 from compot_deploy.exporters.validate import GateFailed, validate_export
-from compot_deploy.modules import CompotLinear, sparse_codes_matmul
-from compot_deploy.pipeline import quantize_dir
+from compot_deploy.storage.modules import CompotLinear, sparse_codes_matmul
+from compot_deploy.compression import quantize_dir
 from compot_deploy.quantize.gptq import rtn
-from compot_deploy.quantize.packing import QuantTensor
+from compot_deploy.storage.packing import QuantTensor
 from compot_deploy.runtimes.ort import session
 
 CALIB = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
@@ -90,7 +91,7 @@ def test_dequantize_blocks_matches_packing(bits, wide, sym, K, group):
 
 def _compressed(tiny_dirs, kind, tmp_path, bits=None):
     out = tmp_path / f"c_{kind}"
-    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(ratio=0.3))
+    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(budget=Budget(removed=0.3)))
     compot_deploy.compress(tiny_dirs[kind], out, cfg, progress=False)
     if bits:
         quantize_dir(out, tmp_path / f"q_{kind}", QuantizeConfig(bits=bits, group=32), CALIB, progress=False)
@@ -119,7 +120,7 @@ def test_export_passes_the_gate(kind, bits, tiny_dirs, tmp_path):
     else:
         assert graph["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
         assert 0.0 < rep["task"]["mean_cosine"] <= 1.0
-    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["validation"]["passed"] is True
+    assert json.loads((tmp_path / "onnx" / "validation.json").read_text())["passed"] is True
 
 
 def _corrupt(path: Path, name_part: str) -> str:
@@ -139,13 +140,14 @@ def test_gate_fails_closed_on_a_corrupted_initializer(tiny_dirs, tmp_path):
     out = tmp_path / "onnx"
     export_dir(src, out, ExportConfig())
     _corrupt(out / "model.onnx", ".values")
+    manifest = (out / "export.json").read_bytes()
     res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "validate", str(out), "--eval-texts", "0"],
                          capture_output=True, text=True)
     assert res.returncode == 3, res.stderr
     assert res.stderr.startswith("error: validation failed") and len(res.stderr.strip().splitlines()) == 1
     rep = json.loads((out / "validation.json").read_text())
     assert rep["passed"] is False and rep["parity"]["overall"]["max_abs"] > 1e-3
-    assert json.loads((out / "export.json").read_text())["validation"]["passed"] is False
+    assert (out / "export.json").read_bytes() == manifest  # validate writes only its own report
     with pytest.raises(GateFailed):
         validate_export(out, ValidateConfig(eval_texts=0))
 
@@ -200,8 +202,8 @@ def test_standalone_replay_needs_only_numpy_and_onnxruntime(tiny_dirs, tmp_path)
         probe.write_text(f"import {mod}")
         res = subprocess.run(py + [str(probe)], capture_output=True, text=True, cwd=tmp_path)
         assert "ModuleNotFoundError" in res.stderr, (mod, res.stderr)
-    script = tmp_path / "standalone.py"  # copied next to nothing, as on a device
-    script.write_text((ROOT / "compot_deploy" / "runtimes" / "standalone.py").read_text())
+    script = tmp_path / "loader.py"  # copied next to nothing, as on a device
+    script.write_text((ROOT / "compot_deploy" / "runtimes" / "loader.py").read_text())
     res = subprocess.run(py + [str(script), str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
@@ -211,9 +213,9 @@ def test_standalone_replay_needs_only_numpy_and_onnxruntime(tiny_dirs, tmp_path)
 def test_external_data_past_the_protobuf_limit(tiny_dirs, tmp_path, monkeypatch):
     """Models over 2 GB keep their tensors in model.onnx.data; the limit is lowered here to exercise that path."""
     from compot_deploy.exporters import onnx_export, validate
-    from compot_deploy.runtimes import artifact_bytes, standalone
+    from compot_deploy.runtimes import artifact_bytes, loader
 
-    assert validate.SAMPLE == standalone.SAMPLE
+    assert validate.SAMPLE == loader.SAMPLE
     monkeypatch.setattr(onnx_export, "TWO_GB", 3 * 2**20)
     src = _compressed(tiny_dirs, "llama", tmp_path)
     man = export_dir(src, tmp_path / "onnx", ExportConfig())
@@ -225,7 +227,7 @@ def test_external_data_past_the_protobuf_limit(tiny_dirs, tmp_path, monkeypatch)
 
 def test_bfloat16_storage_exports_losslessly(tiny_dirs, tmp_path):
     out = tmp_path / "c"
-    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(ratio=0.3),
+    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(budget=Budget(removed=0.3)),
                          factorize=FactorizeConfig(dtype="bfloat16"))
     compot_deploy.compress(tiny_dirs["qwen3"], out, cfg, progress=False)
     man = export_dir(out, tmp_path / "onnx", ExportConfig())

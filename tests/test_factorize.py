@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from compot_deploy.errors import CompotError
-from compot_deploy.factorize import (compot, compot_whitened, cospadi, damped_cholesky, plan_layer, relative_error,
+from compot_deploy.storage.record import plan
+from compot_deploy.factorize import (compot, compot_whitened, cospadi, damped_cholesky, relative_error,
                                      SpectralErrorEstimate, svd_llm, unwhiten, whiten)
 from compot_deploy.factorize.compot import procrustes
 from compot_deploy.factorize.cospadi import batch_omp
@@ -68,12 +69,12 @@ def test_compot_structure_and_monotone_error(shape):
 def test_spectral_estimate_is_compot_at_iteration_zero():
     M = torch.randn(80, 120, dtype=f64)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    plan = plan_layer("x", "compot", 80, 120, False, 0.6 * 80 * 120 * 2, 2)
-    hist = compot_whitened(M, plan.k, plan.s, iters=0)[3]
+    rec = plan("compot", 80, 120, False, 0.6 * 80 * 120 * 2, "float16")
+    hist = compot_whitened(M, rec.k, rec.s, iters=0)[3]
     est = SpectralErrorEstimate(S, Vh)
-    assert est(plan) == pytest.approx(hist[0] ** 2, rel=1e-5)
-    lr = plan_layer("x", "svd-llm", 80, 120, False, 0.6 * 80 * 120 * 2, 2)
-    assert est(lr) == pytest.approx(
+    assert rec.storage.spectral_error(est, rec) == pytest.approx(hist[0] ** 2, rel=1e-5)
+    lr = plan("svd-llm", 80, 120, False, 0.6 * 80 * 120 * 2, "float16")
+    assert lr.storage.spectral_error(est, lr) == pytest.approx(
         float(torch.linalg.norm(M - (U[:, :lr.r] * S[:lr.r]) @ Vh[:lr.r]) ** 2 / torch.linalg.norm(M) ** 2))
 
 
@@ -88,8 +89,8 @@ def test_compot_beats_svd_llm_at_equal_bytes_on_sparse_structured_weights():
         codes[torch.randperm(80, generator=g)[:4], j] = torch.randn(4, generator=g, dtype=f64)
     W = unwhiten(basis @ codes, L)
     budget = 0.9 * 96 * 160 * 2
-    pc = plan_layer("x", "compot", 96, 160, False, budget, 2, k_over_s=4.0)
-    pr = plan_layer("x", "svd-llm", 96, 160, False, budget, 2)
+    pc = plan("compot", 96, 160, False, budget, "float16", k_over_s=4.0)
+    pr = plan("svd-llm", 96, 160, False, budget, "float16")
     assert pc.bytes <= budget and pr.bytes <= budget
     fc, _ = compot(W, L, pc.k, pc.s, iters=30)
     fr = svd_llm(W, L, pr.r)

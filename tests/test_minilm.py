@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import compot_deploy
+from compot_deploy.storage.budget import Budget
 from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
 from compot_deploy.models import load_model
 
@@ -47,7 +48,7 @@ def test_compot_beats_svd_llm_at_equal_bytes(tmp_path, minilm_dir, reference, he
     tok, ref = reference
     cos = {}
     for method in ("compot", "svd-llm"):
-        cfg = CompressConfig(allocation=AllocationConfig(ratio=0.5), factorize=FactorizeConfig(method=method))
+        cfg = CompressConfig(allocation=AllocationConfig(budget=Budget(removed=0.5)), factorize=FactorizeConfig(method=method))
         rep = compot_deploy.compress(minilm_dir, tmp_path / method, cfg, progress=False)
         assert rep["linears"]["file_ratio"] >= 0.495
         cos[method] = embedding_agreement(ref, mean_pooled_embeddings(compot_deploy.load(tmp_path / method), tok,
@@ -65,7 +66,7 @@ def test_minilm_onnx_export_matches_pytorch(tmp_path, minilm_dir, bits):
     from compot_deploy.config import CompressConfig, ExportConfig, QuantizeConfig, ValidateConfig
     from compot_deploy.exporters.onnx_export import export_dir
     from compot_deploy.exporters.validate import GateFailed, validate_export
-    from compot_deploy.pipeline import quantize_dir
+    from compot_deploy.compression import quantize_dir
 
     src = tmp_path / "c"
     compot_deploy.compress(minilm_dir, src, CompressConfig(), progress=False)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import compot_deploy.modules as mods
+import compot_deploy.storage.modules as mods
 from compot_deploy.factorize.types import SparseFactors, hard_threshold
-from compot_deploy.modules import CompotLinear, LowRankLinear
+from compot_deploy.storage.modules import CompotLinear, LowRankLinear
 
 
 @pytest.mark.parametrize("k,s,position", [(40, 12, "bitmask"), (40, 3, "uint8"), (300, 12, "uint16"),

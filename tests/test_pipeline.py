@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import compot_deploy
-from compot_deploy.artifact import safetensors_header
+from compot_deploy.storage.budget import Budget
+from compot_deploy.storage.artifact import safetensors_header
 from compot_deploy.config import AllocationConfig, CalibrationConfig, CompressConfig, FactorizeConfig
-from compot_deploy.modules import CompotLinear, LowRankLinear
-from compot_deploy.pipeline import compress_in_memory
+from compot_deploy.storage.modules import CompotLinear, LowRankLinear
+from compot_deploy.compression import compress_model
 
 CALIB = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
 
@@ -30,14 +31,14 @@ def _out(model, enc):
 def test_compress_save_load_forward(kind, method, strategy, tiny_dirs, tmp_path):
     from compot_deploy.models import load_model
 
-    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(strategy=strategy, ratio=0.4),
+    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(strategy=strategy, budget=Budget(removed=0.4)),
                          factorize=FactorizeConfig(method=method, iters=3))
     out = tmp_path / "out"
     report = compot_deploy.compress(tiny_dirs[kind], out, cfg, progress=False)
 
     # the in-memory compressed model, rebuilt the same way, vs the one loaded from disk
     model, tok = load_model(tiny_dirs[kind])
-    compress_in_memory(model, tok, cfg, progress=False)
+    compress_model(model, tok, cfg, progress=False)
     loaded = compot_deploy.load(out)
     cls = CompotLinear if method == "compot" else LowRankLinear
     assert any(isinstance(m, cls) for m in loaded.modules())
@@ -63,14 +64,14 @@ def test_sequential_and_mckp_and_cospadi_run(tiny_dirs, tmp_path):
     model, tok = load_model(tiny_dirs["llama"])
     for strategy, method, seq in (("mckp", "compot", True), ("dynamic", "cospadi", False)):
         cfg = CompressConfig(calibration=CalibrationConfig(samples=8, seq_len=48, sequential=seq),
-                             allocation=AllocationConfig(strategy=strategy, ratio=0.3),
+                             allocation=AllocationConfig(strategy=strategy, budget=Budget(removed=0.3)),
                              factorize=FactorizeConfig(method=method, iters=2, cospadi_iters=1))
         m, _ = load_model(tiny_dirs["llama"])
-        targets, entries, _ = compress_in_memory(m, tok, cfg, progress=False)
-        dense = sum(e["dense_bytes"] for e in entries.values())
-        stored = sum(e["bytes"] for e in entries.values())
+        res = compress_model(m, tok, cfg, progress=False)
+        dense = sum(r.dense_bytes for r in res.records.values())
+        stored = sum(r.bytes for r in res.records.values())
         assert stored <= 0.7 * dense + 1
-        assert all(0 <= e["rel_error"] < 1 for e in entries.values())
+        assert all(0 <= st.rel_error < 1 for st in res.stats.values())
 
 
 def test_include_exclude(tiny_dirs):

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import compot_deploy
-from compot_deploy.artifact import safetensors_header
+from compot_deploy.storage.budget import Budget
+from compot_deploy.storage.artifact import safetensors_header
 from compot_deploy.config import AllocationConfig, CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
-from compot_deploy.modules import CompotLinear, QuantLinear
-from compot_deploy.pipeline import compress_in_memory, quantize_dir
-from compot_deploy.quantize.packing import QuantTensor, pack_bits, unpack_bits
+from compot_deploy.storage.modules import CompotLinear, QuantLinear
+from compot_deploy.compression import compress_model, quantize_dir
+from compot_deploy.storage.packing import QuantTensor, pack_bits, unpack_bits
 from compot_deploy.quantize.gptq import rtn
 
 CALIB = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
@@ -53,11 +54,11 @@ def _out(model, tok):
 def test_compress_gptq_save_load(kind, bits, tiny_dirs, tmp_path):
     from compot_deploy.models import load_model
 
-    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(ratio=0.3),
+    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(budget=Budget(removed=0.3)),
                          factorize=FactorizeConfig(iters=3), quantize=QuantizeConfig(bits=bits, group=32))
     report = compot_deploy.compress(tiny_dirs[kind], tmp_path / "q", cfg, progress=False)
     model, tok = load_model(tiny_dirs[kind])
-    compress_in_memory(model, tok, cfg, progress=False)
+    compress_model(model, tok, cfg, progress=False)
     loaded = compot_deploy.load(tmp_path / "q")
     comp = [m for m in loaded.modules() if isinstance(m, CompotLinear)]
     assert comp and all(isinstance(m.A, QuantTensor) and isinstance(m.values, QuantTensor) for m in comp)
@@ -84,6 +85,9 @@ def test_dense_gptq_baseline_and_quantize_of_compressed_dir(tiny_dirs, tmp_path)
     assert rep2["linears"]["file_bytes"] == rep2["linears"]["planned_bytes"]
     # uint8 code indices (1 byte per non-zero) stay: at these tiny widths COMPOT+4-bit is no smaller than dense 4-bit
     assert rep2["linears"]["file_ratio"] > 0.70
+    # the factorization's measurements carry over from the compressed folder's report, beside the quantization's
+    factored = [x for x in rep2["layers"] if x["method"] == "compot"]
+    assert factored and all(0 < x["rel_error"] < 1 and 0 < x["quant_rel_error"] < 1 for x in factored)
     with pytest.raises(compot_deploy.errors.CompotError, match="already quantized"):
         quantize_dir(tmp_path / "cq", tmp_path / "again", q, CALIB, progress=False)
 

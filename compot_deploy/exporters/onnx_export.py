@@ -373,7 +373,7 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 
@@ -386,7 +386,7 @@ MANIFEST = "export.json"
 def _file_dtype(model_dir: Path) -> str:
     """The floating dtype a plain model folder stores its weights in (float32 unless every float tensor is
     float16 or bfloat16), so a half-precision checkpoint exports at half the bytes, losslessly."""
-    from ..artifact import safetensors_header
+    from ..storage.artifact import safetensors_header
 
     kinds = set()
     for f in model_dir.glob("*.safetensors"):
@@ -409,7 +409,7 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
     import onnxruntime as ort
     import torch
 
-    from ..artifact import WEIGHTS, atomic_dir, check_output_dir, load, write_json_atomic
+    from ..storage.artifact import WEIGHTS, atomic_dir, check_output_dir, load, write_json_atomic
     from ..models import load_model, load_tokenizer, read_hf_config
 
     check_output_dir(out, overwrite)

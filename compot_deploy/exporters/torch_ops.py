@@ -11,9 +11,9 @@ import contextlib
 
 import torch
 
-from ..budget import BITMASK
-from ..modules import CompotLinear, LowRankLinear, QuantLinear, sparse_codes_matmul
-from ..quantize.packing import PackedMeta, QuantTensor, dequantize_packed, pack_bits, unpack_bits
+from ..storage.budget import BITMASK
+from ..storage.modules import CompotLinear, LowRankLinear, QuantLinear, sparse_codes_matmul
+from ..storage.packing import PackedMeta, QuantTensor, dequantize_packed, pack_bits, unpack_bits
 from .ops import DOMAIN
 
 

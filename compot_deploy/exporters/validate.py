@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import GateFailed  # noqa: F401 - raised here, re-exported for callers
 
-SAMPLE = "parity_sample.npz"  # the name runtimes/standalone.py replays
+from ..runtimes.loader import SAMPLE  # the sample runtimes/loader.py replays
 
 VALIDATION = "validation.json"
 
@@ -104,32 +104,16 @@ def torch_encoder(model, feed: dict):
 
 
 def torch_greedy(model, ids, steps: int):
-    """PyTorch's prefill + `steps` greedy decode calls, as OrtDecoder.greedy makes them."""
-    import numpy as np
-    import torch
-    from transformers import DynamicCache
+    """PyTorch's prefill + `steps` greedy decode calls, the same loop as ORT's (runtimes.loader.greedy)."""
+    from ..runtimes import torch_step
+    from ..runtimes.loader import greedy
 
-    B, L = ids.shape
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        x = torch.from_numpy(ids)
-        pos = torch.arange(L).expand(B, L)
-        lg = model(input_ids=x, attention_mask=torch.ones(B, L, dtype=torch.long), position_ids=pos,
-                   past_key_values=cache, use_cache=True).logits.numpy()
-        logits, tokens = [lg], [lg[:, -1].argmax(-1)]
-        for t in range(steps):
-            n = L + t + 1
-            lg = model(input_ids=torch.from_numpy(tokens[-1][:, None].astype(np.int64)),
-                       attention_mask=torch.ones(B, n, dtype=torch.long), position_ids=torch.full((B, 1), n - 1),
-                       past_key_values=cache, use_cache=True).logits.numpy()
-            logits.append(lg)
-            tokens.append(lg[:, -1].argmax(-1))
-    return np.stack(tokens, 1), logits
+    return greedy(torch_step(model), ids, steps)
 
 
 def check_parity(model, sess, tokenizer, kind: str, cfg, texts: list[str]) -> tuple[dict, dict]:
     """Run both sides on every case. Returns (per-case and overall statistics, and tokens for decoders;
-    the first case's inputs and PyTorch outputs, for runtimes/standalone.py to replay)."""
+    the first case's inputs and PyTorch outputs, for runtimes/loader.py to replay)."""
     from ..runtimes.ort import OrtDecoder
 
     cases, pairs, tokens, sample = [], [], None, {}
@@ -168,6 +152,7 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
     import torch
 
     from ..evaluate import embedding_agreement
+    from ..runtimes.loader import mean_pool
 
     if kind == "encoder":
         names = [i.name for i in sess.get_inputs()]
@@ -175,10 +160,9 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
         for i in range(0, len(texts), 16):
             enc = tokenizer(texts[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="np")
             feed = {n: enc[n].astype(np.int64) if n in enc else _zeros_like(enc["input_ids"]) for n in names}
-            m = feed["attention_mask"][..., None].astype(np.float64)
             (h,) = sess.run(["last_hidden_state"], feed)
-            emb_out.append((h * m).sum(1) / m.sum(1))
-            emb_ref.append((torch_encoder(reference, feed) * m).sum(1) / m.sum(1))
+            emb_out.append(mean_pool(h, feed["attention_mask"]))
+            emb_ref.append(mean_pool(torch_encoder(reference, feed), feed["attention_mask"]))
         res = embedding_agreement(torch.from_numpy(np.concatenate(emb_ref)), torch.from_numpy(np.concatenate(emb_out)))
         return {"metric": "mean-pooled embedding vs original", "texts": len(texts), **res}
     from ..runtimes.ort import OrtDecoder
@@ -190,7 +174,7 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
         if ids.shape[1] < 2:
             continue
         L = ids.shape[1]
-        lo, _ = dec.step(ids, np.ones_like(ids), np.arange(L, dtype=np.int64)[None], dec.empty_past(1))
+        lo, _ = dec.step(ids, np.ones_like(ids), np.arange(L, dtype=np.int64)[None], None)
         with torch.no_grad():
             lr = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
         a, pa = next_token_metrics(lo[0], ids[0])
@@ -205,17 +189,20 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
 
 
 def validate_export(export_dir: str | Path, cfg, source: str | Path | None = None,
-                    reference: str | Path | None = None, texts: list[str] | None = None) -> dict:
-    """Check `export_dir` (written by `export`) against its PyTorch model; write validation.json/.md and mark
-    export.json valid or invalid. Raises GateFailed when a threshold is missed."""
-    from ..artifact import load as load_compressed
-    from ..artifact import write_json_atomic
-    from ..calibration import heldout_texts
+                    reference: str | Path | None = None, texts: list[str] | None = None,
+                    out: str | Path | None = None) -> dict:
+    """Check `export_dir` (written by `export`) against its PyTorch model. Writes only its own report: validation.json
+    and .md (passed or failed) and the parity sample, into `out` (default: the export folder). Raises GateFailed
+    when a threshold is missed."""
+    from ..storage.artifact import load as load_compressed
+    from ..storage.artifact import write_json_atomic
+    from ..calibrate.data import heldout_texts
     from ..models import load_model, load_tokenizer, read_hf_config
     from ..runtimes.ort import session
     from .onnx_export import ONNX_FILE, read_manifest
 
     export_dir = Path(export_dir)
+    out = Path(out or export_dir)
     manifest = read_manifest(export_dir)
     source = Path(source or manifest["source"])
     texts = texts or heldout_texts()
@@ -229,7 +216,7 @@ def validate_export(export_dir: str | Path, cfg, source: str | Path | None = Non
     try:
         report["parity"], sample = check_parity(model, sess, tokenizer, kind, cfg, texts)
         fails = gate_failures(report["parity"]["overall"], report["parity"]["tokens"], cfg)
-        _save_npz(export_dir / SAMPLE, sample)
+        _save_npz(out / SAMPLE, sample)
     except Exception as e:  # noqa: BLE001 - fail closed on anything that stops the check
         report["parity"] = {"error": f"{type(e).__name__}: {e}"}
         fails = [f"parity check raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
@@ -240,10 +227,8 @@ def validate_export(export_dir: str | Path, cfg, source: str | Path | None = Non
         report["task"]["reference"] = str(ref_dir)
     elif cfg.eval_texts:
         report["task"] = {"skipped": "no original model to compare with" if section else "the source is the original"}
-    write_json_atomic(export_dir / VALIDATION, report)
-    (export_dir / "validation.md").write_text(markdown(report))
-    manifest["validation"] = {"passed": report["passed"], "report": VALIDATION, "failures": fails}
-    write_json_atomic(export_dir / "export.json", manifest)
+    write_json_atomic(out / VALIDATION, report)
+    (out / "validation.md").write_text(markdown(report))
     if fails:
         raise GateFailed(f"validation failed for {export_dir}: " + "; ".join(fails))
     return report

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import effective_group
+from ..storage.budget import effective_group
 from ..errors import CompotError
 
 log = logging.getLogger(__name__)

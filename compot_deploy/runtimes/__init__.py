@@ -56,7 +56,7 @@ class TorchRuntime(Runtime):
     def load(self) -> None:
         import torch
 
-        from ..artifact import load as load_compressed
+        from ..storage.artifact import load as load_compressed
         from ..models import load_model, read_hf_config
 
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -118,6 +118,22 @@ class OrtRuntime(Runtime):
         return {"backend": "ort", "device": self.device, "onnxruntime": ort.__version__,
                 "providers": self.sess.get_providers(), "threads": so.intra_op_num_threads or "default (cores)",
                 "graph_optimization": self.opt_level, "io_binding": self.io_binding}
+
+
+def torch_step(model, device: str = "cpu"):
+    """A decode step for runtimes.loader.greedy over a PyTorch causal LM and its DynamicCache."""
+    import torch
+    from transformers import DynamicCache
+
+    def step(ids, attention_mask, position_ids, past):
+        past = DynamicCache(config=model.config) if past is None else past
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids).to(device),
+                        attention_mask=torch.from_numpy(attention_mask).to(device),
+                        position_ids=torch.from_numpy(position_ids).to(device), past_key_values=past, use_cache=True)
+        return out.logits.float().cpu().numpy(), past
+
+    return step
 
 
 def runtime(path, backend: str | None = None, device: str = "cpu", threads: int | None = None) -> Runtime:

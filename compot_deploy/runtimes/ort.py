@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import CompotError
-from .standalone import OrtDecoder  # noqa: F401 - re-exported
+from .loader import OrtDecoder  # noqa: F401 - re-exported
 
 # TF32 off: float32 graphs compute in float32 on the GPU, as PyTorch's default matmul does.
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],

@@ -1,22 +1,14 @@
-"""Calibration: text → token batches → per-linear input Grams XᵀX (float64, padding excluded), block by block.
-
-Only one block's input activations (and its outputs) are held at a time: the inputs of block 0 are captured
-once, then each block is run on them, its linears' Grams accumulated by forward hooks, and its outputs become
-the inputs of the next block.
-"""
+"""Calibration data: text sources → token samples → padded batches, and the policy that picks them per model."""
 
 from __future__ import annotations
 
 import json
 import logging
 import random
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
 
-from .errors import CompotError
-from .models import Target, find_blocks
+from ..errors import CompotError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +60,9 @@ def load_texts(source: str | None) -> list[str]:
     if p.suffix == ".jsonl":
         try:
             return [json.loads(ln)["text"] for ln in text.splitlines() if ln.strip()]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CompotError(f"{p}: every line of a .jsonl calibration file must be an object with a 'text' field")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CompotError(f"{p}: every line of a .jsonl calibration file must be an object with a 'text' "
+                              "field") from e
     return [ln for ln in text.splitlines() if ln.strip()]
 
 
@@ -133,137 +126,12 @@ def make_batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list
     return batches
 
 
-@dataclass
-class Gram:
-    """G = XᵀX: (d_in, d_in) float64 over n real tokens."""
-
-    G: Any
-    n: int
 
 
-@dataclass
-class _BlockCall:
-    args: tuple
-    kwargs: dict
-    mask: Any  # (b, t) bool
-
-
-class _Captured(Exception):
-    pass
-
-
-def _capture_block_inputs(model, block0, batches) -> list[_BlockCall]:
-    import inspect
-
-    import torch
-
-    calls: list[_BlockCall] = []
-
-    def hook(_mod, args, kwargs):
-        calls.append(_BlockCall(args=tuple(args), kwargs=dict(kwargs), mask=None))
-        raise _Captured
-
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    model(**b, **extra)
-                except _Captured:
-                    pass
-                calls[-1].mask = b["attention_mask"].bool()
-    finally:
-        h.remove()
-    if len(calls) != len(batches):
-        raise CompotError("could not capture the inputs of the first transformer block")
-    return calls
-
-
-def _hidden_of(call: _BlockCall):
-    return call.args[0] if call.args else call.kwargs["hidden_states"]
-
-
-def _run_block(block, call: _BlockCall, hidden):
-    if call.args:
-        out = block(hidden, *call.args[1:], **call.kwargs)
-    else:
-        out = block(**{**call.kwargs, "hidden_states": hidden})
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _token_rows(x, mask):
-    """Rows of x: (b, t, d) at real (unpadded) positions → (n, d)."""
-    if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]
-    return x.reshape(-1, x.shape[-1])
-
-
-@dataclass
-class _GramHooks:
-    block: Any
-    prefix: str
-    targets: list[Target]
-    grams: dict = field(default_factory=dict)
-    mask: Any = None
-
-    def __enter__(self):
-        import torch
-
-        self._handles = []
-        for t in self.targets:
-            mod = self.block.get_submodule(t.name[len(self.prefix) + 1 :])
-            self.grams[t.name] = Gram(G=torch.zeros(t.d_in, t.d_in, dtype=torch.float64), n=0)
-
-            def hook(_m, args, name=t.name):
-                x = _token_rows(args[0].detach(), self.mask).to(torch.float64)
-                g = self.grams[name]
-                g.G.addmm_(x.T, x)
-                g.n += x.shape[0]
-
-            self._handles.append(mod.register_forward_pre_hook(hook))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-
-
-def calibrate(
-    model,
-    batches: list[dict],
-    targets: list[Target],
-    on_block: Callable[[int, dict[str, Gram]], bool] | None = None,
-    progress: bool = True,
-) -> dict[str, Gram]:
-    """Grams of every target's inputs, computed block by block.
-
-    on_block(i, grams_of_block_i) runs after block i's Grams are known and before its outputs feed block i+1;
-    if it returns True (it replaced modules of block i: sequential calibration), the outputs are recomputed
-    with the new block. Returns all Grams (those handed to on_block included).
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    prefix, blocks = find_blocks(model)
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
-    last = max(by_block)
-    calls = _capture_block_inputs(model, blocks[0], batches)
-    hidden = [_hidden_of(c) for c in calls]
-    grams: dict[str, Gram] = {}
-    bar = tqdm(range(last + 1), desc="calibrate", unit="block", disable=None if progress else True, leave=False)
-    with torch.no_grad():
-        for i in bar:
-            block = blocks[i]
-            with _GramHooks(block, f"{prefix}.{i}" if prefix else str(i), by_block.get(i, [])) as hooks:
-                outs = []
-                for c, h in zip(calls, hidden):
-                    hooks.mask = c.mask
-                    outs.append(_run_block(block, c, h))
-            grams.update(hooks.grams)
-            if on_block is not None and hooks.grams and on_block(i, hooks.grams) and i < last:
-                outs = [_run_block(block, c, h) for c, h in zip(calls, hidden)]
-            hidden = outs
-    return grams
+def calibration_batches(tokenizer, cfg, causal: bool) -> list[dict]:
+    """The batches `cfg` (CalibrationConfig) asks for. Decoders calibrate on packed full-length chunks; encoders
+    (measured on MiniLM: +0.04 mean cosine at ratio 0.3) on one document per sample, as they are used."""
+    packing = causal if cfg.packing is None else cfg.packing
+    n = cfg.samples or (32 if packing else 128)
+    samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing)
+    return make_batches(samples, cfg.batch_size, tokenizer.pad_token_id or 0)

@@ -13,10 +13,12 @@ import shutil
 import struct
 from pathlib import Path
 
-from .errors import CompotError
+from ..errors import CompotError
 
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+REPORT = "compression_report.json"
+# 2: layer entries are LayerRecord specs (storage/record.py); measurements live in compression_report.json
+FORMAT_VERSION = 2
 
 _TORCH_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "bfloat16"}
 
@@ -103,36 +105,54 @@ def layer_file_bytes(path: str | os.PathLike, layer_names: list[str]) -> dict[st
     return out
 
 
+def layer_records(section: dict) -> dict:
+    """name → LayerRecord of a `compot` config section (format 1 entries, which mixed measurements in, too)."""
+    from .record import LayerRecord
+
+    if section.get("format_version", 0) > FORMAT_VERSION:
+        raise CompotError(f"written by a newer compot-deploy (format {section['format_version']})")
+    out = {}
+    for name, e in section["layers"].items():
+        if section.get("format_version", 1) < 2:
+            e = _entry_from_v1(e, section["storage_dtype"])
+        try:
+            out[name] = LayerRecord.from_json(e)
+        except ValueError as err:
+            raise CompotError(f"layer {name}: invalid entry in config.json: {str(err).splitlines()[0]}") from None
+    return out
+
+
+def _entry_from_v1(e: dict, dtype: str) -> dict:
+    spec = {k: e[k] for k in ("method", "d_in", "d_out", "bias", "k", "s", "r", "position") if e.get(k)}
+    spec["bias"], spec["dtype"] = e["bias"], dtype
+    if "quant" in e:
+        q = e["quant"]
+        spec["quant"] = {"method": q["method"], "bits": q["bits"], "sym": q["sym"],
+                         "groups": {slot: g[0] for slot, g in q["slots"].items()}}
+    return spec
+
+
 def load(path: str | os.PathLike):
     """Rebuild a compressed model (float32, eval mode) from a directory written by `compress`. No remote code."""
     import torch
     import transformers
     from safetensors.torch import load_model
 
-    from .models import model_class, quiet_transformers, read_hf_config, set_module
-    from .modules import CompotLinear, LowRankLinear
-    from .quantize.apply import rebuild_quant_slots
+    from ..models import model_class, read_hf_config, set_module
 
     path = Path(path)
     raw = read_hf_config(path)
     section = raw.get("compot")
     if not section:
         raise CompotError(f"{path} is not a compot-deploy model (config.json has no 'compot' section)")
-    if section.get("format_version", 0) > FORMAT_VERSION:
-        raise CompotError(f"{path} was written by a newer compot-deploy (format {section['format_version']})")
-    quiet_transformers()
+    try:
+        records = layer_records(section)
+    except CompotError as e:
+        raise CompotError(f"{path}: {e}") from None
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     model = model_class(config)(config).to(torch.float32)
-    for name, lay in section["layers"].items():
-        m = lay["method"]
-        if m in ("compot", "cospadi"):
-            new = CompotLinear(lay["d_in"], lay["d_out"], lay["k"], lay["s"], lay["bias"], position=lay["position"])
-        elif m == "svd-llm":
-            new = LowRankLinear(lay["d_in"], lay["d_out"], lay["r"], lay["bias"])
-        else:
-            new = None
-        if "quant" in lay:
-            new = rebuild_quant_slots(new, lay)
+    for name, rec in records.items():
+        new = rec.empty_module()
         if new is not None:
             set_module(model, name, new)
     try:

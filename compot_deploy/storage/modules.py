@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .budget import BITMASK, position_format
-from .quantize.packing import QuantTensor, pack_bits, unpack_bits
+from .packing import QuantTensor, pack_bits, unpack_bits
 
 _INDEX_TORCH = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
 

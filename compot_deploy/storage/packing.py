@@ -10,13 +10,17 @@ MatMulNBits does not take them, so they are exported through ai.compot::Dequanti
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..budget import effective_group, padded_group
-from .gptq import Quantized
+from .budget import effective_group, padded_group
+
+if TYPE_CHECKING:
+    from ..quantize.gptq import Quantized
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -96,7 +100,7 @@ class QuantTensor(nn.Module):
             self.register_buffer("zeros", torch.zeros(N, zlen, dtype=torch.uint8))
 
     @classmethod
-    def from_quantized(cls, qz: Quantized, round_scales=lambda t: t) -> "QuantTensor":
+    def from_quantized(cls, qz: "Quantized", round_scales=lambda t: t) -> "QuantTensor":
         K, N = qz.q.shape
         m = cls(K, N, qz.bits, qz.group, qz.sym)
         q = torch.zeros(N, m.n_blocks * m.group, dtype=torch.uint8)

@@ -1,5 +1,5 @@
-"""Splitting a global byte budget across layers: uniform, or a multiple-choice knapsack over per-layer
-(bytes, estimated error) candidates — the solver behind both `dynamic` (METHOD §5) and `mckp` (§4).
+"""A multiple-choice knapsack over per-layer (bytes, estimated error) candidates: the solver behind `dynamic`
+(METHOD §5), `mckp` (§4) and the joint allocator.
 
 Pure functions on numbers: no model, no files.
 """
@@ -7,23 +7,26 @@ Pure functions on numbers: no model, no files.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-
-def uniform(dense_bytes: list[int], ratio: float) -> list[float]:
-    """Every layer keeps (1 − ratio) of its dense bytes."""
-    return [(1.0 - ratio) * d for d in dense_bytes]
+if TYPE_CHECKING:
+    from ..storage.record import LayerRecord
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to store a layer: its exact bytes and its estimated error (relative squared, whitened)."""
+    """One way to store a layer: its exact bytes, its estimated error (relative squared, whitened) and the record
+    that stores it so."""
 
     bytes: int
     error: float
-    tag: tuple = ()
+    record: "LayerRecord | None" = None
+
+    def weighted(self, w: float) -> "Candidate":
+        return replace(self, error=self.error * w)
 
 
 def mckp(candidates: list[list[Candidate]], budget: float, resolution: int = 4000) -> list[int]:

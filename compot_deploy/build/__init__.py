@@ -1,0 +1,166 @@
+"""`compot-deploy build`: compress → quantize → export → validate → benchmark → package, with a stage cache.
+
+Each stage's output lives in OUT/.cache/<stage>-<key>, where key hashes the stage name, its config, its inputs'
+keys (the model folder's content hash for the first stage) and the tool versions. A stage whose folder exists is
+reused; folders appear by atomic rename, so a build killed at any point leaves only complete stages behind and a
+rerun finishes from there. Every event goes to OUT/build.log.jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..config import BuildConfig
+from .package import PACKAGE, make_package, sha256_file, summarize, write_tarball
+
+CACHE, REPORTS, LOG = ".cache", "reports", "build.log.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------------ hashing
+
+def folder_hash(folder: Path) -> str:
+    """Content hash of every file under `folder` (relative names and bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(folder)).encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def tool_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..version import __version__
+
+    src = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256(b"".join(sha256_file(p).encode() for p in sorted(src.rglob("*.py")))).hexdigest()[:16]
+    out = {"compot-deploy": __version__, "compot-deploy-source": code}  # a code change invalidates the cache
+    for name in ("torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = version("onnxruntime-gpu") if name == "onnxruntime" else None
+    return out
+
+
+def stage_key(stage: str, config, inputs: list[str], versions: dict) -> str:
+    blob = json.dumps({"stage": stage, "config": config, "inputs": inputs, "versions": versions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -------------------------------------------------------------------------------------------------------- build
+
+
+class Build:
+    """One build into `out`: runs or reuses each stage, logging to build.log.jsonl."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, force: bool = False, echo=None):
+        self.cfg, self.out, self.force = cfg, Path(out), force
+        self.cache = self.out / CACHE
+        self.echo = echo or (lambda m: None)
+        self.versions = tool_versions()
+        self.reused: list[str] = []
+        self.ran: list[str] = []
+
+    def event(self, **kw) -> None:
+        kw = {"time": round(time.time(), 3), **kw}
+        with open(self.out / LOG, "a") as f:
+            f.write(json.dumps(kw) + "\n")
+
+    def stage(self, name: str, config, inputs: list[str], fn) -> tuple[Path, str]:
+        """The cached folder of `name` (running fn(tmp_folder) when missing) and its key."""
+        from ..storage.artifact import atomic_dir
+
+        key = stage_key(name, config, inputs, self.versions)
+        folder = self.cache / f"{name}-{key}"
+        if folder.is_dir() and not self.force:
+            self.reused.append(name)
+            self.event(stage=name, status="reused", key=key)
+            self.echo(f"[{name}] reused ({folder.name})")
+            return folder, key
+        self.event(stage=name, status="start", key=key)
+        self.echo(f"[{name}] running")
+        t0 = time.perf_counter()
+        try:
+            with atomic_dir(folder, overwrite=True) as tmp:
+                fn(tmp)
+        except BaseException as e:
+            self.event(stage=name, status="failed", key=key, error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        self.ran.append(name)
+        self.event(stage=name, status="done", key=key, seconds=round(time.perf_counter() - t0, 3))
+        return folder, key
+
+    def run(self) -> dict:
+        from ..exporters.validate import validate_export
+        from ..models import default_model_dir, read_hf_config
+
+        cfg = self.cfg
+        model = Path(cfg.model) if cfg.model else default_model_dir()
+        read_hf_config(model)  # bad input fails before OUT is created
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(exist_ok=True)
+        for stale in self.cache.glob(".*.tmp-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        self.event(event="build", status="start", model=str(model), versions=self.versions)
+        src_key = folder_hash(model)
+        comp, key = self.stage("compress", cfg.compress.model_dump(mode="json"), [src_key],
+                               lambda tmp: _compress(model, tmp, cfg.compress))
+        export_cfg = cfg.export.model_dump(mode="json")
+        exp, key = self.stage("export", export_cfg, [key], lambda tmp: _export(comp, tmp, cfg.export))
+        vcfg = cfg.gate.model_copy(update={"device": "cuda" if cfg.target == "cuda" else "cpu"})
+        val, val_key = self.stage("validate", vcfg.model_dump(mode="json"), [key],
+                                  lambda tmp: validate_export(exp, vcfg, source=comp, reference=model, out=tmp))  # the gate's report only
+        bench_dir = None
+        if cfg.bench.enabled:
+            dense, dkey = self.stage("export-dense", export_cfg, [src_key],
+                                     lambda tmp: _export(model, tmp, cfg.export))
+            bench_dir, _ = self.stage("bench", {**cfg.bench.model_dump(mode="json"), "target": cfg.target},
+                                      [val_key, dkey], lambda tmp: _bench(exp, dense, tmp, cfg))
+        pkg, _ = self.stage("package", {"target": cfg.target}, [val_key],
+                            lambda tmp: make_package(exp, val, comp, tmp, cfg.target, self.versions))
+        summary = self.publish(pkg, bench_dir, comp, val)
+        self.event(event="build", status="done", reused=self.reused, ran=self.ran, summary=summary)
+        return summary
+
+    def publish(self, pkg: Path, bench_dir: Path | None, comp: Path, val: Path) -> dict:
+        """Copy the package (and its .tar.gz) to OUT/package, the bench reports to OUT/reports; summarize."""
+        from ..storage.artifact import atomic_dir
+
+        with atomic_dir(self.out / PACKAGE, overwrite=True) as tmp:
+            for f in sorted(pkg.iterdir()):
+                shutil.copy2(f, tmp / f.name)
+        tar = self.out / f"{PACKAGE}.tar.gz"
+        write_tarball(self.out / PACKAGE, tar)
+        if bench_dir is not None:
+            with atomic_dir(self.out / REPORTS, overwrite=True) as tmp:
+                for f in bench_dir.iterdir():
+                    shutil.copy2(f, tmp / f.name)
+        return summarize(comp, val, bench_dir, self.out, self.reused, self.ran)
+
+
+# --------------------------------------------------------------------------------------------------- the stages
+
+
+def _compress(model: Path, tmp: Path, cfg) -> None:
+    from ..compression import compress
+
+    compress(model, tmp, cfg, overwrite=True, progress=False)
+
+
+def _export(src: Path, tmp: Path, ecfg) -> None:
+    from ..exporters.onnx_export import export_dir
+
+    export_dir(src, tmp, ecfg, overwrite=True)
+
+
+def _bench(exp: Path, dense: Path, tmp: Path, cfg: BuildConfig) -> None:
+    from ..bench import bench, write_reports
+
+    device = "cuda" if cfg.target == "cuda" else "cpu"
+    bcfg = cfg.bench.model_copy(update={"backends": ("ort",), "devices": (device,)})
+    write_reports(bench([("ort_dense", str(dense)), ("ort_compressed", str(exp))], bcfg), tmp)

@@ -1,0 +1,159 @@
+"""The one block-by-block walk over a transformer: per-linear input Grams XᵀX (float64, padding excluded), and a
+step run on each block once its Grams are known.
+
+Only one block's input activations (and its outputs) are held at a time: the inputs of block 0 are captured
+once, then each block is run on them, its linears' Grams accumulated by forward hooks, the step runs, and the
+block's outputs (recomputed when the step replaced its modules) become the inputs of the next block. Every
+tensor lives where the model does (the CPU today); Grams are float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import CompotError
+from ..models import Target, find_blocks
+
+@dataclass
+class Gram:
+    """G = XᵀX: (d_in, d_in) float64 over n real tokens."""
+
+    G: Any
+    n: int
+
+
+@dataclass
+class _BlockCall:
+    args: tuple
+    kwargs: dict
+    mask: Any  # (b, t) bool
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_block_inputs(model, block0, batches) -> list[_BlockCall]:
+    import inspect
+
+    import torch
+
+    calls: list[_BlockCall] = []
+
+    def hook(_mod, args, kwargs):
+        calls.append(_BlockCall(args=tuple(args), kwargs=dict(kwargs), mask=None))
+        raise _Captured
+
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    model(**b, **extra)
+                except _Captured:
+                    pass
+                calls[-1].mask = b["attention_mask"].bool()
+    finally:
+        h.remove()
+    if len(calls) != len(batches):
+        raise CompotError("could not capture the inputs of the first transformer block")
+    return calls
+
+
+def _hidden_of(call: _BlockCall):
+    return call.args[0] if call.args else call.kwargs["hidden_states"]
+
+
+def _run_block(block, call: _BlockCall, hidden):
+    if call.args:
+        out = block(hidden, *call.args[1:], **call.kwargs)
+    else:
+        out = block(**{**call.kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _token_rows(x, mask):
+    """Rows of x: (b, t, d) at real (unpadded) positions → (n, d)."""
+    if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+@dataclass
+class _GramHooks:
+    block: Any
+    prefix: str
+    targets: list[Target]
+    grams: dict = field(default_factory=dict)
+    mask: Any = None
+
+    def __enter__(self):
+        import torch
+
+        self._handles = []
+        for t in self.targets:
+            mod = self.block.get_submodule(t.name[len(self.prefix) + 1 :])
+            self.grams[t.name] = Gram(G=torch.zeros(t.d_in, t.d_in, dtype=torch.float64), n=0)
+
+            def hook(_m, args, name=t.name):
+                x = _token_rows(args[0].detach(), self.mask).to(torch.float64)
+                g = self.grams[name]
+                g.G.addmm_(x.T, x)
+                g.n += x.shape[0]
+
+            self._handles.append(mod.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+
+BlockStep = Callable[[int, dict[str, "Gram"]], bool]
+
+
+def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockStep, desc: str,
+               progress: bool = True) -> None:
+    """Walk the blocks of `model` on `batches` up to the last block holding a target.
+
+    step(i, grams) runs on each block i that holds targets, with the Grams of their inputs (name → Gram), before
+    the block's outputs feed block i+1; when it returns True (it replaced modules of block i) the outputs are
+    recomputed with the new block. One progress bar, `desc`, counts the blocks.
+    """
+    import torch
+
+    from ..progress import bar as progress_bar
+
+    prefix, blocks = find_blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+    last = max(by_block)
+    calls = _capture_block_inputs(model, blocks[0], batches)
+    hidden = [_hidden_of(c) for c in calls]
+    with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
+        for i in range(last + 1):
+            block = blocks[i]
+            with _GramHooks(block, f"{prefix}.{i}" if prefix else str(i), by_block.get(i, [])) as hooks:
+                outs = []
+                for c, h in zip(calls, hidden):
+                    hooks.mask = c.mask
+                    outs.append(_run_block(block, c, h))
+            if hooks.grams and step(i, hooks.grams) and i < last:
+                outs = [_run_block(block, c, h) for c, h in zip(calls, hidden)]
+            hidden = outs
+            bar.update()
+
+
+def calibrate(model, batches: list[dict], targets: list[Target], progress: bool = True) -> dict[str, "Gram"]:
+    """The Grams of every target's inputs on the unchanged model (a walk whose step only keeps them)."""
+    grams: dict[str, Gram] = {}
+
+    def keep(_i, block_grams):
+        grams.update(block_grams)
+        return False
+
+    run_blocks(model, batches, targets, keep, "calibrate", progress)
+    return grams

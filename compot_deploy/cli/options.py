@@ -1,0 +1,192 @@
+"""Command-line options and the one path from options (and a YAML build file) to the typed configs: `compress`
+and `build` share it, so the same rules apply to both (written once in config.py)."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import CompotError
+
+
+def _apply(fn, opts):
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def output_options(fn):
+    return _apply(fn, [
+        click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (must be empty or new)."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars and no closing table."),
+    ])
+
+
+def calibration_options(fn):
+    return _apply(fn, [
+        click.option("--calib", "calib", default=None,
+                     help="Calibration text: a .txt/.jsonl file, a folder of .txt, or a `datasets` folder saved with "
+                          "save_to_disk. Default: the built-in English corpus."),
+        click.option("--samples", type=int, default=None,
+                     help="Calibration samples [default: 128 documents for encoders, 32 packed chunks for decoders]."),
+        click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sample."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size."),
+        click.option("--packing/--no-packing", default=None,
+                     help="Pack documents into full-length chunks, or one document per sample (padding excluded) "
+                          "[default: packing for decoders, documents for encoders]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and K-SVD."),
+        click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default=None,
+                     help="Storage dtype of saved floating tensors; budgets count these bytes [default: float16, or "
+                          "the compressed model's own]."),
+    ])
+
+
+def compress_options(fn):
+    return _apply(fn, [
+        click.argument("model_dir", required=False, type=click.Path(file_okay=False)),
+        click.option("--ratio", type=float, default=0.3, show_default=True,
+                     help="Budget as the fraction of the target linears' stored bytes REMOVED, in (0, 1) (0.3: they "
+                          "keep 70 %). One budget only: --ratio, --target-ratio or --target-bytes."),
+        click.option("--target-ratio", type=float, default=None,
+                     help="Budget as the fraction of the target linears' dense bytes (at the storage dtype) they KEEP, "
+                          "in (0, 1] (0.2 = a fifth of float16), for the joint allocator. Each layer then gets the "
+                          "best of dense GPTQ 2/3/4/8-bit, COMPOT and SVD-LLM factors (float16 or GPTQ) that fits."),
+        click.option("--target-bytes", default=None,
+                     help="Byte budget for the joint allocator as the size of the whole weights file, e.g. 26MB, "
+                          "25MiB or 26000000 (the weights outside the linears count at the storage dtype)."),
+        click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi"]), default=None,
+                     help="Factorization: COMPOT, the SVD-LLM baseline, or CoSpaDi (K-SVD + OMP) [default: compot]. "
+                          "With a --target-*: only this family's candidates (compot or svd-llm), in every layer."),
+        click.option("--allocation", type=click.Choice(["uniform", "dynamic", "mckp"]), default="dynamic",
+                     show_default=True,
+                     help="How the --ratio budget is split across layers: the same ratio everywhere, COMPOT's "
+                          "one-shot spectral split, or a knapsack over measured per-layer error profiles (a "
+                          "--target-* uses the joint allocator instead)."),
+        click.option("--sequential", is_flag=True,
+                     help="Calibrate block i on the outputs of the already-compressed blocks before it."),
+        click.option("--k-over-s", type=float, default=2.0, show_default=True,
+                     help="Dictionary atoms per non-zero code of a column (COMPOT, CoSpaDi)."),
+        click.option("--iters", type=int, default=8, show_default=True, help="COMPOT alternations per layer."),
+        click.option("--include", multiple=True, help="Only compress linears whose name matches this glob (repeatable)."),
+        click.option("--exclude", multiple=True, help="Never compress linears whose name matches this glob (repeatable)."),
+        click.option("--min-layer-ratio", type=float, default=0.0, show_default=True,
+                     help="Smallest per-layer ratio the dynamic/mckp allocators may choose."),
+        click.option("--max-layer-ratio", type=float, default=None,
+                     help="Largest per-layer ratio the dynamic/mckp allocators may choose [default: ratio + 0.1]."),
+        click.option("--gptq-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+                     help="Quantize the factors after compression with GPTQ at this many bits [default: no]."),
+        click.option("--gptq-group", type=int, default=128, show_default=True,
+                     help="Rows per quantization group of the dictionaries (code values use one grid per column)."),
+        click.option("--gptq-sym", is_flag=True, help="Symmetric quantization grid (no stored zero points)."),
+        click.option("--gptq-act-order", is_flag=True, help="GPTQ in decreasing Hessian-diagonal order."),
+        click.option("--quant-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+                     help="GPTQ, or plain round-to-nearest for comparison."),
+    ])
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: str) -> int:
+    """A byte count: an integer, optionally with a unit (kB, MB, GB: powers of 1000; KiB, MiB, GiB: of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m and _BYTE_UNITS.get(m.group(2).lower())
+    if not unit:
+        raise CompotError(f"--target-bytes: {value!r} is not a byte size (e.g. 26000000, 26MB, 25MiB)")
+    return int(float(m.group(1)) * unit)
+
+
+
+# option → where it lives in BuildConfig (applied only when given on the command line)
+_PATHS = {
+    "model_dir": "model", "target": "target",
+    "allocation": "compress.allocation.strategy", "min_layer_ratio": "compress.allocation.min_layer_ratio",
+    "max_layer_ratio": "compress.allocation.max_layer_ratio", "method": "compress.factorize.method",
+    "k_over_s": "compress.factorize.k_over_s", "iters": "compress.factorize.iters", "dtype": "compress.factorize.dtype",
+    "include": "compress.include", "exclude": "compress.exclude", "calib": "compress.calibration.source",
+    "samples": "compress.calibration.samples", "seq_len": "compress.calibration.seq_len",
+    "batch_size": "compress.calibration.batch_size", "packing": "compress.calibration.packing",
+    "sequential": "compress.calibration.sequential", "seed": "compress.calibration.seed",
+    "gptq_bits": "compress.quantize.bits", "gptq_group": "compress.quantize.group", "gptq_sym": "compress.quantize.sym",
+    "gptq_act_order": "compress.quantize.act_order", "quant_method": "compress.quantize.method",
+    "sparse_body": "export.sparse_body", "opset": "export.opset",
+}
+
+
+# setting path → the option that sets it, for error messages
+_OPTION_OF = {path: "--" + name.replace("_", "-") for name, path in _PATHS.items() if name != "model_dir"} | {
+    "compress.allocation.budget.removed": "--ratio", "compress.allocation.budget.kept": "--target-ratio",
+    "compress.allocation.budget.file_bytes": "--target-bytes", "compress.quantize.bits": "--gptq-bits"}
+
+
+def _set_path(d: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[leaf] = value
+
+
+def _budget(given: dict) -> dict | None:
+    """The budget the options --ratio (removed), --target-ratio (kept), --target-bytes (file) give, if any."""
+    budget = {}
+    if "ratio" in given:
+        budget["removed"] = given["ratio"]
+    if "target_ratio" in given:
+        budget["kept"] = given["target_ratio"]
+    if "target_bytes" in given:
+        budget["file_bytes"] = parse_bytes(given["target_bytes"])
+    if len(budget) > 1:
+        raise CompotError("give one budget: --ratio (fraction removed), --target-ratio (fraction kept) or "
+                          "--target-bytes (file size)")
+    return budget or None
+
+
+def build_settings(ctx, opts: dict, base: dict | None = None):
+    """The BuildConfig of a `build` or `compress` command line: `base` (a YAML build file, or nothing), then every
+    option given on the command line (an option left at its default never overrides the file)."""
+    from click.core import ParameterSource
+
+    from ..config import BuildConfig, build_config
+    from ..storage.record import STORAGE
+
+    data = dict(base or {})
+    given = {n: v for n, v in opts.items() if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+    for name, value in given.items():
+        path = _PATHS.get(name)
+        if path is None:
+            continue
+        if name == "gptq_bits":
+            value = int(value)
+        elif name in ("include", "exclude"):
+            value = list(value)
+        _set_path(data, path, value)
+        if name == "seed":
+            _set_path(data, "compress.factorize.seed", value)
+    budget = _budget(given)
+    if budget is not None:
+        _set_path(data, "compress.allocation.budget", budget)
+        if "removed" not in budget:  # a fraction kept or a file size: the joint allocator
+            _set_path(data, "compress.allocation.strategy", "joint")
+            if "method" in given and STORAGE[given["method"]].joint_candidate:  # else config.py says why not
+                _set_path(data, "compress.allocation.joint.methods", [given["method"]])
+    if "no_bench" in given:
+        _set_path(data, "bench.enabled", not given["no_bench"])
+    return build_config(BuildConfig, names=_OPTION_OF, **data)
+
+
+def quant_config(bits, group, sym, act_order, method):
+    from ..config import QuantizeConfig, build_config
+
+    return build_config(QuantizeConfig, bits=int(bits), group=group, sym=sym, act_order=act_order, method=method)
+
+
+def calib_config(o: dict):
+    from ..config import CalibrationConfig, build_config
+
+    return build_config(CalibrationConfig, source=o["calib"], samples=o["samples"], seq_len=o["seq_len"],
+                        batch_size=o["batch_size"], packing=o["packing"], sequential=o.get("sequential", False),
+                        seed=o["seed"])

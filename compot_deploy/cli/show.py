@@ -1,0 +1,79 @@
+"""What the commands print: the compression table, the build summary, the gate's result."""
+
+from __future__ import annotations
+
+import click
+
+
+def _table(rows: list[tuple[str, ...]], left: int) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        click.echo("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def print_report(report: dict) -> None:
+    """The per-layer table and totals of a compression report (compress, quantize)."""
+    from ..storage.record import LayerRecord
+
+    rows = [("layer", "method", "shape", "removed", "rel.err", "sec")]
+    for lay in report["layers"]:
+        rec = LayerRecord.model_validate({k: lay[k] for k in LayerRecord.model_fields if k in lay})
+        method = rec.method + (f"+{rec.quant.label}" if rec.quant else "")
+        err = lay.get("quant_rel_error", lay.get("rel_error"))
+        sec = lay.get("seconds", 0.0) + lay.get("quant_seconds", 0.0)
+        rows.append((lay["name"], method, rec.shape_label, f"{lay['ratio']:.3f}",
+                     "-" if err is None else f"{err:.4f}", f"{sec:.2f}"))
+    _table(rows, left=3)
+    lin, mf = report["linears"], report["model_file"]
+    click.echo(f"\ncompressed linears: {lin['file_bytes']:,} of {lin['dense_bytes']:,} dense bytes "
+               f"-> fraction removed {lin['file_ratio']:.4f} (planned {lin['planned_ratio']:.4f}), read from the "
+               f"saved file")
+    click.echo(f"model file: {mf['bytes']:,} bytes vs {mf['dense_bytes']:,} dense at the same dtype "
+               f"-> fraction removed {mf['ratio']:.4f}; total {report['seconds']:.1f}s")
+    if report.get("joint"):
+        j = report["joint"]
+        click.echo(f"joint allocation within {j['budget_text']} ({'fits' if j['fits'] else 'DOES NOT FIT'}), per "
+                   f"layer: {choices_line(j)}")
+
+
+def task_line(task: dict | None) -> str | None:
+    """The task-level change against the original model, as one line (None when it was not measured)."""
+    task = task or {}
+    if "mean_cosine" in task:
+        return f"embedding cosine {task['mean_cosine']:.4f} (min {task['min_cosine']:.4f})"
+    if "next_token_agreement" in task:
+        return (f"next-token agreement {task['next_token_agreement']:.4f}, perplexity {task['perplexity']:.2f} "
+                f"(original {task['perplexity_original']:.2f})")
+    return None
+
+
+def choices_line(joint: dict) -> str:
+    return ", ".join(f"{n}× {c}" for c, n in joint["choices"].items())
+
+
+def print_build_summary(s: dict) -> None:
+    click.echo(f"fraction of the compressed linears' bytes removed: {s['byte_ratio']:.4f} "
+               f"(model file {s['model_file_ratio']:.4f})")
+    if s.get("joint"):
+        click.echo(f"joint allocation, per layer: {choices_line(s['joint'])}")
+    if task_line(s.get("task")):
+        click.echo(f"quality vs original: {task_line(s.get('task'))}")
+    click.echo(f"ORT vs PyTorch: max abs {s['ort_vs_pytorch_max_abs']:.2e} (gate passed)")
+    for r in s.get("latency", []):
+        click.echo(f"ORT latency {r['batch']}x{r['seq']}: {r['compressed_ms']:.2f} ms vs dense {r['dense_ms']:.2f} ms "
+                   f"({r['ratio']:.2f}x); peak RSS {r['compressed_rss_mib']:.0f} vs {r['dense_rss_mib']:.0f} MiB")
+    if s["reused"]:
+        click.echo(f"reused stages: {', '.join(s['reused'])}")
+
+
+def print_validation(rep: dict) -> None:
+    ov = rep["parity"].get("overall")
+    if ov:
+        click.echo(f"parity ({rep['device']}): max abs {ov['max_abs']:.2e}, mean abs {ov['mean_abs']:.2e}, "
+                   f">1e-3: {ov['over_1e-3']}, cosine {ov['cosine']:.8f}"
+                   + (f", tokens differing {rep['parity']['tokens']['mismatches']}/{rep['parity']['tokens']['total']}"
+                      if rep["parity"].get("tokens") else ""))
+    if task_line(rep.get("task")):
+        click.echo(f"vs original: {task_line(rep.get('task'))}")

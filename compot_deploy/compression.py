@@ -1,0 +1,227 @@
+"""The compress stage: calibrate → allocate → factorize (→ quantize) one model, and the folder it writes.
+
+`compress` (the CLI command, `build`'s first stage and the Python API) and `quantize_dir` (the quantize command)
+are the two front doors; both run the per-layer builder (layers.build_layer) as steps of the one block-by-block
+walk (calibrate/runner.py) and save through `save`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
+from .errors import CompotError
+from .layers import build_layer, factor_layer, round_other_params
+from .models import Target, find_targets, is_causal_lm, load_model, targets_named
+from .storage.artifact import REPORT, check_output_dir
+from .storage.budget import dense_model_bytes, fits, removed_fraction, value_bytes
+from .storage.record import LayerRecord, LayerStats, dense_record
+
+
+@dataclass
+class Compressed:
+    """What compressing a model in memory produced: each target's record and measurements, stage seconds."""
+
+    targets: list[Target]
+    records: dict[str, LayerRecord]
+    stats: dict[str, LayerStats]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def quantize_model(model, targets: list[Target], batches: list[dict], records: dict[str, LayerRecord],
+                   stats: dict[str, LayerStats], q: QuantizeConfig, f: FactorizeConfig,
+                   progress: bool = True) -> None:
+    """GPTQ/RTN every target of `model` in place, block by block on the outputs of the quantized blocks before;
+    records and stats are updated."""
+
+    def step(_i, block_grams):
+        for name, g in block_grams.items():
+            records[name], stats[name] = build_layer(model, name, records[name], g, f, q, stats.get(name))
+        return True
+
+    from .calibrate.runner import run_blocks
+
+    run_blocks(model, batches, targets, step, f"quantize ({q.method} {q.bits}-bit)", progress)
+
+
+def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True) -> Compressed:
+    """Compress (and optionally quantize) `model` in place by `cfg`."""
+    from .allocate import joint
+    from .allocate.ratio import allocate
+    from .calibrate.data import calibration_batches
+    from .calibrate.runner import calibrate, run_blocks
+    from .progress import bar
+
+    targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
+    if cfg.allocation.strategy == "joint":
+        budget = joint.budget_for(model, targets, cfg)  # fails before the profiling
+        prof = joint.profile(model, tokenizer, cfg, targets, progress)
+        t0 = time.perf_counter()
+        records, stats = joint.build(model, prof, budget, cfg, progress)
+        return Compressed(targets, records, stats, {"allocate": prof.seconds, "factorize": time.perf_counter() - t0})
+
+    timings = {}
+    t0 = time.perf_counter()
+    batches = calibration_batches(tokenizer, cfg.calibration, is_causal_lm(model))
+    grams = calibrate(model, batches, targets, progress=progress)
+    timings["calibrate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    records = allocate(model, targets, grams, cfg, progress)
+    timings["allocate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    f = cfg.factorize
+    stats: dict[str, LayerStats] = {}
+    if cfg.calibration.sequential:
+        def step(_i, block_grams):
+            for name, g in block_grams.items():
+                stats[name] = factor_layer(model, name, records[name], g, f)
+            return True
+
+        del grams
+        run_blocks(model, batches, targets, step, f"factorize ({f.method}, sequential)", progress)
+    else:
+        for t in bar(targets, desc=f"factorize ({f.method})", unit="layer", progress=progress):
+            stats[t.name] = factor_layer(model, t.name, records[t.name], grams[t.name], f)  # independent layers
+    round_other_params(model, {n for n, r in records.items() if r.factored}, f.dtype)
+    timings["factorize"] = time.perf_counter() - t0
+    if cfg.quantize is not None:
+        t0 = time.perf_counter()
+        quantize_model(model, targets, batches, records, stats, cfg.quantize, f, progress)
+        timings["quantize"] = time.perf_counter() - t0
+    return Compressed(targets, records, stats, timings)
+
+
+def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: CompressConfig, overwrite: bool = False,
+             progress: bool = True) -> dict:
+    """Load `model_dir`, compress it by `cfg`, write the compact model to `out` atomically; return the report."""
+    t_start = time.perf_counter()
+    check_output_dir(out, overwrite)  # fail before the slow stages
+    model, tokenizer = load_model(model_dir)
+    dense_model = dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
+    result = compress_model(model, tokenizer, cfg, progress)
+    return save(model, tokenizer, out, result, cfg.model_dump(mode="json"), cfg.factorize.dtype, dense_model,
+                model_dir, str(model_dir), t_start, overwrite)
+
+
+def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: QuantizeConfig,
+                 calib: CalibrationConfig | None = None, dtype: str | None = None, overwrite: bool = False,
+                 progress: bool = True) -> dict:
+    """GPTQ/RTN a folder written by `compress` (its factors) or a plain HF model (its block linears: the dense
+    baseline) into `out`."""
+    from .calibrate.data import calibration_batches
+    from .models import load_tokenizer, read_hf_config
+    from .storage.artifact import layer_records
+    from .storage.artifact import load as load_compressed
+
+    t_start = time.perf_counter()
+    check_output_dir(out, overwrite)  # fail before the slow stages
+    section = read_hf_config(model_dir).get("compot")
+    if section:
+        records = layer_records(section)
+        if any(r.quant is not None for r in records.values()):
+            raise CompotError(f"{model_dir} is already quantized")
+        model, tokenizer = load_compressed(model_dir), load_tokenizer(model_dir)
+        dtype = dtype or section["storage_dtype"]
+        targets = targets_named(model, records)
+        stats = _earlier_stats(Path(model_dir))
+        dense_model = section.get("dense_model_bytes", 0)
+        config = {**section.get("config", {}), "quantize": q.model_dump(mode="json")}
+        source = section.get("source_model", str(model_dir))
+    else:
+        model, tokenizer = load_model(model_dir)
+        dtype = dtype or "float16"
+        dense_model = dense_model_bytes(model, value_bytes(dtype))
+        targets = find_targets(model)
+        records = {t.name: dense_record(t.d_in, t.d_out, t.bias, dtype) for t in targets}
+        stats = {}
+        round_other_params(model, {t.name for t in targets}, dtype)
+        config = {"quantize": q.model_dump(mode="json")}
+        source = str(model_dir)
+    t0 = time.perf_counter()
+    batches = calibration_batches(tokenizer, calib or CalibrationConfig(), is_causal_lm(model))
+    quantize_model(model, targets, batches, records, stats, q, FactorizeConfig(dtype=dtype), progress)
+    result = Compressed(targets, records, stats, {"quantize": time.perf_counter() - t0})
+    return save(model, tokenizer, out, result, config, dtype, dense_model, model_dir, source, t_start, overwrite)
+
+
+def _earlier_stats(folder: Path) -> dict[str, LayerStats]:
+    """The factorization measurements a compressed folder's report holds (none when it has no report)."""
+    path = folder / REPORT
+    if not path.is_file():
+        return {}
+    layers = json.loads(path.read_text()).get("layers", [])
+    return {x["name"]: LayerStats(rel_error=x.get("rel_error"), seconds=x.get("seconds", 0.0)) for x in layers}
+
+
+def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, dense_model: int, model_dir,
+         source: str, t_start: float, overwrite: bool) -> dict:
+    """Write the compressed folder atomically and return its report. model_dir: the input folder; source: the
+    original (uncompressed) model directory."""
+    from .version import __version__
+    from .storage.artifact import FORMAT_VERSION, WEIGHTS, atomic_dir, save_compressed, write_json_atomic
+
+    names = [t.name for t in result.targets]
+    section = {
+        "format_version": FORMAT_VERSION,
+        "producer": f"compot-deploy {__version__}",
+        "storage_dtype": dtype,
+        "dense_model_bytes": dense_model,
+        "source_model": str(Path(source).resolve()),
+        "config": config,
+        "layers": {n: result.records[n].to_json() for n in names},
+    }
+    with atomic_dir(out, overwrite) as tmp:
+        save_compressed(model, tokenizer, tmp, section, dtype)
+        rep = report(model_dir, tmp / WEIGHTS, section, result)
+        rep["seconds"] = time.perf_counter() - t_start
+        write_json_atomic(tmp / REPORT, rep)
+    return rep
+
+
+def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
+    """The compression report: each layer's spec, planned and file bytes and measurements; totals; timings."""
+    from .allocate.joint import families
+    from .config import AllocationConfig
+    from .storage.artifact import layer_file_bytes
+
+    names = [t.name for t in result.targets]
+    file_bytes = layer_file_bytes(weights, names)
+    layers = []
+    for name in names:
+        rec, st = result.records[name], result.stats.get(name, LayerStats())
+        layers.append({"name": name, **rec.to_json(), "planned_bytes": rec.bytes, "file_bytes": file_bytes[name],
+                       "ratio": removed_fraction(file_bytes[name], rec.dense_bytes), **st.to_json()})
+    dense_lin = sum(x["dense_bytes"] for x in layers)
+    planned = sum(x["planned_bytes"] for x in layers)
+    stored = sum(x["file_bytes"] for x in layers)
+    model_file = weights.stat().st_size
+    dense_model = section["dense_model_bytes"]
+    extra = {}
+    if any(s.joint for s in result.stats.values()):
+        budget = AllocationConfig.model_validate(section["config"]["allocation"]).budget
+        extra["joint"] = {"budget": budget.model_dump(), "budget_text": budget.describe,
+                          "fits": fits(budget, stored, dense_lin, model_file),
+                          "estimated_error": sum(s.joint["estimated_error"] for s in result.stats.values()),
+                          "choices": families(result.stats)}
+    return {
+        "model_dir": str(model_dir),
+        "linears": {
+            "count": len(layers),
+            "dense_bytes": dense_lin,
+            "planned_bytes": planned,
+            "file_bytes": stored,
+            "planned_ratio": removed_fraction(planned, dense_lin),
+            "file_ratio": removed_fraction(stored, dense_lin),
+        },
+        "model_file": {"bytes": model_file, "dense_bytes": dense_model, "ratio": removed_fraction(model_file, dense_model)},
+        "timings": result.timings,
+        **extra,
+        "layers": layers,
+    }
+
