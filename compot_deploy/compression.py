@@ -7,6 +7,7 @@ walk (calibrate/runner.py) and save through `save`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,6 +31,24 @@ class Compressed:
     records: dict[str, LayerRecord]
     stats: dict[str, LayerStats]
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a stage and record the process's peak RSS at its end."""
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - t0
+        self.peak_rss_mib[name] = peak_rss_mib()
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far (MiB), where the OS reports it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def quantize_model(model, targets: list[Target], batches: list[dict], records: dict[str, LayerRecord],
@@ -59,42 +78,38 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
     targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     if cfg.allocation.strategy == "joint":
         budget = joint.budget_for(model, targets, cfg)  # fails before the profiling
-        prof = joint.profile(model, tokenizer, cfg, targets, progress)
-        t0 = time.perf_counter()
-        records, stats = joint.build(model, prof, budget, cfg, progress)
-        return Compressed(targets, records, stats, {"allocate": prof.seconds, "factorize": time.perf_counter() - t0})
+        result = Compressed(targets, {}, {})
+        with result.stage("allocate"):  # calibration and every candidate's measurement
+            prof = joint.profile(model, tokenizer, cfg, targets, progress)
+        with result.stage("factorize"):
+            result.records, result.stats = joint.build(model, prof, budget, cfg, progress)
+        return result
 
-    timings = {}
-    t0 = time.perf_counter()
-    batches = calibration_batches(tokenizer, cfg.calibration, is_causal_lm(model))
-    grams = calibrate(model, batches, targets, progress=progress)
-    timings["calibrate"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    records = allocate(model, targets, grams, cfg, progress)
-    timings["allocate"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    result = Compressed(targets, {}, {})
+    with result.stage("calibrate"):
+        batches = calibration_batches(tokenizer, cfg.calibration, is_causal_lm(model))
+        grams = calibrate(model, batches, targets, progress=progress)
+    with result.stage("allocate"):
+        records = result.records = allocate(model, targets, grams, cfg, progress)
     f = cfg.factorize
-    stats: dict[str, LayerStats] = {}
-    if cfg.calibration.sequential:
-        def step(_i, block_grams):
-            for name, g in block_grams.items():
-                stats[name] = factor_layer(model, name, records[name], g, f)
-            return True
+    stats = result.stats
+    with result.stage("factorize"):
+        if cfg.calibration.sequential:
+            def step(_i, block_grams):
+                for name, g in block_grams.items():
+                    stats[name] = factor_layer(model, name, records[name], g, f)
+                return True
 
-        del grams
-        run_blocks(model, batches, targets, step, f"factorize ({f.method}, sequential)", progress)
-    else:
-        for t in bar(targets, desc=f"factorize ({f.method})", unit="layer", progress=progress):
-            stats[t.name] = factor_layer(model, t.name, records[t.name], grams[t.name], f)  # independent layers
-    round_other_params(model, {n for n, r in records.items() if r.factored}, f.dtype)
-    timings["factorize"] = time.perf_counter() - t0
+            del grams
+            run_blocks(model, batches, targets, step, f"factorize ({f.method}, sequential)", progress)
+        else:
+            for t in bar(targets, desc=f"factorize ({f.method})", unit="layer", progress=progress):
+                stats[t.name] = factor_layer(model, t.name, records[t.name], grams[t.name], f)  # independent
+        round_other_params(model, {n for n, r in records.items() if r.factored}, f.dtype)
     if cfg.quantize is not None:
-        t0 = time.perf_counter()
-        quantize_model(model, targets, batches, records, stats, cfg.quantize, f, progress)
-        timings["quantize"] = time.perf_counter() - t0
-    return Compressed(targets, records, stats, timings)
+        with result.stage("quantize"):
+            quantize_model(model, targets, batches, records, stats, cfg.quantize, f, progress)
+    return result
 
 
 def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: CompressConfig, overwrite: bool = False,
@@ -103,8 +118,11 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
     t_start = time.perf_counter()
     check_output_dir(out, overwrite)  # fail before the slow stages
     model, tokenizer = load_model(model_dir)
+    loaded, load_peak = time.perf_counter() - t_start, peak_rss_mib()
     dense_model = dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
     result = compress_model(model, tokenizer, cfg, progress)
+    result.timings = {"load": loaded, **result.timings}
+    result.peak_rss_mib = {"load": load_peak, **result.peak_rss_mib}
     return save(model, tokenizer, out, result, cfg.model_dump(mode="json"), cfg.factorize.dtype, dense_model,
                 model_dir, str(model_dir), t_start, overwrite)
 
@@ -143,10 +161,10 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
         round_other_params(model, {t.name for t in targets}, dtype)
         config = {"quantize": q.model_dump(mode="json")}
         source = str(model_dir)
-    t0 = time.perf_counter()
-    batches = calibration_batches(tokenizer, calib or CalibrationConfig(), is_causal_lm(model))
-    quantize_model(model, targets, batches, records, stats, q, FactorizeConfig(dtype=dtype), progress)
-    result = Compressed(targets, records, stats, {"quantize": time.perf_counter() - t0})
+    result = Compressed(targets, records, stats)
+    with result.stage("quantize"):
+        batches = calibration_batches(tokenizer, calib or CalibrationConfig(), is_causal_lm(model))
+        quantize_model(model, targets, batches, records, stats, q, FactorizeConfig(dtype=dtype), progress)
     return save(model, tokenizer, out, result, config, dtype, dense_model, model_dir, source, t_start, overwrite)
 
 
@@ -177,7 +195,8 @@ def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, de
         "layers": {n: result.records[n].to_json() for n in names},
     }
     with atomic_dir(out, overwrite) as tmp:
-        save_compressed(model, tokenizer, tmp, section, dtype)
+        with result.stage("save"):
+            save_compressed(model, tokenizer, tmp, section, dtype)
         rep = report(model_dir, tmp / WEIGHTS, section, result)
         rep["seconds"] = time.perf_counter() - t_start
         write_json_atomic(tmp / REPORT, rep)
@@ -221,6 +240,7 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
         },
         "model_file": {"bytes": model_file, "dense_bytes": dense_model, "ratio": removed_fraction(model_file, dense_model)},
         "timings": result.timings,
+        "peak_rss_mib": result.peak_rss_mib,
         **extra,
         "layers": layers,
     }

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CompotError
+from .gguf import resolve_model_dir
 
 
 def default_model_dir() -> Path:
@@ -22,8 +23,9 @@ def default_model_dir() -> Path:
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict:
-    """The raw config.json of a model directory, with clear errors for the common mistakes."""
-    p = Path(model_dir)
+    """The raw config.json of a model directory (or of a .gguf file's folder), with clear errors for the common
+    mistakes."""
+    p = resolve_model_dir(model_dir)
     if not p.exists():
         raise CompotError(f"model directory not found: {p}")
     if not p.is_dir():
@@ -52,7 +54,8 @@ def model_class(config):
 
 
 def load_model(model_dir: str | os.PathLike):
-    """Load a local model directory in float32 eval mode, plus its tokenizer. No network access.
+    """Load a local model directory (or a .gguf file, see gguf.py) in float32 eval mode, plus its tokenizer. No
+    network access.
 
     Returns (model, tokenizer). Raises CompotError for missing/invalid directories or non-finite weights.
     """
@@ -60,6 +63,7 @@ def load_model(model_dir: str | os.PathLike):
     import transformers
 
     read_hf_config(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = model_class(config).from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
@@ -88,6 +92,7 @@ def quiet_transformers() -> None:
 def load_tokenizer(model_dir):
     import transformers
 
+    model_dir = resolve_model_dir(model_dir)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

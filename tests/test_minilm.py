@@ -12,7 +12,6 @@ from compot_deploy.storage.budget import Budget
 from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
 from compot_deploy.models import load_model
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_compot_beats_svd_llm_at_equal_bytes(tmp_path, minilm_dir, reference, he
     assert cos["compot"] >= cos["svd-llm"] + 0.03, cos  # measured 0.831 vs 0.776
 
 
-@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("bits", [None, pytest.param(4, marks=pytest.mark.slow)])
 def test_minilm_onnx_export_matches_pytorch(tmp_path, minilm_dir, bits):
     """MiniLM at ratio 0.3, with and without GPTQ-4: ORT vs PyTorch ≤ 1e-4 (fp32), file ≤ 1.05 × safetensors, and
     a corrupted initializer makes the gate fail."""

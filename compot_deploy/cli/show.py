@@ -31,7 +31,9 @@ def print_report(report: dict) -> None:
                f"-> fraction removed {lin['file_ratio']:.4f} (planned {lin['planned_ratio']:.4f}), read from the "
                f"saved file")
     click.echo(f"model file: {mf['bytes']:,} bytes vs {mf['dense_bytes']:,} dense at the same dtype "
-               f"-> fraction removed {mf['ratio']:.4f}; total {report['seconds']:.1f}s")
+               f"-> fraction removed {mf['ratio']:.4f}; total {report['seconds']:.1f}s"
+               + (" (" + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()) + ")"
+                  if report.get("timings") else ""))
     if report.get("joint"):
         j = report["joint"]
         click.echo(f"joint allocation within {j['budget_text']} ({'fits' if j['fits'] else 'DOES NOT FIT'}), per "

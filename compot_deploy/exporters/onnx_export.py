@@ -75,8 +75,10 @@ def decoder_wrapper(model, n_layers: int):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
-                                 config=self.model.config)
+            # Full (non-sliding) cache layers everywhere: a sliding layer's window bookkeeping is Python ints that
+            # the tracer would freeze at the example's length; the sliding-window mask itself is traced from
+            # positions, so sliding blocks stay exact past the window (their cache grows like a full one's).
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)])
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
             present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
@@ -410,11 +412,11 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
     import torch
 
     from ..storage.artifact import WEIGHTS, atomic_dir, check_output_dir, load, write_json_atomic
-    from ..models import load_model, load_tokenizer, read_hf_config
+    from ..models import load_model, load_tokenizer, read_hf_config, resolve_model_dir
 
     check_output_dir(out, overwrite)
     check_opset(cfg.opset)
-    source = Path(source).resolve()
+    source = resolve_model_dir(source).resolve()
     section = read_hf_config(source).get("compot")
     model = load(source) if section else load_model(source)[0]
     tokenizer = load_tokenizer(source)

