@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
 from .errors import CompotError
 from .layers import build_layer, factor_layer, round_other_params
-from .models import Target, find_targets, is_causal_lm, load_model, targets_named
+from .models import Target, find_targets, load_model, targets_named
 from .storage.artifact import REPORT, check_output_dir
 from .storage.budget import dense_model_bytes, fits, removed_fraction, value_bytes
 from .storage.record import LayerRecord, LayerStats, dense_record
@@ -87,7 +87,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
 
     result = Compressed(targets, {}, {})
     with result.stage("calibrate"):
-        batches = calibration_batches(tokenizer, cfg.calibration, is_causal_lm(model))
+        batches = calibration_batches(tokenizer, cfg.calibration, model)
         grams = calibrate(model, batches, targets, progress=progress)
     with result.stage("allocate"):
         records = result.records = allocate(model, targets, grams, cfg, progress)
@@ -116,7 +116,7 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
              progress: bool = True) -> dict:
     """Load `model_dir`, compress it by `cfg`, write the compact model to `out` atomically; return the report."""
     t_start = time.perf_counter()
-    check_output_dir(out, overwrite)  # fail before the slow stages
+    check_output_dir(out, overwrite, [model_dir])  # fail before the slow stages
     model, tokenizer = load_model(model_dir)
     loaded, load_peak = time.perf_counter() - t_start, peak_rss_mib()
     dense_model = dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
@@ -138,7 +138,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
     from .storage.artifact import load as load_compressed
 
     t_start = time.perf_counter()
-    check_output_dir(out, overwrite)  # fail before the slow stages
+    check_output_dir(out, overwrite, [model_dir])  # fail before the slow stages
     section = read_hf_config(model_dir).get("compot")
     if section:
         records = layer_records(section)
@@ -163,7 +163,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
         source = str(model_dir)
     result = Compressed(targets, records, stats)
     with result.stage("quantize"):
-        batches = calibration_batches(tokenizer, calib or CalibrationConfig(), is_causal_lm(model))
+        batches = calibration_batches(tokenizer, calib or CalibrationConfig(), model)
         quantize_model(model, targets, batches, records, stats, q, FactorizeConfig(dtype=dtype), progress)
     return save(model, tokenizer, out, result, config, dtype, dense_model, model_dir, source, t_start, overwrite)
 

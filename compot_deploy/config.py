@@ -90,7 +90,7 @@ class AllocationConfig(_Strict):
             raise ValueError(f"a fraction kept (--target-ratio) or a file size (--target-bytes) needs the joint "
                              f"allocator, not {self.strategy!r}")
         if not self.min_layer_ratio <= self.budget.removed <= self.layer_ratio_cap:
-            raise ValueError(f"need min_layer_ratio <= ratio removed <= max_layer_ratio (got {self.min_layer_ratio}, "
+            raise ValueError(f"need --min-layer-ratio <= --ratio <= --max-layer-ratio (got {self.min_layer_ratio}, "
                              f"{self.budget.removed}, {self.layer_ratio_cap})")
         return self
 
@@ -235,4 +235,6 @@ def build_config(cls, names: dict[str, str] | None = None, **values):
         msg = err["msg"].removeprefix("Value error, ")
         loc = ".".join(str(x) for x in err["loc"])
         loc = (names or {}).get(loc, loc)
-        raise CompotError(f"invalid {loc}: {msg}" if loc else f"invalid settings: {msg}") from None
+        if "--" in msg or not loc:  # a check across options names them itself, better than a section's path
+            raise CompotError(f"invalid options: {msg}") from None
+        raise CompotError(f"invalid {loc}: {msg}") from None

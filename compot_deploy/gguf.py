@@ -63,7 +63,7 @@ def materialize(gguf: str | os.PathLike, out: str | os.PathLike, overwrite: bool
     g = Path(gguf)
     if not g.is_file() or g.suffix.lower() != SUFFIX:
         raise CompotError(f"not a .gguf file: {g}")
-    check_output_dir(out, overwrite)  # before the slow read
+    check_output_dir(out, overwrite, [g])  # before the slow read
     model, tokenizer = _read(g)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)

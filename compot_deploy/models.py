@@ -61,13 +61,14 @@ def load_model(model_dir: str | os.PathLike):
     """
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     read_hf_config(model_dir)
     model_dir = resolve_model_dir(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model = model_class(config).from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CompotError(f"cannot load a transformer from {model_dir}: {str(e).splitlines()[0]}") from None
     model.eval()
     check_finite(model)

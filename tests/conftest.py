@@ -26,7 +26,7 @@ def heldout_texts() -> list[str]:
     return texts()
 
 
-TINY_KINDS = ("llama", "qwen3", "gpt2", "bert")
+TINY_KINDS = ("llama", "qwen3", "gpt2", "bert", "gemma2")
 
 
 def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
@@ -47,6 +47,9 @@ def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
     elif kind == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                                  pad_token_id=0))
+    elif kind == "gemma2":  # a sliding window (16) shorter than the gate's prompts + decode steps
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(hidden_size=64, intermediate_size=160, num_key_value_heads=2,
+                                                     head_dim=16, sliding_window=16, pad_token_id=0, **common))
     elif kind == "bert":
         model = tf.BertModel(tf.BertConfig(hidden_size=64, intermediate_size=160, **common))
     else:

@@ -74,6 +74,7 @@ def test_build_package_cache_config_and_verify(tiny_dirs, tmp_path):
     (tmp_path / "b2.yaml").write_text(yaml.safe_dump(cfg))
     res = _build("--config", str(tmp_path / "b2.yaml"), "-o", str(out), "--no-bench")
     assert res.returncode == 0 and "reused stages: compress\n" in res.stdout, res.stdout
+    assert len(list((out / ".cache").iterdir())) == 4  # the first build's export … bench folders are gone
 
     assert subprocess.run(CLI + ["verify", str(pkg)], capture_output=True, text=True).returncode == 0
     with open(pkg / "model.onnx", "r+b") as f:  # flip one byte in the middle of the weights
@@ -100,7 +101,28 @@ def test_build_refuses_bad_input(tiny_dirs, tmp_path):
         assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert not (tmp_path / "o").exists()
     res = _build(str(tiny_dirs["bert"]), "-o", str(tmp_path / "junk"))
-    assert res.returncode == 2 and "holds no earlier build" in res.stderr
+    assert res.returncode == 2 and "holds no build" in res.stderr
+    assert [p.name for p in (tmp_path / "junk").iterdir()] == ["f"]
+
+
+def test_build_output_policy(tiny_dirs, tmp_path):
+    """OUT holds one build of one model: another model's build is refused unless --overwrite, which replaces the
+    folder whole; the input model is never OUT; after a build only its own stage caches remain."""
+    out = tmp_path / "out"
+    assert _build(str(tiny_dirs["bert"]), *TINY, "--no-bench", "-q", "-o", str(out)).returncode == 0
+    shas = _shas(out / "package")
+    res = _build(str(tiny_dirs["llama"]), *TINY, "--no-bench", "-q", "-o", str(out))
+    assert res.returncode == 2 and "holds the build of another model" in res.stderr, res.stderr
+    assert _shas(out / "package") == shas
+    (out / "mine.txt").write_text("x")
+    res = _build(str(tiny_dirs["llama"]), *TINY, "--no-bench", "-q", "-o", str(out), "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert not (out / "mine.txt").exists() and _shas(out / "package") != shas
+    assert json.loads((out / "package" / "config.json").read_text())["model_type"] == "llama"
+    assert sorted(p.name.split("-")[0] for p in (out / ".cache").iterdir()) == ["compress", "export", "package",
+                                                                                 "validate"]
+    res = _build(str(tiny_dirs["llama"]), *TINY, "--no-bench", "-q", "-o", str(tiny_dirs["llama"]), "--overwrite")
+    assert res.returncode == 2 and "is the input" in res.stderr, res.stderr
 
 
 def _kill_during(out: Path, stage: str, delay: float) -> None:

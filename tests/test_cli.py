@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -106,3 +107,108 @@ def test_compress_cli_writes_a_loadable_model(tiny_dirs, tmp_path):
     assert "fraction removed 0.3" in res.stdout and "transformer.h.0.attn.c_attn" in res.stdout
     report = json.loads((out / "compression_report.json").read_text())
     assert report["linears"]["file_ratio"] >= 0.29
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where,pattern", [("parent/model", "is the input"), ("parent/model/sub", "is inside the input"),
+                                           ("parent", "holds the input")])
+def test_output_never_touches_the_input_model(where, pattern, tiny_dirs, tmp_path):
+    """compress -o MODEL --overwrite once replaced the user's model without a word."""
+    model = tmp_path / "parent" / "model"
+    shutil.copytree(tiny_dirs["bert"], model)
+    before = _tree(tmp_path / "parent")
+    res = run("compress", model, "-o", tmp_path / where, "--overwrite", "--samples", "8")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and pattern in lines[0], res.stderr
+    assert _tree(tmp_path / "parent") == before
+
+
+def test_unwritable_output_is_refused_before_any_work(tiny_dirs, tmp_path):
+    out = Path("/proc/compot-deploy-out")  # no file can be created there, also as root
+    res = run("compress", tiny_dirs["bert"], "-o", out, "--samples", "8")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot write"), res.stderr
+
+
+def _truncated_model(tiny_dirs, tmp_path) -> Path:
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_dirs["bert"], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return bad
+
+
+def _latin1_folder(tiny_dirs, tmp_path) -> Path:
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Plain English text about boats and lighthouses.\n" * 50, encoding="utf-8")
+    (folder / "b.txt").write_bytes("Caf\xe9 cr\xe8me br\xfbl\xe9e on the terrace.\n".encode("latin-1") * 50)
+    return folder
+
+
+def _random_bytes(tiny_dirs, tmp_path) -> Path:
+    f = tmp_path / "random.txt"
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    return f
+
+
+def _bad_manifest(tiny_dirs, tmp_path) -> Path:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "manifest.json").write_text("{not json")
+    return pkg
+
+
+# Every bad input of issue 16 that a tiny model shows: (what, argv from (tiny_dirs, tmp_path, out), exit, message).
+BAD_INPUTS = [
+    ("truncated safetensors", lambda d, t, o: ["compress", _truncated_model(d, t), "-o", o],
+     2, "cannot load a transformer from"),
+    ("Latin-1 file in a calibration folder", lambda d, t, o: ["compress", d["bert"], "-o", o, "--calib",
+                                                              _latin1_folder(d, t)], 2, "b.txt: not UTF-8 text"),
+    ("200 KB of random bytes as --calib", lambda d, t, o: ["compress", d["bert"], "-o", o, "--calib",
+                                                           _random_bytes(d, t)], 2, "binary data, not text"),
+    ("encoder --packing --seq-len past its positions", lambda d, t, o: ["compress", d["bert"], "-o", o, "--packing",
+                                                                        "--seq-len", "300"],
+     2, "--seq-len 300 is longer than the 256 positions"),
+    ("--ratio together with a target", lambda d, t, o: ["compress", d["bert"], "-o", o, "--ratio", "0.3",
+                                                        "--target-ratio", "0.2"], 2, "give one budget"),
+    ("--ratio 1e-9", lambda d, t, o: ["compress", d["bert"], "-o", o, "--ratio", "1e-9"],
+     2, "invalid --ratio: Input should be greater than or equal to 0.01"),
+    ("--allocation with a target", lambda d, t, o: ["compress", d["bert"], "-o", o, "--allocation", "uniform",
+                                                    "--target-ratio", "0.2"], 2, "--allocation splits a --ratio"),
+    ("--max-layer-ratio below --ratio", lambda d, t, o: ["build", d["bert"], "-o", o, "--ratio", "0.5",
+                                                         "--max-layer-ratio", "0.2"],
+     2, "invalid options: need --min-layer-ratio <= --ratio <= --max-layer-ratio"),
+    ("malformed manifest.json in verify", lambda d, t, o: ["verify", _bad_manifest(d, t)],
+     3, "manifest.json is not a package manifest"),
+    ("output is the input model", lambda d, t, o: ["compress", d["bert"], "-o", d["bert"], "--overwrite"],
+     2, "is the input"),
+]
+
+
+@pytest.mark.parametrize("what,argv,code,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_error_line(what, argv, code, message, tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    before = _tree(tiny_dirs["bert"])
+    res = run(*argv(tiny_dirs, tmp_path, out))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    assert not out.exists() and _tree(tiny_dirs["bert"]) == before
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path):
+    """ENOSPC while writing an output folder: one CompotError line, no temporary folder left behind."""
+    import errno
+
+    from compot_deploy.errors import CompotError
+    from compot_deploy.storage.artifact import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(CompotError, match="No space left on device.*disk full"), atomic_dir(out) as tmp:
+        (tmp / "part").write_bytes(b"x" * 10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []

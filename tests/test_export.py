@@ -24,7 +24,7 @@ from compot_deploy.exporters.validate import GateFailed, validate_export
 from compot_deploy.storage.modules import CompotLinear, sparse_codes_matmul
 from compot_deploy.compression import quantize_dir
 from compot_deploy.quantize.gptq import rtn
-from compot_deploy.storage.packing import QuantTensor
+from compot_deploy.storage.packing import SUPPORTED_BITS, QuantTensor
 from compot_deploy.runtimes.ort import session
 
 CALIB = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
@@ -100,7 +100,7 @@ def _compressed(tiny_dirs, kind, tmp_path, bits=None):
 
 
 @pytest.mark.parametrize("kind,bits", [("llama", None), ("qwen3", None), ("gpt2", None), ("llama", 4), ("bert", 4),
-                                       ("gpt2", 3)])
+                                       ("gpt2", 3), ("llama", 8), ("gemma2", None)])
 def test_export_passes_the_gate(kind, bits, tiny_dirs, tmp_path):
     src = _compressed(tiny_dirs, kind, tmp_path, bits)
     man = export_dir(src, tmp_path / "onnx", ExportConfig())
@@ -116,6 +116,8 @@ def test_export_passes_the_gate(kind, bits, tiny_dirs, tmp_path):
         # prefill + 8 greedy decode calls through the KV cache: exactly PyTorch's tokens
         assert graph["inputs"][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
         assert par["tokens"] == {"mismatches": 0, "total": 1 * 9 + 2 * 9}
+        if kind == "gemma2":  # the (2, 20) prompt and its decode steps run past the 16-token window
+            assert max(c["prompt"][1] for c in par["cases"]) > 16
         assert 0.0 < rep["task"]["next_token_agreement"] <= 1.0 and rep["task"]["perplexity"] > 1.0
     else:
         assert graph["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -262,3 +264,32 @@ def test_compot_layer_exports_the_cheaper_form(k, s, product, tmp_path):
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(5, d)
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], m(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("d_in,group", [(64, 32), (48, 48)])  # MatMulNBits where it applies, else DequantizeBlocks
+def test_every_quantized_width_exports(bits, sym, d_in, group, tmp_path):
+    """Each width the allocator and `quantize` can pick traces, loads in ORT and gives the module's outputs
+    (8 bits once broke torch's exporter in its peephole pass)."""
+    from compot_deploy.exporters.torch_ops import export_forwards
+    from compot_deploy.storage.modules import QuantLinear
+
+    torch.manual_seed(bits)
+    m = QuantLinear(d_in, 24, bits, group, sym, bias=True)
+    m.weight.load_state_dict(QuantTensor.from_quantized(rtn(torch.randn(d_in, 24), bits, group, sym)).state_dict())
+    m.bias.data.normal_()
+    path = tmp_path / "q.onnx"
+    with export_forwards(m), torch.no_grad():
+        torch.onnx.export(m, (torch.randn(2, d_in),), str(path), dynamo=False, opset_version=18, input_names=["x"],
+                          custom_opsets={ops.DOMAIN: 1}, dynamic_axes={"x": {0: "n"}})
+    proto = onnx.load(str(path))
+    used = {n.op_type for n in proto.graph.node}
+    assert ("MatMulNBits" in used) == (bits != 3 and group == 32), used
+    for f in ops.functions("folded").values():
+        proto.functions.append(f)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, d_in)
+    np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], m(x).numpy(), rtol=1e-4, atol=1e-4)

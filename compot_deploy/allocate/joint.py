@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ..config import CompressConfig, FactorizeConfig, JointConfig, QuantizeConfig
 from ..errors import CompotError
 from ..layers import build_layer, round_other_params, round_to
-from ..models import Target, dense_weight, find_targets, is_causal_lm
+from ..models import Target, dense_weight, find_targets
 from ..storage.budget import (budget_bytes, dense_model_bytes, linear_budget, linears_dense_bytes,
                               stored_tensor_count, value_bytes)
 from ..storage.record import STORAGE, LayerRecord, LayerStats, QuantSpec, dense_record, plan
@@ -185,7 +185,7 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     t0 = time.perf_counter()
     a, f = cfg.allocation, cfg.factorize
     targets = targets or find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
-    batches = calibration_batches(tokenizer, cfg.calibration, is_causal_lm(model))
+    batches = calibration_batches(tokenizer, cfg.calibration, model)
     grams = calibrate(model, batches, targets, progress=progress)
     cands = measure(model, targets, grams, a.joint, f, progress)
     weights = [1.0] * len(targets)

@@ -4,12 +4,21 @@ Each stage's output lives in OUT/.cache/<stage>-<key>, where key hashes the stag
 keys (the model folder's content hash for the first stage) and the tool versions. A stage whose folder exists is
 reused; folders appear by atomic rename, so a build killed at any point leaves only complete stages behind and a
 rerun finishes from there. Every event goes to OUT/build.log.jsonl.
+
+OUT holds one build, of one model (OUT/build.json names it):
+- OUT is never the input model, inside it or a folder holding it (refused, --overwrite or not);
+- a non-empty OUT that holds no build, or the build of another model, is refused unless --overwrite, which
+  replaces it whole: the old OUT is moved aside, deleted once the new build succeeds, put back if it fails;
+- the same model with other options rebuilds in place, reusing the stages whose key is unchanged; when it
+  succeeds, stage folders this build did not use are deleted, so caches never pile up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +27,7 @@ from ..config import BuildConfig
 from ..storage.artifact import sha256_file
 from .package import PACKAGE, make_package, summarize, write_tarball
 
-CACHE, REPORTS, LOG = ".cache", "reports", "build.log.jsonl"
+CACHE, REPORTS, LOG, OWNER = ".cache", "reports", "build.log.jsonl", "build.json"
 
 
 # ------------------------------------------------------------------------------------------------------ hashing
@@ -59,13 +68,14 @@ def stage_key(stage: str, config, inputs: list[str], versions: dict) -> str:
 class Build:
     """One build into `out`: runs or reuses each stage, logging to build.log.jsonl."""
 
-    def __init__(self, cfg: BuildConfig, out: Path, force: bool = False, echo=None):
-        self.cfg, self.out, self.force = cfg, Path(out), force
+    def __init__(self, cfg: BuildConfig, out: Path, force: bool = False, echo=None, overwrite: bool = False):
+        self.cfg, self.out, self.force, self.overwrite = cfg, Path(out), force, overwrite
         self.cache = self.out / CACHE
         self.echo = echo or (lambda m: None)
         self.versions = tool_versions()
         self.reused: list[str] = []
         self.ran: list[str] = []
+        self.used: list[Path] = []
 
     def event(self, **kw) -> None:
         kw = {"time": round(time.time(), 3), **kw}
@@ -78,6 +88,7 @@ class Build:
 
         key = stage_key(name, config, inputs, self.versions)
         folder = self.cache / f"{name}-{key}"
+        self.used.append(folder)
         if folder.is_dir() and not self.force:
             self.reused.append(name)
             self.event(stage=name, status="reused", key=key)
@@ -97,13 +108,58 @@ class Build:
         return folder, key
 
     def run(self) -> dict:
-        from ..exporters.validate import validate_export
         from ..models import default_model_dir, read_hf_config, resolve_model_dir
+        from ..storage.artifact import write_error
 
         cfg = self.cfg
         model = resolve_model_dir(cfg.model) if cfg.model else default_model_dir()  # a .gguf: its HF folder
         read_hf_config(model)  # bad input fails before OUT is created
-        self.out.mkdir(parents=True, exist_ok=True)
+        aside = self.claim(model, [model] + ([Path(cfg.model)] if cfg.model else []))
+        try:
+            summary = self._run(model)
+        except BaseException as e:
+            if aside is not None:  # --overwrite failed: the previous OUT comes back untouched
+                shutil.rmtree(self.out, ignore_errors=True)
+                aside.rename(self.out)
+            if isinstance(e, OSError) and e.errno in (28, 30, 13):  # ENOSPC, EROFS, EACCES
+                raise write_error(self.out, e) from None
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        for stale in set(self.cache.iterdir()) - set(self.used):  # other builds' stages: caches never pile up
+            shutil.rmtree(stale, ignore_errors=True)
+        return summary
+
+    def claim(self, model: Path, inputs: list[Path]) -> Path | None:
+        """Apply OUT's policy (module docstring); return where a replaced OUT was moved, or None."""
+        from ..errors import CompotError
+        from ..storage.artifact import check_output_dir
+
+        out = self.out
+        check_output_dir(out, overwrite=True, inputs=inputs)  # never the input; a file refused; writable
+        aside = None
+        if out.is_dir() and any(out.iterdir()):
+            owner = _owner(out)
+            if self.overwrite:
+                aside = out.parent / f".{out.name}.old-{os.getpid()}"
+                shutil.rmtree(aside, ignore_errors=True)
+                out.rename(aside)
+            elif owner is None:
+                raise CompotError(f"output directory {out} is not empty and holds no build (use --overwrite to "
+                                  "replace it)")
+            elif owner != str(model):
+                raise CompotError(f"output directory {out} holds the build of another model ({owner}); use "
+                                  "--overwrite to replace it, or another -o")
+        out.mkdir(parents=True, exist_ok=True)
+        from ..storage.artifact import write_json_atomic
+
+        write_json_atomic(out / OWNER, {"model": str(model)})
+        return aside
+
+    def _run(self, model: Path) -> dict:
+        from ..exporters.validate import validate_export
+
+        cfg = self.cfg
         self.cache.mkdir(exist_ok=True)
         for stale in self.cache.glob(".*.tmp-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
@@ -142,6 +198,18 @@ class Build:
                 for f in bench_dir.iterdir():
                     shutil.copy2(f, tmp / f.name)
         return summarize(comp, val, bench_dir, self.out, self.reused, self.ran)
+
+
+def _owner(out: Path) -> str | None:
+    """The model whose build OUT holds (build.json; builds before it: the log's first event), or None."""
+    if (out / OWNER).is_file():
+        return json.loads((out / OWNER).read_text()).get("model")
+    if (out / LOG).is_file():
+        for line in (out / LOG).read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                if "model" in (e := json.loads(line)):
+                    return e["model"]
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- the stages

@@ -188,9 +188,15 @@ def verify(package: str | Path) -> dict:
     mf = package / "manifest.json"
     if not mf.is_file():
         raise CompotError(f"{package} is not a compot-deploy package (no manifest.json)")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+        listed = manifest["files"]
+        if not all(isinstance(m, dict) and {"bytes", "sha256"} <= m.keys() for m in listed.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise VerifyFailed(f"verify failed for {package}: manifest.json is not a package manifest (want a JSON "
+                           "object whose 'files' maps each file to its bytes and sha256)") from None
     problems = []
-    listed = manifest["files"]
     for name, meta in listed.items():
         p = package / name
         if not p.is_file():

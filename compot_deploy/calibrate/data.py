@@ -40,6 +40,24 @@ def _dataset_texts(path: Path) -> list[str]:
     return [t for t in ds[col] if t and t.strip()]
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of `path` (a BOM is allowed); CompotError naming the file when it is not UTF-8 or does not
+    look like text (mostly control characters: a binary file)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        control = sum(b < 32 and b not in (9, 10, 13) or 127 <= b < 160 for b in raw[:65536])
+        if control > 0.01 * min(len(raw), 65536):
+            raise CompotError(f"{path}: binary data, not text") from None
+        raise CompotError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it "
+                          "first, e.g. `iconv -f latin1 -t utf-8`") from None
+    bad = sum(1 for c in text if not (c.isprintable() or c.isspace()))
+    if text and bad > 0.01 * len(text):
+        raise CompotError(f"{path}: {bad / len(text):.0%} of its characters are control characters: not text")
+    return text
+
+
 def load_texts(source: str | None) -> list[str]:
     """Documents from `source`: None/'builtin' (the packaged English corpus), a .txt file (one document per
     non-empty line), a .jsonl file (its "text" fields), a folder of .txt files, or a `datasets` dataset saved
@@ -55,8 +73,8 @@ def load_texts(source: str | None) -> list[str]:
         files = sorted(p.glob("*.txt"))
         if not files:
             raise CompotError(f"calibration folder {p} holds no .txt files and is not a saved dataset")
-        return [ln for f in files for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    text = p.read_text(encoding="utf-8", errors="replace")
+        return [ln for f in files for ln in read_text_file(f).splitlines() if ln.strip()]
+    text = read_text_file(p)
     if p.suffix == ".jsonl":
         try:
             return [json.loads(ln)["text"] for ln in text.splitlines() if ln.strip()]
@@ -128,9 +146,24 @@ def make_batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list
 
 
 
-def calibration_batches(tokenizer, cfg, causal: bool) -> list[dict]:
-    """The batches `cfg` (CalibrationConfig) asks for. Decoders calibrate on packed full-length chunks; encoders
-    (measured on MiniLM: +0.04 mean cosine at ratio 0.3) on one document per sample, as they are used."""
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no fixed limit, e.g. rotary)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rotary = any(getattr(text, a, None) for a in ("rope_parameters", "rope_theta", "rotary_dim"))
+    if rotary or getattr(text, "position_embedding_type", "absolute") != "absolute":
+        return None
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
+def calibration_batches(tokenizer, cfg, model) -> list[dict]:
+    """The batches `cfg` (CalibrationConfig) asks for `model`. Decoders calibrate on packed full-length chunks;
+    encoders (measured on MiniLM: +0.04 mean cosine at ratio 0.3) on one document per sample, as they are used."""
+    from ..models import is_causal_lm
+
+    causal = is_causal_lm(model)
+    limit = max_positions(model.config)
+    if limit is not None and cfg.seq_len > limit:
+        raise CompotError(f"--seq-len {cfg.seq_len} is longer than the {limit} positions the model embeds")
     packing = causal if cfg.packing is None else cfg.packing
     n = cfg.samples or (32 if packing else 128)
     samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing)

@@ -116,18 +116,14 @@ def build(ctx, out, quiet, overwrite, force, save_config, **opts) -> None:
 
     import yaml
 
-    from ..build import LOG, Build
+    from ..build import Build
     from ..config import load_config_file
 
     cfg = build_settings(ctx, opts, load_config_file(opts["config"]) if opts["config"] else None)
     outp = Path(out)
-    if outp.exists() and not outp.is_dir():
-        raise CompotError(f"output path exists and is not a directory: {outp}")
-    if outp.is_dir() and any(outp.iterdir()) and not (outp / LOG).exists() and not overwrite:
-        raise CompotError(f"output directory {outp} is not empty and holds no earlier build (use --overwrite)")
     if save_config:
         Path(save_config).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    summary = Build(cfg, outp, force=force, echo=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True))).run()
+    summary = Build(cfg, outp, force=force, overwrite=overwrite, echo=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True))).run()
     if not quiet:
         print_build_summary(summary)
     click.echo(f"built {summary['package']}")

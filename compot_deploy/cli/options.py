@@ -3,6 +3,8 @@ and `build` share it, so the same rules apply to both (written once in config.py
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..errors import CompotError
@@ -161,6 +163,8 @@ def build_settings(ctx, opts: dict, base: dict | None = None):
             continue
         if name == "gptq_bits":
             value = int(value)
+        elif name in ("model_dir", "calib") and value and Path(value).exists():
+            value = str(Path(value).resolve())  # a saved config reproduces the build from any folder
         elif name in ("include", "exclude"):
             value = list(value)
         _set_path(data, path, value)
@@ -170,6 +174,9 @@ def build_settings(ctx, opts: dict, base: dict | None = None):
     if budget is not None:
         _set_path(data, "compress.allocation.budget", budget)
         if "removed" not in budget:  # a fraction kept or a file size: the joint allocator
+            if "allocation" in given:
+                raise CompotError("--allocation splits a --ratio budget; --target-ratio and --target-bytes use the "
+                                  "joint allocator")
             _set_path(data, "compress.allocation.strategy", "joint")
             if "method" in given and STORAGE[given["method"]].joint_candidate:  # else config.py says why not
                 _set_path(data, "compress.allocation.joint.methods", [given["method"]])

@@ -414,7 +414,7 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
     from ..storage.artifact import WEIGHTS, atomic_dir, check_output_dir, load, write_json_atomic
     from ..models import load_model, load_tokenizer, read_hf_config, resolve_model_dir
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, [source])
     check_opset(cfg.opset)
     source = resolve_model_dir(source).resolve()
     section = read_hf_config(source).get("compot")

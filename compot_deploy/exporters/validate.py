@@ -181,7 +181,7 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
     dec = OrtDecoder(sess)
     nll_out = nll_ref = agree = n = 0
     for text in texts:
-        ids = np.asarray([tokenizer(text, add_special_tokens=False)["input_ids"][:128]], np.int64)
+        ids = np.asarray([tokenizer(text)["input_ids"][:128]], np.int64)  # with <bos> where the model expects it
         if ids.shape[1] < 2:
             continue
         L = ids.shape[1]

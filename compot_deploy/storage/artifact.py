@@ -7,6 +7,7 @@ failure never leaves a half-written OUT.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,26 +24,70 @@ FORMAT_VERSION = 2
 _TORCH_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "bfloat16"}
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder unless `overwrite`."""
+def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs=()) -> None:
+    """The output-folder policy, checked before any work:
+
+    - OUT is never an input (a model folder, a .gguf file), inside one, or a folder holding one, --overwrite or not:
+      the user's model is never written into or replaced;
+    - OUT that is a file is refused; a non-empty OUT only with `overwrite` (which then replaces it whole);
+    - OUT's location must be writable (probed with a temporary file in its nearest existing folder)."""
     out = Path(out)
+    where = out.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if where == src or src in where.parents or where in src.parents:
+            rel = "is" if where == src else ("is inside" if src in where.parents else "holds")
+            raise CompotError(f"output {out} {rel} the input {src}: choose another output folder")
     if out.exists() and not out.is_dir():
         raise CompotError(f"output path exists and is not a directory: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CompotError(f"output directory {out} is not empty (use --overwrite)")
+    probe_writable(out)
+
+
+def probe_writable(out: Path) -> None:
+    """Raise CompotError unless a file can be created in `out` or, if it does not exist yet, its nearest
+    existing parent folder."""
+    import tempfile
+
+    base = Path(out).resolve()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise CompotError(f"cannot create {out}: {base} is not a directory")
+    try:
+        fd, name = tempfile.mkstemp(dir=base, prefix=".compot-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise CompotError(f"cannot write to {base}: {e.strerror or e}") from None
+
+
+def write_error(out: Path, e: OSError) -> CompotError:
+    """One line for an OSError met while writing `out` (disk full, read-only, permission)."""
+    return CompotError(f"could not write {out}: {e.strerror or e}" + (" (disk full)" if e.errno == errno.ENOSPC else ""))
 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any error it is removed (an
+    OSError while writing, such as a full disk, becomes one CompotError line)."""
     out = Path(out)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise write_error(out, e) from None
     try:
         yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+            raise write_error(out, e) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -146,6 +191,7 @@ def load(path: str | os.PathLike):
     """Rebuild a compressed model (float32, eval mode) from a directory written by `compress`. No remote code."""
     import torch
     import transformers
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from ..models import model_class, read_hf_config, set_module
@@ -167,6 +213,8 @@ def load(path: str | os.PathLike):
             set_module(model, name, new)
     try:
         load_model(model, str(path / WEIGHTS), strict=True)  # tied weights (e.g. an LM head) are handled
+    except SafetensorError as e:
+        raise CompotError(f"cannot read {path / WEIGHTS}: {e}") from None
     except (RuntimeError, FileNotFoundError) as e:
         raise CompotError(f"{path / WEIGHTS} does not match its config: {str(e).splitlines()[-1].strip()}") from None
     model.eval()

@@ -195,7 +195,8 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    removed: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of the target linears' bytes removed")
+    removed: float | None = Field(None, ge=0.01, lt=1.0, description="fraction of the target linears' bytes "
+                                  "removed (at least 1 %: less saves nothing a file header does not eat)")
     kept: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the target linears' bytes kept")
     file_bytes: int | None = Field(None, gt=0, description="bytes of the whole saved weights file")
 

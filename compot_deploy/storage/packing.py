@@ -44,6 +44,8 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(p: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of pack_bits: (…, B) uint8 → (…, length) uint8."""
+    if bits == 8:  # no shifts: a shift by 0 in a traced forward breaks torch's ONNX peephole pass
+        return p[..., :length]
     mask = (1 << bits) - 1
     if 8 % bits:
         B = p.shape[-1]
