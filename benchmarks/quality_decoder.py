@@ -39,8 +39,8 @@ CLI = [sys.executable, "-m", "compot_deploy.cli"]
 
 # COMPOT at removed 0.3 with one change from the defaults each (calibration, iterations, the per-layer cap, …).
 # "{prose}": the held-out source's text after the evaluated windows (disjoint tokens, same kind of text) — the
-# built-in calibration text holds 4.8k Gemma tokens, too few for more or longer samples; the prose left after 32
-# windows of 512 holds ~23k.
+# built-in calibration text holds 4.8k Gemma tokens, too few for more or longer samples; the prose left after 16
+# windows of 512 holds ~31k.
 STUDY = {
     "calib prose 32 x 128": ["--calib", "{prose}"],
     "calib prose 160 x 128": ["--calib", "{prose}", "--samples", "160"],

@@ -53,6 +53,32 @@ def model_class(config):
     return transformers.AutoModel
 
 
+def check_supported(config) -> None:
+    """CompotError, before any work, for model families the pipeline cannot calibrate or export yet: encoder-decoders
+    (T5, BART, Whisper; T5EncoderModel alone is fine) and models fed other than token ids (ViT, audio)."""
+    cls = model_class(config)
+    kind = f"{config.model_type} ({cls.__name__})"
+    main = getattr(cls, "main_input_name", "input_ids")
+    if main != "input_ids":
+        raise CompotError(f"{kind} takes {main}, not token ids: image and audio models are not supported yet "
+                          "(decoder and encoder text models are)")
+    if getattr(config, "is_encoder_decoder", False) and "Encoder" not in cls.__name__:
+        raise CompotError(f"{kind} is an encoder-decoder: not supported yet (decoder-only and encoder-only text "
+                          "models are)")
+
+
+def check_supported_dir(model_dir: str | os.PathLike) -> None:
+    """check_supported for the model folder (or .gguf) `model_dir`, reading only its config."""
+    import transformers
+
+    read_hf_config(model_dir)
+    try:
+        config = transformers.AutoConfig.from_pretrained(resolve_model_dir(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CompotError(f"cannot read the config of {model_dir}: {str(e).splitlines()[0]}") from None
+    check_supported(config)
+
+
 def load_model(model_dir: str | os.PathLike):
     """Load a local model directory (or a .gguf file, see gguf.py) in float32 eval mode, plus its tokenizer. No
     network access.
@@ -67,6 +93,7 @@ def load_model(model_dir: str | os.PathLike):
     model_dir = resolve_model_dir(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        check_supported(config)
         model = model_class(config).from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CompotError(f"cannot load a transformer from {model_dir}: {str(e).splitlines()[0]}") from None

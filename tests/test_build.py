@@ -202,7 +202,7 @@ def test_mobile_target_writes_an_ort_model_that_runs(tiny_dirs, tmp_path):
     import onnxruntime as ort
 
     out = tmp_path / "m"
-    res = _build(str(tiny_dirs["bert"]), *TINY, "--target", "mobile", "--no-bench", "-o", str(out))
+    res = _build(str(tiny_dirs["bert"]), *TINY, "--device", "mobile", "--no-bench", "-o", str(out))
     assert res.returncode == 0, res.stderr
     pkg = out / "package"
     ops = (pkg / "required_operators.config").read_text()

@@ -162,6 +162,22 @@ def _bad_manifest(tiny_dirs, tmp_path) -> Path:
     return pkg
 
 
+def _tiny(kind: str, tmp_path: Path, tiny_dirs) -> Path:
+    """A tiny random T5 (encoder-decoder) or ViT (image) folder with MiniLM's tokenizer."""
+    import transformers as tf
+
+    folder = tmp_path / kind
+    if kind == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                          num_heads=4, decoder_start_token_id=0))
+    else:
+        model = tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, image_size=16, patch_size=8))
+    model.save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(tiny_dirs["bert"]).save_pretrained(folder)
+    return folder
+
+
 # Every bad input of issue 16 that a tiny model shows: (what, argv from (tiny_dirs, tmp_path, out), exit, message).
 BAD_INPUTS = [
     ("truncated safetensors", lambda d, t, o: ["compress", _truncated_model(d, t), "-o", o],
@@ -184,6 +200,10 @@ BAD_INPUTS = [
      2, "invalid options: need --min-layer-ratio <= --ratio <= --max-layer-ratio"),
     ("malformed manifest.json in verify", lambda d, t, o: ["verify", _bad_manifest(d, t)],
      3, "manifest.json is not a package manifest"),
+    ("an encoder-decoder (T5)", lambda d, t, o: ["build", _tiny("t5", t, d), "-o", o],
+     2, "t5 (T5ForConditionalGeneration) is an encoder-decoder: not supported yet"),
+    ("an image model (ViT)", lambda d, t, o: ["compress", _tiny("vit", t, d), "-o", o],
+     2, "vit (ViTModel) takes pixel_values, not token ids"),
     ("output is the input model", lambda d, t, o: ["compress", d["bert"], "-o", d["bert"], "--overwrite"],
      2, "is the input"),
 ]

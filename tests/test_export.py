@@ -293,3 +293,29 @@ def test_every_quantized_width_exports(bits, sym, d_in, group, tmp_path):
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(5, d_in)
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], m(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_t5_encoder_reads_weight_of_its_compact_linears(tmp_path):
+    """T5 reads `.weight.dtype` of its output projection: compact modules expose a reconstructed `.weight`, so a
+    compressed T5EncoderModel runs, exports and passes the gate."""
+    import transformers as tf
+
+    from compot_deploy.models import default_model_dir
+    from compot_deploy.storage.modules import CompotLinear
+
+    torch.manual_seed(0)
+    src = tmp_path / "t5"
+    tf.T5EncoderModel(tf.T5Config(vocab_size=30522, d_model=64, d_kv=16, d_ff=160, num_layers=2, num_heads=4,
+                                  decoder_start_token_id=0)).save_pretrained(src)
+    tf.AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(src)
+    cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(budget=Budget(removed=0.3)))
+    compot_deploy.compress(src, tmp_path / "c", cfg, progress=False)
+    model = compot_deploy.load(tmp_path / "c")
+    wos = [b.layer[1].DenseReluDense.wo for b in model.encoder.block]
+    wo = next(m for m in wos if isinstance(m, CompotLinear))  # the projection T5 reads `.weight` of, compact
+    assert wo.weight.shape == (64, 160) and wo.weight.dtype == torch.float32
+    np.testing.assert_allclose(wo.weight.double().numpy(), wo.reconstruct().T.numpy(), rtol=1e-6, atol=1e-7)
+    man = export_dir(tmp_path / "c", tmp_path / "onnx", ExportConfig())
+    assert "ai.compot::SparseCodesMatMul" in man["graph"]["ops"]
+    rep = validate_export(tmp_path / "onnx", ValidateConfig(eval_texts=8))
+    assert rep["passed"] and rep["parity"]["overall"]["max_abs"] < 1e-4, rep["parity"]["overall"]

@@ -108,12 +108,12 @@ class Build:
         return folder, key
 
     def run(self) -> dict:
-        from ..models import default_model_dir, read_hf_config, resolve_model_dir
+        from ..models import check_supported_dir, default_model_dir, resolve_model_dir
         from ..storage.artifact import write_error
 
         cfg = self.cfg
         model = resolve_model_dir(cfg.model) if cfg.model else default_model_dir()  # a .gguf: its HF folder
-        read_hf_config(model)  # bad input fails before OUT is created
+        check_supported_dir(model)  # bad input fails before OUT is created
         aside = self.claim(model, [model] + ([Path(cfg.model)] if cfg.model else []))
         try:
             summary = self._run(model)

@@ -90,9 +90,10 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
               help="YAML/JSON build config (see --save-config); options given here override it.")
 @click.option("--save-config", type=click.Path(dir_okay=False), default=None,
               help="Write the fully resolved config to this YAML file (the same file reproduces the build).")
-@click.option("--target", type=click.Choice(["cpu", "cuda", "mobile"]), default="cpu", show_default=True,
-              help="cpu/cuda: execution provider of the gate and benchmark; mobile: cpu plus model.ort and its "
-                   "required-operators config for ORT Mobile.")
+@click.option("--device", "--target", "target", type=click.Choice(["cpu", "cuda", "mobile"]), default="cpu",
+              show_default=True, help="cpu/cuda: execution provider of the gate and benchmark (as `export --device`); "
+                                      "mobile: cpu plus model.ort and its required-operators config for ORT Mobile. "
+                                      "--target is the older name.")
 @click.option("--sparse-body", type=click.Choice(["folded", "dense", "gather"]), default="folded", show_default=True,
               help="Body of ai.compot::SparseCodesMatMul in the exported model (see `export --help`).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the exported model (18-20).")

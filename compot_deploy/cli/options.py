@@ -120,7 +120,7 @@ _PATHS = {
 # setting path → the option that sets it, for error messages
 _OPTION_OF = {path: "--" + name.replace("_", "-") for name, path in _PATHS.items() if name != "model_dir"} | {
     "compress.allocation.budget.removed": "--ratio", "compress.allocation.budget.kept": "--target-ratio",
-    "compress.allocation.budget.file_bytes": "--target-bytes", "compress.quantize.bits": "--gptq-bits"}
+    "compress.allocation.budget.file_bytes": "--target-bytes", "compress.quantize.bits": "--gptq-bits", "target": "--device"}
 
 
 def _set_path(d: dict, path: str, value) -> None:

@@ -51,7 +51,17 @@ def sparse_codes_matmul(z: torch.Tensor, values: torch.Tensor, indices: torch.Te
         return (Ct @ z.T).T
 
 
-class CompotLinear(nn.Module):
+class LinearView:
+    """What an architecture may read from a linear it holds (T5 checks `.weight.dtype` before its output
+    projection): `weight` laid out as nn.Linear's, (d_out, d_in) float32, rebuilt from the stored factors on every
+    read — for code that inspects a weight, never the way the layer runs."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.reconstruct().T.float()
+
+
+class CompotLinear(LinearView, nn.Module):
     """y = (x A) C + b with A: (d_in, k) dense and C: (k, d_out) column-sparse, s non-zeros per column.
 
     Stores `A`, `values` (s, d_out; row t of column j is its t-th non-zero in ascending row order), `bias`, and
@@ -117,7 +127,7 @@ class CompotLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(LinearView, nn.Module):
     """y = (x A) B + b with A: (d_in, r), B: (r, d_out)."""
 
     def __init__(self, d_in: int, d_out: int, r: int, bias: bool, dtype: torch.dtype = torch.float32):
