@@ -204,6 +204,7 @@ def test_mobile_target_writes_an_ort_model_that_runs(tiny_dirs, tmp_path):
     out = tmp_path / "m"
     res = _build(str(tiny_dirs["bert"]), *TINY, "--device", "mobile", "--no-bench", "-o", str(out))
     assert res.returncode == 0, res.stderr
+    assert "\x1b[" not in res.stderr, "ORT's colour codes reached stderr"
     pkg = out / "package"
     ops = (pkg / "required_operators.config").read_text()
     assert "ai.onnx;" in ops and "MatMul" in ops

@@ -72,6 +72,13 @@ class OrtDecoder:
         return greedy(self.step, ids, steps)
 
 
+def open_session(path, providers=("CPUExecutionProvider",)):
+    """An InferenceSession that logs errors only (ORT's warnings come with terminal colour codes)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=list(providers))
+
+
 class Model:
     """A package folder: model.onnx, tokenizer.json and config.json."""
 
@@ -79,7 +86,7 @@ class Model:
         from tokenizers import Tokenizer
 
         folder = Path(folder)
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=list(providers))
+        self.session = open_session(folder / "model.onnx", providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         cfg = json.loads((folder / "config.json").read_text())
@@ -117,7 +124,7 @@ def replay(folder: str | Path, tol: float = 1e-3) -> dict:
     """Run the sample the gate stored (inputs and PyTorch's outputs) through model.onnx on the CPU EP."""
     folder = Path(folder)
     sample = dict(np.load(folder / SAMPLE))
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = open_session(folder / "model.onnx")
     if "prompt" in sample:
         tokens, logits = OrtDecoder(sess).greedy(sample["prompt"], int(sample["decode_steps"]))
         err = float(np.abs(logits[0] - sample["prefill_logits"]).max())
