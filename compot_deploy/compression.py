@@ -32,6 +32,7 @@ class Compressed:
     stats: dict[str, LayerStats]
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
+    calibration: dict | None = None  # calibrate.data.check_token_count's summary
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -71,7 +72,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
     """Compress (and optionally quantize) `model` in place by `cfg`."""
     from .allocate import joint
     from .allocate.ratio import allocate
-    from .calibrate.data import calibration_batches
+    from .calibrate.data import calibration_batches, check_token_count
     from .calibrate.runner import calibrate, run_blocks
     from .progress import bar
 
@@ -81,6 +82,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
         result = Compressed(targets, {}, {})
         with result.stage("allocate"):  # calibration and every candidate's measurement
             prof = joint.profile(model, tokenizer, cfg, targets, progress)
+        result.calibration = prof.calibration
         with result.stage("factorize"):
             result.records, result.stats = joint.build(model, prof, budget, cfg, progress)
         return result
@@ -88,6 +90,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
     result = Compressed(targets, {}, {})
     with result.stage("calibrate"):
         batches = calibration_batches(tokenizer, cfg.calibration, model)
+        result.calibration = check_token_count(batches, max(t.d_in for t in targets))
         grams = calibrate(model, batches, targets, progress=progress)
     with result.stage("allocate"):
         records = result.records = allocate(model, targets, grams, cfg, progress)
@@ -241,6 +244,7 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
         "model_file": {"bytes": model_file, "dense_bytes": dense_model, "ratio": removed_fraction(model_file, dense_model)},
         "timings": result.timings,
         "peak_rss_mib": result.peak_rss_mib,
+        "calibration": result.calibration,
         **extra,
         "layers": layers,
     }

@@ -107,6 +107,17 @@ def test_compress_cli_writes_a_loadable_model(tiny_dirs, tmp_path):
     assert "fraction removed 0.3" in res.stdout and "transformer.h.0.attn.c_attn" in res.stdout
     report = json.loads((out / "compression_report.json").read_text())
     assert report["linears"]["file_ratio"] >= 0.29
+    # 8 packed samples of 48 tokens; gpt2's widest input is its MLP's c_proj, 4 × 64
+    assert report["calibration"] == {"tokens": 384, "widest_input": 256, "tokens_per_input_dim": 1.5, "enough": False}
+    assert "calibration: 384 tokens, 1.5 per dimension" in res.stdout and "WARNING" not in res.stderr
+
+
+def test_too_few_calibration_tokens_are_said(tiny_dirs, tmp_path):
+    """Fewer tokens than the widest input: its Gram is singular, and the user is told so (the build still runs)."""
+    res = run("compress", tiny_dirs["gpt2"], "-o", tmp_path / "few", "--ratio", "0.3", "--samples", "2",
+              "--seq-len", "48")
+    assert res.returncode == 0, res.stderr
+    assert "calibration holds 96 tokens for inputs 256 wide: their Grams are singular" in res.stderr
 
 
 def _tree(folder: Path) -> dict:

@@ -166,6 +166,7 @@ class JointProfile:
     weights: list[float]
     dense_linear_bytes: int
     seconds: float
+    calibration: dict | None = None  # calibrate.data.check_token_count's summary
 
 
 def budget_for(model, targets: list[Target], cfg: CompressConfig) -> float:
@@ -179,13 +180,14 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
             progress: bool = True) -> JointProfile:
     """Calibrate `model` and measure every joint candidate of every layer; the model is left as it was.
     targets: the linears to compress, when already found."""
-    from ..calibrate.data import calibration_batches
+    from ..calibrate.data import calibration_batches, check_token_count
     from ..calibrate.runner import calibrate
 
     t0 = time.perf_counter()
     a, f = cfg.allocation, cfg.factorize
     targets = targets or find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     batches = calibration_batches(tokenizer, cfg.calibration, model)
+    calibration = check_token_count(batches, max(t.d_in for t in targets))
     grams = calibrate(model, batches, targets, progress=progress)
     cands = measure(model, targets, grams, a.joint, f, progress)
     weights = [1.0] * len(targets)
@@ -194,7 +196,7 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
                                 seed=cfg.calibration.seed)
         cands = [[c.weighted(w) for c in cs] for cs, w in zip(cands, weights)]
     return JointProfile(targets, batches, cands, weights, linears_dense_bytes(targets, value_bytes(f.dtype)),
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, calibration)
 
 
 def build(model, prof: JointProfile, budget: float, cfg: CompressConfig, progress: bool = True,

@@ -168,3 +168,21 @@ def calibration_batches(tokenizer, cfg, model) -> list[dict]:
     n = cfg.samples or (32 if packing else 128)
     samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing)
     return make_batches(samples, cfg.batch_size, tokenizer.pad_token_id or 0)
+
+
+# Below ~4 tokens per input dimension a Gram's small eigenvalues are mostly noise; below 1 it is singular and
+# damping, not data, sets the whitening of the directions the text never reached.
+TOKENS_PER_DIM = 4
+
+
+def check_token_count(batches: list[dict], widest: int) -> dict:
+    """How many real (unpadded) tokens `batches` hold against the widest target input `widest` (d_in); logs a
+    warning when fewer than `widest` (a singular Gram). Returns the calibration section of the report, `enough`
+    meaning at least TOKENS_PER_DIM × widest."""
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    if tokens < widest:
+        log.warning("calibration holds %s tokens for inputs %s wide: their Grams are singular and damping, not data, "
+                    "sets the whitening; give more text with --calib and --samples (%d tokens per dimension or more)",
+                    f"{tokens:,}", f"{widest:,}", TOKENS_PER_DIM)
+    return {"tokens": tokens, "widest_input": widest, "tokens_per_input_dim": tokens / widest,
+            "enough": tokens >= TOKENS_PER_DIM * widest}

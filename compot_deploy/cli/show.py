@@ -34,6 +34,12 @@ def print_report(report: dict) -> None:
                f"-> fraction removed {mf['ratio']:.4f}; total {report['seconds']:.1f}s"
                + (" (" + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()) + ")"
                   if report.get("timings") else ""))
+    if report.get("calibration"):
+        from ..calibrate.data import TOKENS_PER_DIM
+
+        c = report["calibration"]
+        click.echo(f"calibration: {c['tokens']:,} tokens, {c['tokens_per_input_dim']:.1f} per dimension of the widest "
+                   f"input ({c['widest_input']:,})" + ("" if c["enough"] else f" -- fewer than {TOKENS_PER_DIM}: more text would help (--calib, --samples)"))
     if report.get("joint"):
         j = report["joint"]
         click.echo(f"joint allocation within {j['budget_text']} ({'fits' if j['fits'] else 'DOES NOT FIT'}), per "
