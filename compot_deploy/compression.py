@@ -218,7 +218,8 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
     for name in names:
         rec, st = result.records[name], result.stats.get(name, LayerStats())
         layers.append({"name": name, **rec.to_json(), "planned_bytes": rec.bytes, "file_bytes": file_bytes[name],
-                       "ratio": removed_fraction(file_bytes[name], rec.dense_bytes), **st.to_json()})
+                       "ratio": removed_fraction(file_bytes[name], rec.dense_bytes),
+                       "paper_ratio": removed_fraction(rec.paper_params, rec.d_in * rec.d_out), **st.to_json()})
     dense_lin = sum(x["dense_bytes"] for x in layers)
     planned = sum(x["planned_bytes"] for x in layers)
     stored = sum(x["file_bytes"] for x in layers)
@@ -240,6 +241,9 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
             "file_bytes": stored,
             "planned_ratio": removed_fraction(planned, dense_lin),
             "file_ratio": removed_fraction(stored, dense_lin),
+            # the papers' count (values only: no positions, scales or bits), for reading published tables
+            "paper_ratio": removed_fraction(sum(result.records[n].paper_params for n in names),
+                                            sum(t.d_in * t.d_out for t in result.targets)),
         },
         "model_file": {"bytes": model_file, "dense_bytes": dense_model, "ratio": removed_fraction(model_file, dense_model)},
         "timings": result.timings,

@@ -110,6 +110,16 @@ def test_compress_cli_writes_a_loadable_model(tiny_dirs, tmp_path):
     # 8 packed samples of 48 tokens; gpt2's widest input is its MLP's c_proj, 4 × 64
     assert report["calibration"] == {"tokens": 384, "widest_input": 256, "tokens_per_input_dim": 1.5, "enough": False}
     assert "calibration: 384 tokens, 1.5 per dimension" in res.stdout and "WARNING" not in res.stderr
+    # beside the exact bytes, the papers' count 1 − (d_in·k + s·d_out)/(d_in·d_out), which leaves out positions
+    compot = [x for x in report["layers"] if x["method"] == "compot"]
+    assert compot
+    for x in compot:
+        assert x["paper_ratio"] == pytest.approx(1 - (x["d_in"] * x["k"] + x["s"] * x["d_out"]) / (x["d_in"] * x["d_out"]))
+        assert x["paper_ratio"] > x["ratio"]
+    params = sum(x["d_in"] * x["k"] + x["s"] * x["d_out"] if x["method"] == "compot" else x["d_in"] * x["d_out"]
+                 for x in report["layers"])
+    dense = sum(x["d_in"] * x["d_out"] for x in report["layers"])
+    assert report["linears"]["paper_ratio"] == pytest.approx(1 - params / dense)
 
 
 def test_too_few_calibration_tokens_are_said(tiny_dirs, tmp_path):

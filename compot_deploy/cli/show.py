@@ -29,7 +29,7 @@ def print_report(report: dict) -> None:
     lin, mf = report["linears"], report["model_file"]
     click.echo(f"\ncompressed linears: {lin['file_bytes']:,} of {lin['dense_bytes']:,} dense bytes "
                f"-> fraction removed {lin['file_ratio']:.4f} (planned {lin['planned_ratio']:.4f}), read from the "
-               f"saved file")
+               f"saved file; {lin['paper_ratio']:.4f} as the papers count (values only)")
     click.echo(f"model file: {mf['bytes']:,} bytes vs {mf['dense_bytes']:,} dense at the same dtype "
                f"-> fraction removed {mf['ratio']:.4f}; total {report['seconds']:.1f}s"
                + (" (" + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()) + ")"

@@ -89,6 +89,12 @@ class LayerRecord(BaseModel):
         """The floating (K, N) matrices of the stored layer, by module attribute name (what GPTQ packs)."""
         return self.storage.slots(self)
 
+    @property
+    def paper_params(self) -> int:
+        """Values the papers count (COMPOT d_in·k + s·d_out, SVD-LLM r·(d_in + d_out), dense d_in·d_out): no
+        positions, scales, bias or bits. For comparing with published tables only; budgets are in bytes."""
+        return sum(K * N for K, N in self.slots().values())
+
     def with_quant(self, quant: QuantSpec | None) -> "LayerRecord":
         return self.model_copy(update={"quant": quant})
 
