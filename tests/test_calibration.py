@@ -89,3 +89,49 @@ def test_the_walk_reruns_a_block_its_step_changed(tiny_dirs):
     b1 = [t.name for t in targets if t.block == 1]
     assert all(torch.equal(base[n].G, seq[n].G) for n in b0)
     assert not any(torch.allclose(base[n].G, seq[n].G) for n in b1)
+
+
+def _t5_encoder(folder, minilm_dir):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tf.T5EncoderModel(tf.T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                                  decoder_start_token_id=0)).save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
+    return folder
+
+
+def _full_forward_grams(model, batches, targets) -> dict:
+    """Grams of every target's inputs hooked during ordinary forward passes of the whole model (the reference the
+    block-by-block walk must reproduce)."""
+    grams, handles = {t.name: 0 for t in targets}, []
+    mask = {}
+    for t in targets:
+        def hook(_m, args, name=t.name):
+            x = args[0].detach()[mask["m"]].double()
+            grams[name] = grams[name] + x.T @ x
+
+        handles.append(model.get_submodule(t.name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            mask["m"] = b["attention_mask"].bool()
+            model(**b)
+    for h in handles:
+        h.remove()
+    return grams
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gemma2", "t5-encoder"])
+def test_the_walk_sees_what_the_whole_model_sees(kind, tiny_dirs, minilm_dir, tmp_path):
+    """Every block's Gram from the block-by-block walk equals the one hooked in whole-model forwards: the walk feeds
+    each block what its stack would (T5 threads the first block's relative position bias to the others)."""
+    folder = _t5_encoder(tmp_path / "t5", minilm_dir) if kind == "t5-encoder" else tiny_dirs[kind]
+    model, tok = load_model(folder)
+    batches = make_batches(make_samples(tok, load_texts(None), 4, 40, seed=0, packing=False), 2, tok.pad_token_id)
+    targets = find_targets(model)
+    assert len({t.block for t in targets}) >= 2
+    walk = calibrate(model, batches, targets, progress=False)
+    ref = _full_forward_grams(model, batches, targets)
+    for t in targets:
+        scale = float(ref[t.name].abs().max())
+        torch.testing.assert_close(walk[t.name].G, ref[t.name], rtol=1e-5, atol=1e-6 * scale, msg=t.name)

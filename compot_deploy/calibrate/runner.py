@@ -1,10 +1,12 @@
 """The one block-by-block walk over a transformer: per-linear input Grams XᵀX (float64, padding excluded), and a
 step run on each block once its Grams are known.
 
-Only one block's input activations (and its outputs) are held at a time: the inputs of block 0 are captured
-once, then each block is run on them, its linears' Grams accumulated by forward hooks, the step runs, and the
-block's outputs (recomputed when the step replaced its modules) become the inputs of the next block. Every
-tensor lives where the model does (the CPU today); Grams are float64.
+Only one block's input activations (and its outputs) are held at a time: the inputs of block 0, and how the
+stack calls every block (masks, position embeddings and biases, which may differ per block), are captured once
+in forward passes that stop at the last block needed; then each block is run on its inputs, its linears' Grams
+accumulated by forward hooks, the step runs, and the block's outputs (recomputed when the step replaced its
+modules) become the inputs of the next block. Every tensor lives where the model does (the CPU today); Grams are
+float64.
 """
 
 from __future__ import annotations
@@ -34,19 +36,31 @@ class _Captured(Exception):
     pass
 
 
-def _capture_block_inputs(model, block0, batches) -> list[_BlockCall]:
+def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockCall]]:
+    """calls[i][j]: how the stack calls block i on batch j, hooked in forward passes of the model that stop at
+    block `last`. What a stack passes besides the hidden states may differ per block (Gemma2/3 give sliding and
+    global blocks different masks; T5's first block computes the relative position bias that the others reuse),
+    so each block gets its own call; the tensors blocks share stay shared. Only block 0 keeps its hidden states:
+    the walk computes the others."""
     import inspect
 
     import torch
 
-    calls: list[_BlockCall] = []
+    calls: list[list[_BlockCall]] = [[] for _ in range(last + 1)]
 
-    def hook(_mod, args, kwargs):
-        calls.append(_BlockCall(args=tuple(args), kwargs=dict(kwargs), mask=None))
-        raise _Captured
+    def hook_of(i):
+        def hook(_mod, args, kwargs):
+            args, kwargs = tuple(args), dict(kwargs)
+            if i > 0:  # drop the hidden states (the walk recomputes them), keep the position of the argument
+                args, kwargs = ((None,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": None})
+            calls[i].append(_BlockCall(args=args, kwargs=kwargs, mask=None))
+            if i == last:
+                raise _Captured
+
+        return hook
 
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    h = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(hook_of(i), with_kwargs=True) for i in range(last + 1)]
     try:
         with torch.no_grad():
             for b in batches:
@@ -54,11 +68,14 @@ def _capture_block_inputs(model, block0, batches) -> list[_BlockCall]:
                     model(**b, **extra)
                 except _Captured:
                     pass
-                calls[-1].mask = b["attention_mask"].bool()
+                for c in calls:
+                    if c:
+                        c[-1].mask = b["attention_mask"].bool()
     finally:
-        h.remove()
-    if len(calls) != len(batches):
-        raise CompotError("could not capture the inputs of the first transformer block")
+        for h in handles:
+            h.remove()
+    if any(len(c) != len(batches) for c in calls):
+        raise CompotError("could not capture the inputs of every transformer block")
     return calls
 
 
@@ -131,11 +148,11 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
     last = max(by_block)
-    calls = _capture_block_inputs(model, blocks[0], batches)
-    hidden = [_hidden_of(c) for c in calls]
+    block_calls = _capture_block_calls(model, blocks, last, batches)
+    hidden = [_hidden_of(c) for c in block_calls[0]]
     with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
         for i in range(last + 1):
-            block = blocks[i]
+            block, calls = blocks[i], block_calls[i]
             with _GramHooks(block, f"{prefix}.{i}" if prefix else str(i), by_block.get(i, [])) as hooks:
                 outs = []
                 for c, h in zip(calls, hidden):
