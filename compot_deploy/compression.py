@@ -90,7 +90,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
     result = Compressed(targets, {}, {})
     with result.stage("calibrate"):
         batches = calibration_batches(tokenizer, cfg.calibration, model)
-        result.calibration = check_token_count(batches, max(t.d_in for t in targets))
+        result.calibration = check_token_count(batches, targets)
         grams = calibrate(model, batches, targets, progress=progress)
     with result.stage("allocate"):
         records = result.records = allocate(model, targets, grams, cfg, progress)

@@ -30,7 +30,8 @@ TINY_KINDS = ("llama", "qwen3", "gpt2", "bert", "gemma2")
 
 
 def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
-    """A 2-block random model of `kind` with MiniLM's tokenizer, saved like any HF checkpoint."""
+    """A 2-block random model of `kind` (TINY_KINDS, or "t5-encoder") with MiniLM's tokenizer, saved like any HF
+    checkpoint."""
     import torch
     import transformers as tf
 
@@ -52,6 +53,9 @@ def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
                                                      head_dim=16, sliding_window=16, pad_token_id=0, **common))
     elif kind == "bert":
         model = tf.BertModel(tf.BertConfig(hidden_size=64, intermediate_size=160, **common))
+    elif kind == "t5-encoder":  # reads `.weight` of its linears; threads block 0's position bias to the others
+        model = tf.T5EncoderModel(tf.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=160, num_layers=2, num_heads=4,
+                                              decoder_start_token_id=0))
     else:
         raise ValueError(kind)
     model.save_pretrained(path)

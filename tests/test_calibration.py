@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny
 
 from compot_deploy.calibrate.data import load_texts, make_batches, make_samples, special_tokens_around
 from compot_deploy.calibrate.runner import calibrate, run_blocks
@@ -91,16 +92,6 @@ def test_the_walk_reruns_a_block_its_step_changed(tiny_dirs):
     assert not any(torch.allclose(base[n].G, seq[n].G) for n in b1)
 
 
-def _t5_encoder(folder, minilm_dir):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    tf.T5EncoderModel(tf.T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
-                                  decoder_start_token_id=0)).save_pretrained(folder)
-    tf.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
-    return folder
-
-
 def _full_forward_grams(model, batches, targets) -> dict:
     """Grams of every target's inputs hooked during ordinary forward passes of the whole model (the reference the
     block-by-block walk must reproduce)."""
@@ -125,7 +116,7 @@ def _full_forward_grams(model, batches, targets) -> dict:
 def test_the_walk_sees_what_the_whole_model_sees(kind, tiny_dirs, minilm_dir, tmp_path):
     """Every block's Gram from the block-by-block walk equals the one hooked in whole-model forwards: the walk feeds
     each block what its stack would (T5 threads the first block's relative position bias to the others)."""
-    folder = _t5_encoder(tmp_path / "t5", minilm_dir) if kind == "t5-encoder" else tiny_dirs[kind]
+    folder = build_tiny(kind, tmp_path / kind, minilm_dir) if kind == "t5-encoder" else tiny_dirs[kind]
     model, tok = load_model(folder)
     batches = make_batches(make_samples(tok, load_texts(None), 4, 40, seed=0, packing=False), 2, tok.pad_token_id)
     targets = find_targets(model)

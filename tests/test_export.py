@@ -295,19 +295,14 @@ def test_every_quantized_width_exports(bits, sym, d_in, group, tmp_path):
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], m(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_t5_encoder_reads_weight_of_its_compact_linears(tmp_path):
+def test_t5_encoder_reads_weight_of_its_compact_linears(minilm_dir, tmp_path):
     """T5 reads `.weight.dtype` of its output projection: compact modules expose a reconstructed `.weight`, so a
     compressed T5EncoderModel runs, exports and passes the gate."""
-    import transformers as tf
+    from conftest import build_tiny
 
-    from compot_deploy.models import default_model_dir
     from compot_deploy.storage.modules import CompotLinear
 
-    torch.manual_seed(0)
-    src = tmp_path / "t5"
-    tf.T5EncoderModel(tf.T5Config(vocab_size=30522, d_model=64, d_kv=16, d_ff=160, num_layers=2, num_heads=4,
-                                  decoder_start_token_id=0)).save_pretrained(src)
-    tf.AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(src)
+    src = build_tiny("t5-encoder", tmp_path / "t5", minilm_dir)
     cfg = CompressConfig(calibration=CALIB, allocation=AllocationConfig(budget=Budget(removed=0.3)))
     compot_deploy.compress(src, tmp_path / "c", cfg, progress=False)
     model = compot_deploy.load(tmp_path / "c")

@@ -187,7 +187,7 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     a, f = cfg.allocation, cfg.factorize
     targets = targets or find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     batches = calibration_batches(tokenizer, cfg.calibration, model)
-    calibration = check_token_count(batches, max(t.d_in for t in targets))
+    calibration = check_token_count(batches, targets)
     grams = calibrate(model, batches, targets, progress=progress)
     cands = measure(model, targets, grams, a.joint, f, progress)
     weights = [1.0] * len(targets)

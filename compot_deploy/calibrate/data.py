@@ -175,10 +175,11 @@ def calibration_batches(tokenizer, cfg, model) -> list[dict]:
 TOKENS_PER_DIM = 4
 
 
-def check_token_count(batches: list[dict], widest: int) -> dict:
-    """How many real (unpadded) tokens `batches` hold against the widest target input `widest` (d_in); logs a
-    warning when fewer than `widest` (a singular Gram). Returns the calibration section of the report, `enough`
-    meaning at least TOKENS_PER_DIM × widest."""
+def check_token_count(batches: list[dict], targets) -> dict:
+    """How many real (unpadded) tokens `batches` hold against the widest input (d_in) of `targets`; logs a warning
+    when fewer than that width (a singular Gram). Returns the calibration section of the report, `enough` meaning
+    at least TOKENS_PER_DIM × the width."""
+    widest = max(t.d_in for t in targets)
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     if tokens < widest:
         log.warning("calibration holds %s tokens for inputs %s wide: their Grams are singular and damping, not data, "

@@ -29,7 +29,6 @@ class Gram:
 class _BlockCall:
     args: tuple
     kwargs: dict
-    mask: Any  # (b, t) bool
 
 
 class _Captured(Exception):
@@ -53,7 +52,7 @@ def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockC
             args, kwargs = tuple(args), dict(kwargs)
             if i > 0:  # drop the hidden states (the walk recomputes them), keep the position of the argument
                 args, kwargs = ((None,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": None})
-            calls[i].append(_BlockCall(args=args, kwargs=kwargs, mask=None))
+            calls[i].append(_BlockCall(args=args, kwargs=kwargs))
             if i == last:
                 raise _Captured
 
@@ -68,9 +67,6 @@ def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockC
                     model(**b, **extra)
                 except _Captured:
                     pass
-                for c in calls:
-                    if c:
-                        c[-1].mask = b["attention_mask"].bool()
     finally:
         for h in handles:
             h.remove()
@@ -150,13 +146,14 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
     last = max(by_block)
     block_calls = _capture_block_calls(model, blocks, last, batches)
     hidden = [_hidden_of(c) for c in block_calls[0]]
+    masks = [b["attention_mask"].bool() for b in batches]  # (b, t): the real tokens, the same in every block
     with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
         for i in range(last + 1):
             block, calls = blocks[i], block_calls[i]
             with _GramHooks(block, f"{prefix}.{i}" if prefix else str(i), by_block.get(i, [])) as hooks:
                 outs = []
-                for c, h in zip(calls, hidden):
-                    hooks.mask = c.mask
+                for c, h, m in zip(calls, hidden, masks):
+                    hooks.mask = m
                     outs.append(_run_block(block, c, h))
             if hooks.grams and step(i, hooks.grams) and i < last:
                 outs = [_run_block(block, c, h) for c, h in zip(calls, hidden)]

@@ -38,8 +38,9 @@ def print_report(report: dict) -> None:
         from ..calibrate.data import TOKENS_PER_DIM
 
         c = report["calibration"]
+        short = "" if c["enough"] else f" -- fewer than {TOKENS_PER_DIM}: more text would help (--calib, --samples)"
         click.echo(f"calibration: {c['tokens']:,} tokens, {c['tokens_per_input_dim']:.1f} per dimension of the widest "
-                   f"input ({c['widest_input']:,})" + ("" if c["enough"] else f" -- fewer than {TOKENS_PER_DIM}: more text would help (--calib, --samples)"))
+                   f"input ({c['widest_input']:,}){short}")
     if report.get("joint"):
         j = report["joint"]
         click.echo(f"joint allocation within {j['budget_text']} ({'fits' if j['fits'] else 'DOES NOT FIT'}), per "

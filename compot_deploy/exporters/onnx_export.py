@@ -296,17 +296,16 @@ def ort_support_error(opset: int, ir_version: int) -> str | None:
     key = (opset, ir_version)
     if key not in _SUPPORT:
         import onnx
-        import onnxruntime as ort
         from onnx import TensorProto, helper
+
+        from ..runtimes.loader import open_session
 
         g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
         try:
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            open_session(m.SerializeToString())
             _SUPPORT[key] = None
         except Exception as e:  # noqa: BLE001 - ORT raises several exception types for this
             _SUPPORT[key] = str(e).splitlines()[0][:200]

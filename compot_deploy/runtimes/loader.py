@@ -72,11 +72,12 @@ class OrtDecoder:
         return greedy(self.step, ids, steps)
 
 
-def open_session(path, providers=("CPUExecutionProvider",)):
-    """An InferenceSession that logs errors only (ORT's warnings come with terminal colour codes)."""
+def open_session(model, providers=("CPUExecutionProvider",)):
+    """An InferenceSession on `model` (a path, or a serialized ModelProto as bytes) that logs errors only (ORT's
+    warnings come with terminal colour codes)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=list(providers))
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
 
 
 class Model:
