@@ -7,6 +7,8 @@
 Section `factorize`: COMPOT and SVD-LLM × every allocation at every ratio; CoSpaDi (K-SVD + OMP, ~30x slower than
 COMPOT here) with the dynamic allocation only, to keep one run under an hour on 2 cores (its mckp profile would be
 COMPOT's anyway).
+Section `iters` (not in the default run): COMPOT with 8 / 20 alternations, each with and without the closing
+least-squares refit, dynamic allocation.
 Section `quantize`: RTN vs GPTQ at 4 and 8 bits on the dense model and on COMPOT factors (ratio 0.3, dynamic), and
 COMPOT at every ratio + GPTQ-4bit. Section `lowbit` (not in the default run): dense GPTQ at 2 bits, groups 32/128.
 
@@ -93,6 +95,14 @@ def main(argv=None) -> int:
                     measure({"section": "factorize", "label": f"{method} {alloc} {r}", "ratio": r,
                              "allocation": alloc, "method": method},
                             lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    if "iters" in sections:  # COMPOT's alternations and closing refit (issue 17), dynamic allocation
+        for r in ratios:
+            for iters, refit in ((8, False), (20, False), (8, True), (20, True)):
+                cfg = CompressConfig(allocation=AllocationConfig(budget=Budget(removed=r)),
+                                     factorize=FactorizeConfig(iters=iters, refit=refit))
+                measure({"section": "iters", "label": f"compot {r} iters {iters}{' + refit' if refit else ''}",
+                         "ratio": r, "allocation": "dynamic", "method": "compot", "iters": iters, "refit": refit},
+                        lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
     if "quantize" in sections:
         for bits in (4, 8):
             for qm in ("rtn", "gptq"):
@@ -180,6 +190,14 @@ def markdown(res: dict) -> str:
         for r in sorted(quant, key=lambda r: r["fp16_fraction"]):
             lines.append(f"| {r['label']} | {r['fp16_fraction']:.3f} | {r['mean_cosine']:.4f} | "
                          f"{r['min_cosine']:.4f} | {r['pairwise_spearman']:.4f} | {r['wall_s']:.1f} |")
+    its = [r for r in res["rows"] if r.get("section") == "iters"]
+    if its:
+        lines += ["", "## COMPOT alternations and the closing refit (dynamic allocation)", "",
+                  "| configuration | file ratio | mean cos | min cos | pairwise ρ | wall s | factorize s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in its:
+            lines.append(f"| {r['label']} | {r['file_ratio']:.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
+                         f"{r['pairwise_spearman']:.4f} | {r['wall_s']:.1f} | {r['factorize_s']:.1f} |")
     lines += ["", "## COMPOT vs SVD-LLM at equal bytes", "",
               "| ratio | allocation | COMPOT − SVD-LLM mean cos | COMPOT / SVD-LLM wall time | CoSpaDi / SVD-LLM wall time "
               "| CoSpaDi mean cos |", "|---:|---|---:|---:|---:|---:|"]

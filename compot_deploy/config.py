@@ -102,6 +102,8 @@ class FactorizeConfig(_Strict):
     k_over_s: float = Field(2.0, ge=1.0, description="atoms per non-zero of a code column (COMPOT, CoSpaDi)")
     iters: int = Field(8, ge=0, description="COMPOT alternations (8: within 0.001 cosine of 10 on MiniLM, 20 % faster)")
     tol: float = Field(1e-4, ge=0.0)
+    refit: bool = Field(False, description="close COMPOT with a least-squares refit of the dictionary, then of each "
+                                           "column's values on its support (ROCKET)")
     cospadi_iters: int = Field(3, ge=1, description="K-SVD iterations for CoSpaDi")
     eps: float = Field(1e-6, gt=0.0, description="initial Gram damping, as a fraction of mean(diag G)")
     dtype: StorageDtype = Field("float16", description="storage dtype of every saved floating tensor")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+
+PROGRESS_LINE = re.compile(r"^[^|]*: +\d+%\|.*\]$")  # what progress.bar writes when stderr is not a terminal
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The non-blank lines of a command's stderr that are not progress lines."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
 
 
 @pytest.fixture(scope="session")

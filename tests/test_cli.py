@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import message_lines
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -20,7 +21,7 @@ def run(*args, cwd=None):
 
 def assert_clean_failure(res, out: Path, pattern: str):
     assert res.returncode != 0
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = message_lines(res.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert pattern in lines[0], lines[0]
     assert not out.exists()
@@ -31,7 +32,7 @@ def test_help_lists_every_option():
     res = run("compress", "--help")
     assert res.returncode == 0
     for opt in ("--ratio", "--method", "--allocation", "--calib", "--samples", "--seq-len", "--sequential",
-                "--dtype", "--include", "--exclude", "--overwrite"):
+                "--dtype", "--include", "--exclude", "--overwrite", "--iters", "--refit"):
         assert opt in res.stdout
 
 
@@ -102,9 +103,11 @@ def test_non_empty_output_is_refused_and_kept(tiny_dirs, tmp_path):
 
 def test_compress_cli_writes_a_loadable_model(tiny_dirs, tmp_path):
     out = tmp_path / "ok"
-    res = run("compress", tiny_dirs["gpt2"], "-o", out, "--ratio", "0.3", "--samples", "8", "--seq-len", "48")
+    res = run("compress", tiny_dirs["gpt2"], "-o", out, "--ratio", "0.3", "--samples", "8", "--seq-len", "48",
+              "--refit")
     assert res.returncode == 0, res.stderr
     assert "fraction removed 0.3" in res.stdout and "transformer.h.0.attn.c_attn" in res.stdout
+    assert json.loads((out / "config.json").read_text())["compot"]["config"]["factorize"]["refit"] is True
     report = json.loads((out / "compression_report.json").read_text())
     assert report["linears"]["file_ratio"] >= 0.29
     # 8 packed samples of 48 tokens; gpt2's widest input is its MLP's c_proj, 4 × 64
@@ -142,7 +145,7 @@ def test_output_never_touches_the_input_model(where, pattern, tiny_dirs, tmp_pat
     shutil.copytree(tiny_dirs["bert"], model)
     before = _tree(tmp_path / "parent")
     res = run("compress", model, "-o", tmp_path / where, "--overwrite", "--samples", "8")
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = message_lines(res.stderr)
     assert res.returncode == 2 and len(lines) == 1 and pattern in lines[0], res.stderr
     assert _tree(tmp_path / "parent") == before
 
@@ -150,7 +153,7 @@ def test_output_never_touches_the_input_model(where, pattern, tiny_dirs, tmp_pat
 def test_unwritable_output_is_refused_before_any_work(tiny_dirs, tmp_path):
     out = Path("/proc/compot-deploy-out")  # no file can be created there, also as root
     res = run("compress", tiny_dirs["bert"], "-o", out, "--samples", "8")
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = message_lines(res.stderr)
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot write"), res.stderr
 
 
@@ -235,7 +238,7 @@ def test_bad_input_is_one_error_line(what, argv, code, message, tiny_dirs, tmp_p
     out = tmp_path / "out"
     before = _tree(tiny_dirs["bert"])
     res = run(*argv(tiny_dirs, tmp_path, out))
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = message_lines(res.stderr)
     assert res.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
     assert message in lines[0], lines[0]
     assert not out.exists() and _tree(tiny_dirs["bert"]) == before

@@ -13,6 +13,7 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as h
 
 import compot_deploy
+from conftest import message_lines
 from compot_deploy.storage.budget import Budget
 from compot_deploy.errors import CompotError
 from compot_deploy.config import (AllocationConfig, CalibrationConfig, CompressConfig, ExportConfig, FactorizeConfig,
@@ -146,7 +147,8 @@ def test_gate_fails_closed_on_a_corrupted_initializer(tiny_dirs, tmp_path):
     res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "validate", str(out), "--eval-texts", "0"],
                          capture_output=True, text=True)
     assert res.returncode == 3, res.stderr
-    assert res.stderr.startswith("error: validation failed") and len(res.stderr.strip().splitlines()) == 1
+    lines = message_lines(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: validation failed"), res.stderr
     rep = json.loads((out / "validation.json").read_text())
     assert rep["passed"] is False and rep["parity"]["overall"]["max_abs"] > 1e-3
     assert (out / "export.json").read_bytes() == manifest  # validate writes only its own report

@@ -68,7 +68,12 @@ def compress_options(fn):
                      help="Calibrate block i on the outputs of the already-compressed blocks before it."),
         click.option("--k-over-s", type=float, default=2.0, show_default=True,
                      help="Dictionary atoms per non-zero code of a column (COMPOT, CoSpaDi)."),
-        click.option("--iters", type=int, default=8, show_default=True, help="COMPOT alternations per layer."),
+        click.option("--iters", type=int, default=8, show_default=True,
+                     help="COMPOT alternations per layer (it also stops once one improves the error by < 0.01 %)."),
+        click.option("--refit/--no-refit", default=False, show_default=True,
+                     help="Close COMPOT with a least-squares refit of the dictionary, then of each column's code "
+                          "values on its support (ROCKET's last step; cannot raise the error, the dictionary is "
+                          "then no longer orthogonal)."),
         click.option("--include", multiple=True, help="Only compress linears whose name matches this glob (repeatable)."),
         click.option("--exclude", multiple=True, help="Never compress linears whose name matches this glob (repeatable)."),
         click.option("--min-layer-ratio", type=float, default=0.0, show_default=True,
@@ -106,7 +111,8 @@ _PATHS = {
     "model_dir": "model", "target": "target",
     "allocation": "compress.allocation.strategy", "min_layer_ratio": "compress.allocation.min_layer_ratio",
     "max_layer_ratio": "compress.allocation.max_layer_ratio", "method": "compress.factorize.method",
-    "k_over_s": "compress.factorize.k_over_s", "iters": "compress.factorize.iters", "dtype": "compress.factorize.dtype",
+    "k_over_s": "compress.factorize.k_over_s", "iters": "compress.factorize.iters",
+    "refit": "compress.factorize.refit", "dtype": "compress.factorize.dtype",
     "include": "compress.include", "exclude": "compress.exclude", "calib": "compress.calibration.source",
     "samples": "compress.calibration.samples", "seq_len": "compress.calibration.seq_len",
     "batch_size": "compress.calibration.batch_size", "packing": "compress.calibration.packing",

@@ -55,10 +55,44 @@ def compot_whitened(
     return D, values, indices, history
 
 
+def refit_support(M, D, values, indices, ridge=1e-10, chunk_bytes=2**27):
+    """ROCKET's closing least squares on COMPOT's fixed support: the dictionary, then each column's values.
+
+    M: (d_in, d_out), D: (d_in, k), values, indices: (s, d_out) → D: (d_in, k) (no longer orthogonal), values.
+    Each step minimises ‖M − D C‖ exactly over a set holding the current point, so the error cannot rise
+    (up to the ridge, ridge·mean(diag) of each normal matrix, there only to keep unused atoms solvable).
+    """
+    k, d_out = D.shape[1], M.shape[1]
+    s = indices.shape[0]
+    C = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, values)
+    # D = argmin ‖M − D C‖: D (C Cᵀ) = M Cᵀ
+    CCt = C @ C.T
+    CCt.diagonal().add_(ridge * float(CCt.diagonal().mean()) + 1e-300)
+    D = torch.linalg.solve(CCt, (M @ C.T).T).T
+    # values: per column j, (D_Sᵀ D_S) c = D_Sᵀ m_j on its support S = indices[:, j], in chunks of columns
+    G = D.T @ D
+    R = D.T @ M  # (k, d_out)
+    lam = ridge * float(G.diagonal().mean()) + 1e-300
+    out = torch.empty_like(values)
+    step = max(1, chunk_bytes // (8 * s * s))
+    for a in range(0, d_out, step):
+        idx = indices[:, a:a + step].T  # (n, s)
+        Gs = G[idx[:, :, None], idx[:, None, :]]  # (n, s, s)
+        Gs.diagonal(dim1=1, dim2=2).add_(lam)
+        rhs = R[:, a:a + step].gather(0, idx.T).T.unsqueeze(-1)  # (n, s, 1)
+        out[:, a:a + step] = torch.linalg.solve(Gs, rhs).squeeze(-1).T
+    return D, out
+
+
 def compot(
-    W: torch.Tensor, L: torch.Tensor, k: int, s: int, iters: int = 10, tol: float = 1e-4
+    W: torch.Tensor, L: torch.Tensor, k: int, s: int, iters: int = 10, tol: float = 1e-4, refit: bool = False
 ) -> tuple[SparseFactors, list[float]]:
-    """Factor W: (d_in, d_out) whitened by L: (d_in, d_in) into A: (d_in, k) and s-sparse codes."""
+    """Factor W: (d_in, d_out) whitened by L: (d_in, d_in) into A: (d_in, k) and s-sparse codes; `refit` closes
+    with refit_support (the history then ends with the refitted error)."""
     M = whiten(W, L)
     D, values, indices, history = compot_whitened(M, k, s, iters, tol)
+    if refit:
+        D, values = refit_support(M, D, values, indices)
+        C = torch.zeros(k, M.shape[1], dtype=M.dtype).scatter_(0, indices, values)
+        history.append(float(torch.linalg.norm(M - D @ C) / torch.linalg.norm(M).clamp_min(1e-300)))
     return SparseFactors(A=unwhiten(D, L), values=values, indices=indices), history

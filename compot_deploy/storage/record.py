@@ -306,7 +306,7 @@ class LowRank(Storage):
 def _compot(W, L, rec, cfg):
     from ..factorize import compot
 
-    return compot(W, L, rec.k, rec.s, cfg.iters, cfg.tol)[0]
+    return compot(W, L, rec.k, rec.s, cfg.iters, cfg.tol, cfg.refit)[0]
 
 
 def _cospadi(W, L, rec, cfg):
