@@ -100,9 +100,10 @@ class FactorizeConfig(_Strict):
 
     method: Method = "compot"
     k_over_s: float = Field(2.0, ge=1.0, description="atoms per non-zero of a code column (COMPOT, CoSpaDi)")
-    iters: int = Field(8, ge=0, description="COMPOT alternations (8: within 0.001 cosine of 10 on MiniLM, 20 % faster)")
+    iters: int = Field(8, ge=0, description="COMPOT alternations (8 + refit: below 20 alternations' error on MiniLM "
+                                            "and Gemma-3-270M layers, in less time; benchmarks/results/iterations_*)")
     tol: float = Field(1e-4, ge=0.0)
-    refit: bool = Field(False, description="close COMPOT with a least-squares refit of the dictionary, then of each "
+    refit: bool = Field(True, description="close COMPOT with a least-squares refit of the dictionary, then of each "
                                            "column's values on its support (ROCKET)")
     cospadi_iters: int = Field(3, ge=1, description="K-SVD iterations for CoSpaDi")
     eps: float = Field(1e-6, gt=0.0, description="initial Gram damping, as a fraction of mean(diag G)")

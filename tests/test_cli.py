@@ -104,10 +104,10 @@ def test_non_empty_output_is_refused_and_kept(tiny_dirs, tmp_path):
 def test_compress_cli_writes_a_loadable_model(tiny_dirs, tmp_path):
     out = tmp_path / "ok"
     res = run("compress", tiny_dirs["gpt2"], "-o", out, "--ratio", "0.3", "--samples", "8", "--seq-len", "48",
-              "--refit")
+              "--no-refit")
     assert res.returncode == 0, res.stderr
     assert "fraction removed 0.3" in res.stdout and "transformer.h.0.attn.c_attn" in res.stdout
-    assert json.loads((out / "config.json").read_text())["compot"]["config"]["factorize"]["refit"] is True
+    assert json.loads((out / "config.json").read_text())["compot"]["config"]["factorize"]["refit"] is False
     report = json.loads((out / "compression_report.json").read_text())
     assert report["linears"]["file_ratio"] >= 0.29
     # 8 packed samples of 48 tokens; gpt2's widest input is its MLP's c_proj, 4 × 64

@@ -70,7 +70,7 @@ def compress_options(fn):
                      help="Dictionary atoms per non-zero code of a column (COMPOT, CoSpaDi)."),
         click.option("--iters", type=int, default=8, show_default=True,
                      help="COMPOT alternations per layer (it also stops once one improves the error by < 0.01 %)."),
-        click.option("--refit/--no-refit", default=False, show_default=True,
+        click.option("--refit/--no-refit", default=True, show_default=True,
                      help="Close COMPOT with a least-squares refit of the dictionary, then of each column's code "
                           "values on its support (ROCKET's last step; cannot raise the error, the dictionary is "
                           "then no longer orthogonal)."),

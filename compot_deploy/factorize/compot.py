@@ -55,33 +55,40 @@ def compot_whitened(
     return D, values, indices, history
 
 
-def refit_support(M, D, values, indices, ridge=1e-10, chunk_bytes=2**27):
+def refit_support(M: torch.Tensor, D: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                  ridge: float = 1e-10, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """ROCKET's closing least squares on COMPOT's fixed support: the dictionary, then each column's values.
 
     M: (d_in, d_out), D: (d_in, k), values, indices: (s, d_out) → D: (d_in, k) (no longer orthogonal), values.
-    Each step minimises ‖M − D C‖ exactly over a set holding the current point, so the error cannot rise
-    (up to the ridge, ridge·mean(diag) of each normal matrix, there only to keep unused atoms solvable).
+    Each step lowers ‖M − D C‖ over a set holding the current point, so the error cannot rise (up to the ridge,
+    ridge·mean(diag) of the normal matrix, there only to keep unused atoms solvable).
     """
     k, d_out = D.shape[1], M.shape[1]
-    s = indices.shape[0]
     C = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, values)
     # D = argmin ‖M − D C‖: D (C Cᵀ) = M Cᵀ
     CCt = C @ C.T
     CCt.diagonal().add_(ridge * float(CCt.diagonal().mean()) + 1e-300)
     D = torch.linalg.solve(CCt, (M @ C.T).T).T
-    # values: per column j, (D_Sᵀ D_S) c = D_Sᵀ m_j on its support S = indices[:, j], in chunks of columns
+    # values: per column j, min ‖m_j − D c‖ over c supported on indices[:, j]. Conjugate gradients on the masked
+    # normal equations, all columns at once from the current values: each step lowers every column's error, and
+    # no (d_out, s, s) normal matrices are formed (D is near-orthogonal, so few steps reach the solution).
+    mask = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, 1.0)
     G = D.T @ D
-    R = D.T @ M  # (k, d_out)
-    lam = ridge * float(G.diagonal().mean()) + 1e-300
-    out = torch.empty_like(values)
-    step = max(1, chunk_bytes // (8 * s * s))
-    for a in range(0, d_out, step):
-        idx = indices[:, a:a + step].T  # (n, s)
-        Gs = G[idx[:, :, None], idx[:, None, :]]  # (n, s, s)
-        Gs.diagonal(dim1=1, dim2=2).add_(lam)
-        rhs = R[:, a:a + step].gather(0, idx.T).T.unsqueeze(-1)  # (n, s, 1)
-        out[:, a:a + step] = torch.linalg.solve(Gs, rhs).squeeze(-1).T
-    return D, out
+    r = (D.T @ M - G @ C) * mask
+    p = r.clone()
+    rr = (r * r).sum(0)
+    stop = rtol * rtol * float(((D.T @ M) ** 2).sum())
+    for _ in range(indices.shape[0]):
+        if float(rr.sum()) <= stop:
+            break
+        Ap = (G @ p) * mask
+        alpha = rr / (p * Ap).sum(0).clamp_min(1e-300)
+        C += alpha * p
+        r -= alpha * Ap
+        rr_new = (r * r).sum(0)
+        p = r + (rr_new / rr.clamp_min(1e-300)) * p
+        rr = rr_new
+    return D, C.gather(0, indices)
 
 
 def compot(
