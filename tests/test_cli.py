@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import message_lines
+from conftest import PROGRESS_LINE, message_lines
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -108,6 +108,9 @@ def test_compress_cli_writes_a_loadable_model(tiny_dirs, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "fraction removed 0.3" in res.stdout and "transformer.h.0.attn.c_attn" in res.stdout
     assert json.loads((out / "config.json").read_text())["compot"]["config"]["factorize"]["refit"] is False
+    # progress reaches a pipe as whole lines, ending at 100 %, never as carriage-return redraws
+    assert "\r" not in res.stderr
+    assert any(PROGRESS_LINE.match(ln) and ln.startswith("calibrate") and "100%" in ln for ln in res.stderr.splitlines())
     report = json.loads((out / "compression_report.json").read_text())
     assert report["linears"]["file_ratio"] >= 0.29
     # 8 packed samples of 48 tokens; gpt2's widest input is its MLP's c_proj, 4 × 64
