@@ -26,10 +26,9 @@ HERE = Path(__file__).resolve().parent
 
 def stop_at(history: list[float], tol: float) -> int:
     """The iteration count compot_whitened's stopping rule ends at for a run whose errors are `history`."""
-    for i in range(1, len(history)):
-        if history[i - 1] - history[i] < tol * max(history[i - 1], 1e-12):
-            return i
-    return len(history) - 1
+    from compot_deploy.factorize.compot import stalled
+
+    return next((i for i in range(1, len(history)) if stalled(history[:i + 1], tol)), len(history) - 1)
 
 
 def profile_layer(M, k: int, s: int, max_iters: int, refit_at: list[int]) -> dict:

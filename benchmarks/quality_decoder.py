@@ -45,10 +45,11 @@ STUDY = {
     "calib prose 32 x 128": ["--calib", "{prose}"],
     "calib prose 160 x 128": ["--calib", "{prose}", "--samples", "160"],
     "calib prose 40 x 512": ["--calib", "{prose}", "--samples", "40", "--seq-len", "512"],
-    "iters 20": ["--iters", "20"],
+    # the refit became the default after the "refit" row: each row below says whether it refits
+    "iters 20": ["--iters", "20", "--no-refit"],
     "refit": ["--refit"],
     "iters 20 + refit": ["--iters", "20", "--refit"],
-    "iters 60": ["--iters", "60"],
+    "iters 60": ["--iters", "60", "--no-refit"],
     "cap 0.6": ["--max-layer-ratio", "0.6"],
     "sequential": ["--sequential"],
     "uniform": ["--allocation", "uniform"],

@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-
 PROGRESS_LINE = re.compile(r"^[^|]*: +\d+%\|.*\]$")  # what progress.bar writes when stderr is not a terminal
 
 

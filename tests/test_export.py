@@ -13,7 +13,7 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as h
 
 import compot_deploy
-from conftest import message_lines
+from conftest import build_tiny, message_lines
 from compot_deploy.storage.budget import Budget
 from compot_deploy.errors import CompotError
 from compot_deploy.config import (AllocationConfig, CalibrationConfig, CompressConfig, ExportConfig, FactorizeConfig,
@@ -300,8 +300,6 @@ def test_every_quantized_width_exports(bits, sym, d_in, group, tmp_path):
 def test_t5_encoder_reads_weight_of_its_compact_linears(minilm_dir, tmp_path):
     """T5 reads `.weight.dtype` of its output projection: compact modules expose a reconstructed `.weight`, so a
     compressed T5EncoderModel runs, exports and passes the gate."""
-    from conftest import build_tiny
-
     from compot_deploy.storage.modules import CompotLinear
 
     src = build_tiny("t5-encoder", tmp_path / "t5", minilm_dir)

@@ -21,6 +21,11 @@ def procrustes(B: torch.Tensor) -> torch.Tensor:
     return P @ Qh
 
 
+def stalled(history: list[float], tol: float) -> bool:
+    """COMPOT's stopping rule: the last alternation lowered the relative error by less than `tol` of it."""
+    return len(history) > 1 and history[-2] - history[-1] < tol * max(history[-2], 1e-12)
+
+
 def compot_whitened(
     M: torch.Tensor, k: int, s: int, iters: int = 10, tol: float = 1e-4, U: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
@@ -48,7 +53,7 @@ def compot_whitened(
         C = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, values)
         # D orthonormal and C = H_s(DᵀM) ⇒ ‖M − DC‖² = ‖M‖² − ‖C‖²: no product needed to track the error
         history.append(max(0.0, 1.0 - float((values * values).sum()) / norm2) ** 0.5)
-        if it == iters or (len(history) > 1 and history[-2] - history[-1] < tol * max(history[-2], 1e-12)):
+        if it == iters or stalled(history, tol):
             break
         D = procrustes(M @ C.T)
         values, indices = hard_threshold(D.T @ M, s)
