@@ -109,6 +109,20 @@ def is_causal_lm(model) -> bool:
         or any(a.endswith("ForCausalLM") for a in (getattr(cfg, "architectures", None) or []))
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The keyword a causal LM's forward takes its KV cache by: `cache` from transformers 5.24, `past_key_values`
+    before (5.24 still accepts the old name but warns on every call)."""
+    import inspect
+
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {key: cache}
+
+
+def output_cache(out):
+    """The KV cache a causal LM's output returns (`out.cache` from transformers 5.24, `out.past_key_values` before)."""
+    return out.cache if "cache" in out else out.past_key_values
+
+
 def quiet_transformers() -> None:
     """Our own progress bars and errors speak for the run; silence transformers' bars and chatter."""
     import transformers

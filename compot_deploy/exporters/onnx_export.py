@@ -69,6 +69,8 @@ def decoder_wrapper(model, n_layers: int):
     import torch
     from transformers import DynamicCache
 
+    from ..models import cache_kwargs, output_cache
+
     class DecoderIO(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -80,8 +82,8 @@ def decoder_wrapper(model, n_layers: int):
             # positions, so sliding blocks stay exact past the window (their cache grows like a full one's).
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)])
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
-            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                             use_cache=True, **cache_kwargs(self.model, cache))
+            present = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
     return DecoderIO()
@@ -113,6 +115,8 @@ def example_inputs(model, spec: IOSpec) -> tuple:
     """Small example inputs for tracing (batch 2; decoders: 3 past + 4 new tokens)."""
     import torch
 
+    from ..models import output_cache
+
     g = torch.Generator().manual_seed(0)
     vocab = model.config.get_text_config().vocab_size
     if spec.kind == "encoder":
@@ -123,7 +127,7 @@ def example_inputs(model, spec: IOSpec) -> tuple:
     with torch.no_grad():
         prefix = torch.randint(5, vocab, (2, 3), generator=g)
         out = model(input_ids=prefix, use_cache=True)
-    past = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    past = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
     ids = torch.randint(5, vocab, (2, 4), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
     pos = torch.arange(3, 7).expand(2, 4).contiguous()

@@ -125,12 +125,15 @@ def torch_step(model, device: str = "cpu"):
     import torch
     from transformers import DynamicCache
 
+    from ..models import cache_kwargs
+
     def step(ids, attention_mask, position_ids, past):
         past = DynamicCache(config=model.config) if past is None else past
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(ids).to(device),
                         attention_mask=torch.from_numpy(attention_mask).to(device),
-                        position_ids=torch.from_numpy(position_ids).to(device), past_key_values=past, use_cache=True)
+                        position_ids=torch.from_numpy(position_ids).to(device), use_cache=True,
+                        **cache_kwargs(model, past))
         return out.logits.float().cpu().numpy(), past
 
     return step
