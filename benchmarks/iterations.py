@@ -1,13 +1,15 @@
 """COMPOT's error against its iterations, with and without the closing least-squares refit, on a real model's layers.
 
     python benchmarks/iterations.py [--model PATH|gemma] [--ratio 0.3] [--max-iters 40] [--refit-at 0,4,8,12,20]
-                                    [--name minilm] [--out benchmarks/results]
+                                    [--cospadi-iters 60] [--layers REGEX] [--name minilm] [--out benchmarks/results]
 
 Calibrates the model with the defaults of `compress` (built-in text), then for every target linear at the uniform
 byte ratio `--ratio` (the k, s the stored form allows there): the relative squared output error
 ‖Lᵀ(W − Ŵ)‖² / ‖LᵀW‖² after each alternation up to --max-iters (one run, tolerance 0, so each count's error is the
 same run's), where the default stopping rule (improvement < tol) would stop, and, at each count of --refit-at, the
-error and time of refit_support. Layers are summed as the mean of their relative squared errors. Writes
+error and time of refit_support. With --cospadi-iters N: CoSpaDi's K-SVD (our baseline) for N iterations on the
+same whitened targets and (k, s), its error after each and its time per iteration. Layers are summed as the mean
+of their relative squared errors; --layers keeps the targets whose name matches a regular expression. Writes
 iterations_<name>.json and .md.
 """
 
@@ -56,6 +58,15 @@ def profile_layer(M, k: int, s: int, max_iters: int, refit_at: list[int]) -> dic
             "refit": refit, "refit_s": refit_s, "stop_1e-4": stop_at(history, 1e-4)}
 
 
+def profile_cospadi(M, k: int, s: int, iters: int) -> dict:
+    """CoSpaDi's error (relative squared) after each of `iters` K-SVD iterations, and its time per iteration."""
+    from compot_deploy.factorize.cospadi import ksvd_whitened
+
+    t0 = time.perf_counter()
+    history = ksvd_whitened(M, k, s, iters)[3]
+    return {"cospadi_history": [h * h for h in history], "cospadi_per_iter_s": (time.perf_counter() - t0) / iters}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder or .gguf, or `gemma` for Gemma-3-270M from the PyPI "
@@ -64,8 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--max-iters", type=int, default=40)
     ap.add_argument("--refit-at", default="0,4,8,12,20")
+    ap.add_argument("--cospadi-iters", type=int, default=0, help="also run CoSpaDi's K-SVD this long [default: no]")
+    ap.add_argument("--layers", default=None, help="only the targets whose name matches this regular expression")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
+
+    import re
 
     import torch
 
@@ -90,7 +105,7 @@ def main(argv=None) -> int:
     cfg = CompressConfig()
     f = cfg.factorize
     model, tok = load_model(model_dir)
-    targets = find_targets(model)
+    targets = [t for t in find_targets(model) if args.layers is None or re.search(args.layers, t.name)]
     batches = calibration_batches(tok, cfg.calibration, model)
     calibration = check_token_count(batches, targets)
     grams = calibrate(model, batches, targets, progress=True)
@@ -105,7 +120,8 @@ def main(argv=None) -> int:
         W = dense_weight(model.get_submodule(t.name)).detach()
         M = whiten(W, damped_cholesky(grams.pop(t.name).G, f.eps, t.name))
         layers.append({"name": t.name, "d_in": t.d_in, "d_out": t.d_out, "k": rec.k, "s": rec.s,
-                       **profile_layer(M, rec.k, rec.s, args.max_iters, refit_at)})
+                       **profile_layer(M, rec.k, rec.s, args.max_iters, refit_at),
+                       **(profile_cospadi(M, rec.k, rec.s, args.cospadi_iters) if args.cospadi_iters else {})})
 
     def mean(xs):
         return sum(xs) / len(xs)
@@ -120,6 +136,10 @@ def main(argv=None) -> int:
         "seconds_refit": {n: sum(x["refit_s"][n] for x in layers) for n in refit_at},
         "stop_1e-4": sorted(x["stop_1e-4"] for x in layers),
     }
+    if args.cospadi_iters:
+        summary["cospadi_error_by_iters"] = [mean([x["cospadi_history"][i] for x in layers])
+                                             for i in range(args.cospadi_iters + 1)]
+        summary["cospadi_seconds_per_iter"] = sum(x["cospadi_per_iter_s"] for x in layers)
     res = {"model": model_dir, "ratio": args.ratio, "calibration": calibration, "layers": layers,
            "summary": summary, "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                                "compot_deploy": compot_deploy.__version__,
@@ -152,6 +172,15 @@ def markdown(res: dict, name: str) -> str:
         lines.append(f"| {n} | {curve[n]:.5f} | {curve[n] / curve[0] - 1:+.1%} | "
                      f"{'' if r is None else f'{r:.5f}'} | {'' if r is None else f'{r / curve[n] - 1:+.1%}'} | "
                      f"{t:.1f} s |")
+    cos = s.get("cospadi_error_by_iters")
+    if cos:
+        t_k = s["cospadi_seconds_per_iter"]
+        lines += ["", f"## CoSpaDi (K-SVD + OMP) on the same targets and (k, s): {t_k:.1f} s per iteration", "",
+                  "| K-SVD iterations | CoSpaDi error | COMPOT 8 + refit | CoSpaDi time |", "|---:|---:|---:|---:|"]
+        ref = s["refit_error"].get(8, s["refit_error"].get("8"))
+        for n in (0, 1, 3, 5, 10, 20, 30, 40, 50, 60, 80, 100):
+            if n < len(cos):
+                lines.append(f"| {n} | {cos[n]:.5f} | {'' if ref is None else f'{ref:.5f}'} | {n * t_k:.0f} s |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,9 @@ COMPOT here) with the dynamic allocation only, to keep one run under an hour on 
 COMPOT's anyway).
 Section `iters` (not in the default run): COMPOT with 8 / 20 alternations, each with and without the closing
 least-squares refit, dynamic allocation.
+Section `allocation` (not in the default run): --methods (COMPOT and SVD-LLM) with --allocations spectral (COMPOT
+paper) and dynamic (whitened-SVD knapsack), each with every per-layer cap of --caps: `default` (ratio + 0.1), `+x`
+(ratio + x) or an absolute fraction.
 Section `quantize`: RTN vs GPTQ at 4 and 8 bits on the dense model and on COMPOT factors (ratio 0.3, dynamic), and
 COMPOT at every ratio + GPTQ-4bit. Section `lowbit` (not in the default run): dense GPTQ at 2 bits, groups 32/128.
 
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="compot,svd-llm,cospadi")
     ap.add_argument("--allocations", default="uniform,dynamic,mckp")
     ap.add_argument("--sections", default="factorize,quantize")
+    ap.add_argument("--caps", default="default,0.9", help="per-layer caps of the allocation section")
     ap.add_argument("--model", default=None, help="model folder (default: the packaged all-MiniLM-L6-v2)")
     ap.add_argument("--heldout", default=None, help="held-out text file [default: the packaged held-out sentences]")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -103,6 +107,18 @@ def main(argv=None) -> int:
                 measure({"section": "iters", "label": f"compot {r} iters {iters}{' + refit' if refit else ''}",
                          "ratio": r, "allocation": "dynamic", "method": "compot", "iters": iters, "refit": refit},
                         lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    if "allocation" in sections:  # spectral vs dynamic, default vs wide per-layer cap (issue 17)
+        for r in ratios:
+            for alloc in args.allocations.split(","):
+                for cap in (cap_at(c, r) for c in args.caps.split(",")):
+                    for method in args.methods.split(","):
+                        cfg = CompressConfig(allocation=AllocationConfig(strategy=alloc, budget=Budget(removed=r),
+                                                                         max_layer_ratio=cap),
+                                             factorize=FactorizeConfig(method=method))
+                        measure({"section": "allocation", "ratio": r, "allocation": alloc, "method": method,
+                                 "max_layer_ratio": cap,
+                                 "label": f"{method} {alloc} {r} cap {cap or f'{r + 0.1:.1f}'}"},
+                                lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
     if "quantize" in sections:
         for bits in (4, 8):
             for qm in ("rtn", "gptq"):
@@ -135,14 +151,20 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     old = out_dir / "quality.json"
-    if old.exists():  # keep the rows of the sections not rerun now
-        kept = [r for r in json.loads(old.read_text())["rows"] if r.get("section") not in sections]
+    if old.exists():  # keep the rows not rerun now (a row is its section and label)
+        new = {(r["section"], r["label"]) for r in rows}
+        kept = [r for r in json.loads(old.read_text())["rows"] if (r.get("section"), r.get("label")) not in new]
         result["rows"] = kept + rows
         result["comparisons"] = comparisons(result["rows"])
     (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "quality.md").write_text(markdown(result))
     print(markdown(result))
     return 0
+
+
+def cap_at(cap: str, ratio: float) -> float | None:
+    """--caps entry → AllocationConfig.max_layer_ratio: `default` → None, `+x` → ratio + x, else the number."""
+    return None if cap == "default" else round(ratio + float(cap), 4) if cap.startswith("+") else float(cap)
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
@@ -198,6 +220,16 @@ def markdown(res: dict) -> str:
         for r in its:
             lines.append(f"| {r['label']} | {r['file_ratio']:.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
                          f"{r['pairwise_spearman']:.4f} | {r['wall_s']:.1f} | {r['factorize_s']:.1f} |")
+    al = [r for r in res["rows"] if r.get("section") == "allocation"]
+    if al:
+        lines += ["", "## Allocation: spectral (COMPOT paper) vs dynamic (whitened-SVD knapsack), per-layer cap", "",
+                  "| ratio | allocation | cap | method | file ratio | mean cos | min cos | pairwise ρ | wall s | "
+                  "allocate s |", "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(al, key=lambda r: (r["ratio"], r["method"], r["allocation"], r["max_layer_ratio"] or 0)):
+            cap = r["max_layer_ratio"] or r["ratio"] + 0.1
+            lines.append(f"| {r['ratio']:.2f} | {r['allocation']} | {cap:.1f} | {r['method']} | {r['file_ratio']:.4f} | "
+                         f"{r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['pairwise_spearman']:.4f} | "
+                         f"{r['wall_s']:.1f} | {r['allocate_s']:.1f} |")
     lines += ["", "## COMPOT vs SVD-LLM at equal bytes", "",
               "| ratio | allocation | COMPOT − SVD-LLM mean cos | COMPOT / SVD-LLM wall time | CoSpaDi / SVD-LLM wall time "
               "| CoSpaDi mean cos |", "|---:|---|---:|---:|---:|---:|"]

@@ -4,6 +4,7 @@ agreement with the original on held-out prose, for every method at equal stored 
     python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study]
                                          [--ratios 0.2,0.3,0.4] [--methods compot,svd-llm,cospadi]
                                          [--bits 2,3,4,8] [--targets 0.1,0.15,0.2,0.3] [--study NAME,...]
+                                         [--study-ratios 0.3]
                                          [--model PATH] [--eval-windows 16 --seq-len 512] [--out DIR]
 
 Each configuration is one `compot-deploy compress` / `quantize` process (its wall time and peak RSS are that
@@ -15,7 +16,8 @@ section and only its rows are replaced. Writes quality_decoder.json, .md and .pn
 
 Sections: `dense` (the original), `factorize` (COMPOT, SVD-LLM, CoSpaDi × removed 0.2/0.3/0.4, dynamic
 allocation), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator at byte targets: the
-fraction of the linears' float16 bytes kept), `study` (COMPOT at 0.3 with one setting changed: what each buys).
+fraction of the linears' float16 bytes kept), `study` (COMPOT at --study-ratios, 0.3 by default, with one setting
+changed: what each buys).
 
 Gemma-3-270M's weights went through Q4_K_M once (the only offline copy): that flatters any later 4-bit
 quantization of the same weights a little, and leaves factorization unaffected.
@@ -51,6 +53,10 @@ STUDY = {
     "iters 20 + refit": ["--iters", "20", "--refit"],
     "iters 60": ["--iters", "60", "--no-refit"],
     "cap 0.6": ["--max-layer-ratio", "0.6"],
+    "cap 0.9": ["--max-layer-ratio", "0.9"],
+    "cap +0.3": ["--max-layer-ratio", "{ratio+0.3}"],
+    "spectral": ["--allocation", "spectral"],
+    "spectral cap 0.9": ["--allocation", "spectral", "--max-layer-ratio", "0.9"],
     "sequential": ["--sequential"],
     "uniform": ["--allocation", "uniform"],
 }
@@ -93,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--targets", default="0.1,0.15,0.2,0.3")
     ap.add_argument("--study", default=",".join(STUDY), help=f"study rows to run, of: {', '.join(STUDY)}")
+    ap.add_argument("--study-ratios", default="0.3", help="removed fractions of the study rows")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows evaluated")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
@@ -188,10 +195,10 @@ def main(argv=None) -> int:
         body = windows.shape[1] - len(tok("", add_special_tokens=True)["input_ids"])
         rest = tok(heldout_prose(), add_special_tokens=False)["input_ids"][windows.shape[0] * body:]
         prose.write_text(tok.decode(rest))
-        for name in filter(None, args.study.split(",")):
-            extra = [a.replace("{prose}", str(prose)) for a in STUDY[name]]
-            measure({"section": "study", "label": f"compot 0.3 {name}", "method": "compot", "ratio": 0.3},
-                    ["compress", args.model, "--ratio", "0.3", *extra])
+        for r, name in ((float(r), n) for r in args.study_ratios.split(",") for n in filter(None, args.study.split(","))):
+            extra = [a.replace("{prose}", str(prose)).replace("{ratio+0.3}", f"{r + 0.3:g}") for a in STUDY[name]]
+            measure({"section": "study", "label": f"compot {r:g} {name}", "method": "compot", "ratio": r},
+                    ["compress", args.model, "--ratio", f"{r:g}", *extra])
     save()
     print((out_dir / "quality_decoder.md").read_text())
     return 0

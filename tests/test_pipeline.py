@@ -27,7 +27,7 @@ def _out(model, enc):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2", "bert"])
-@pytest.mark.parametrize("method,strategy", [("compot", "dynamic"), ("svd-llm", "uniform")])
+@pytest.mark.parametrize("method,strategy", [("compot", "dynamic"), ("svd-llm", "uniform"), ("compot", "spectral")])
 def test_compress_save_load_forward(kind, method, strategy, tiny_dirs, tmp_path):
     from compot_deploy.models import load_model
 

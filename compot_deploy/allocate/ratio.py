@@ -1,16 +1,19 @@
 """One factorization method, a fraction of the target linears' bytes removed: per-layer records that fit it.
 
-uniform: every layer keeps the same fraction. dynamic: one SVD of each whitened weight estimates its error at
-every budget of a fine grid (METHOD §5). mckp: COMPOT itself is run on a coarser (ratio × k/s) grid (ROCKET-style
-profiles). Both then split the global budget with the knapsack.
+uniform: every layer keeps the same fraction. spectral: the COMPOT paper's split, one global cut through the
+pooled, normalised singular values of the unwhitened weights (`spectral_cut`). dynamic: one SVD of each whitened
+weight estimates its error at every budget of a fine grid (METHOD §5). mckp: COMPOT itself is run on a coarser
+(ratio × k/s) grid (ROCKET-style profiles). Both then split the global budget with the knapsack.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..errors import CompotError
-from ..models import Target, dense_weight
+from ..models import Target, dense_weight, is_causal_lm
 from ..storage.budget import budget_bytes, linear_budget, linears_dense_bytes, value_bytes
 from ..storage.record import STORAGE, LayerRecord, plan
 from .knapsack import Candidate, mckp
@@ -27,6 +30,7 @@ def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = Fa
 
     a, f = cfg.allocation, cfg.factorize
     removed = a.budget.removed
+    cap = a.layer_ratio_cap(decoder=is_causal_lm(model))
 
     def fit(t: Target, nbytes: float, k_over_s: float = f.k_over_s) -> LayerRecord:
         return plan(f.method, t.d_in, t.d_out, t.bias, nbytes, f.dtype, k_over_s)
@@ -37,8 +41,18 @@ def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = Fa
     if a.strategy == "uniform":
         return {t.name: fit(t, budget_bytes(dense(t), removed=removed)) for t in targets}
 
+    total = linear_budget(a.budget, linears_dense_bytes(targets, value_bytes(f.dtype)))
+    if a.strategy == "spectral":
+        spectra = []
+        for t in bar(targets, desc="spectra", unit="layer", progress=progress):
+            W = dense_weight(model.get_submodule(t.name)).detach().double()
+            spectra.append((torch.linalg.svdvals(W) / torch.linalg.matrix_norm(W).clamp_min(1e-300)).numpy())
+        ratios = spectral_cut(spectra, lambda i, r: fit(targets[i], budget_bytes(dense(targets[i]), removed=r)).bytes,
+                              total, a.min_layer_ratio, cap)
+        return {t.name: fit(t, budget_bytes(dense(t), removed=r)) for t, r in zip(targets, ratios, strict=True)}
+
     if a.strategy == "dynamic":
-        ratios = [round(x, 4) for x in np.arange(0.0, a.layer_ratio_cap + 1e-9, 0.02)]
+        ratios = [round(x, 4) for x in np.arange(0.0, cap + 1e-9, 0.02)]
         k_over_s_grid = (f.k_over_s,)
     else:
         ratios, k_over_s_grid = list(a.mckp_ratios), a.mckp_k_over_s
@@ -52,7 +66,7 @@ def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = Fa
         estimate = SpectralErrorEstimate(S, Vh)
         layer: dict[LayerRecord, Candidate] = {}
         for r in ratios:
-            if not (a.min_layer_ratio <= r <= a.layer_ratio_cap or r == 0.0 and a.min_layer_ratio == 0.0):
+            if not (a.min_layer_ratio <= r <= cap or r == 0.0 and a.min_layer_ratio == 0.0):
                 continue
             for ks in k_over_s_grid:
                 rec = fit(t, budget_bytes(dense(t), removed=r), ks)
@@ -66,9 +80,39 @@ def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = Fa
         if not layer:
             raise CompotError(f"{t.name}: no allocation candidate inside the layer ratio range")
         cands.append(list(layer.values()))
-    total = linear_budget(a.budget, linears_dense_bytes(targets, value_bytes(f.dtype)))
     try:
         picks = mckp(cands, total)
     except ValueError as e:
         raise CompotError(f"{a.strategy} allocation: {e}") from None
     return {t.name: cs[j].record for t, cs, j in zip(targets, cands, picks)}
+
+
+def spectral_cut(spectra: list[np.ndarray], layer_bytes: Callable[[int, float], int], total: float,
+                 lo: float, hi: float) -> list[float]:
+    """The fraction removed from each layer by one global cut through pooled spectra (COMPOT's allocation).
+
+    spectra[i]: (n_i,) singular values of layer i's unwhitened weight divided by its Frobenius norm, so layers of
+    any scale compare. A threshold τ removes from layer i the fraction of its values below τ, clamped to [lo, hi];
+    τ is the smallest pooled value whose layers fit `total` bytes, layer_bytes(i, ratio) being layer i's stored
+    bytes at a removed fraction (non-increasing in it). Layers whose energy sits in few directions lose most.
+    """
+    sorted_spectra = [np.sort(np.asarray(s, dtype=np.float64)) for s in spectra]
+
+    def ratios_at(tau: float) -> list[float]:
+        return [float(np.clip(np.searchsorted(s, tau, side="left") / len(s), lo, hi)) for s in sorted_spectra]
+
+    def fits(tau: float) -> bool:
+        return sum(layer_bytes(i, r) for i, r in enumerate(ratios_at(tau))) <= total
+
+    cuts = np.unique(np.concatenate(sorted_spectra + [np.array([np.inf])]))
+    if not fits(cuts[-1]):
+        raise CompotError(f"spectral allocation: {total:,.0f} bytes cannot be reached with every layer at the "
+                          f"largest ratio {hi}; raise --max-layer-ratio")
+    first, last = 0, len(cuts) - 1  # bytes fall as τ rises: find the first cut that fits
+    while first < last:
+        mid = (first + last) // 2
+        if fits(cuts[mid]):
+            last = mid
+        else:
+            first = mid + 1
+    return ratios_at(cuts[first])

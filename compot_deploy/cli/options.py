@@ -59,11 +59,13 @@ def compress_options(fn):
         click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi"]), default=None,
                      help="Factorization: COMPOT, the SVD-LLM baseline, or CoSpaDi (K-SVD + OMP) [default: compot]. "
                           "With a --target-*: only this family's candidates (compot or svd-llm), in every layer."),
-        click.option("--allocation", type=click.Choice(["uniform", "dynamic", "mckp"]), default="dynamic",
-                     show_default=True,
-                     help="How the --ratio budget is split across layers: the same ratio everywhere, COMPOT's "
-                          "one-shot spectral split, or a knapsack over measured per-layer error profiles (a "
-                          "--target-* uses the joint allocator instead)."),
+        click.option("--allocation", type=click.Choice(["uniform", "spectral", "dynamic", "mckp"]),
+                     default="dynamic", show_default=True,
+                     help="How the --ratio budget is split across layers: uniform = the same ratio everywhere; "
+                          "spectral = the COMPOT paper's one global cut through every layer's singular values "
+                          "(unwhitened, normalised by the layer's norm); dynamic = a knapsack over each layer's "
+                          "error estimated from one SVD of its whitened weight; mckp = a knapsack over COMPOT's "
+                          "measured per-layer errors (slow). A --target-* uses the joint allocator instead."),
         click.option("--sequential", is_flag=True,
                      help="Calibrate block i on the outputs of the already-compressed blocks before it."),
         click.option("--k-over-s", type=float, default=2.0, show_default=True,
@@ -77,9 +79,10 @@ def compress_options(fn):
         click.option("--include", multiple=True, help="Only compress linears whose name matches this glob (repeatable)."),
         click.option("--exclude", multiple=True, help="Never compress linears whose name matches this glob (repeatable)."),
         click.option("--min-layer-ratio", type=float, default=0.0, show_default=True,
-                     help="Smallest per-layer ratio the dynamic/mckp allocators may choose."),
+                     help="Smallest per-layer ratio the spectral/dynamic/mckp allocators may choose."),
         click.option("--max-layer-ratio", type=float, default=None,
-                     help="Largest per-layer ratio the dynamic/mckp allocators may choose [default: ratio + 0.1]."),
+                     help="Largest per-layer ratio the spectral/dynamic/mckp allocators may choose "
+                          "[default: 0.9 for decoders, ratio + 0.1 for encoders: each best measured]."),
         click.option("--gptq-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
                      help="Quantize the factors after compression with GPTQ at this many bits [default: no]."),
         click.option("--gptq-group", type=int, default=128, show_default=True,
