@@ -4,7 +4,7 @@ agreement with the original on held-out prose, for every method at equal stored 
     python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study]
                                          [--ratios 0.2,0.3,0.4] [--methods compot,svd-llm,cospadi]
                                          [--bits 2,3,4,8] [--targets 0.1,0.15,0.2,0.3] [--study NAME,...]
-                                         [--study-ratios 0.3]
+                                         [--study-ratios 0.3] [--prune 2,4 --prune-ratios 0.3]
                                          [--model PATH] [--eval-windows 16 --seq-len 512] [--out DIR]
 
 Each configuration is one `compot-deploy compress` / `quantize` process (its wall time and peak RSS are that
@@ -17,7 +17,8 @@ section and only its rows are replaced. Writes quality_decoder.json, .md and .pn
 Sections: `dense` (the original), `factorize` (COMPOT, SVD-LLM, CoSpaDi × removed 0.2/0.3/0.4, dynamic
 allocation), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator at byte targets: the
 fraction of the linears' float16 bytes kept), `study` (COMPOT at --study-ratios, 0.3 by default, with one setting
-changed: what each buys).
+changed: what each buys), `prune` (ReplaceMe: --prune blocks removed alone, with and without the map, beside COMPOT
+at the same bytes, and pruning followed by COMPOT to --prune-ratios beside COMPOT alone).
 
 Gemma-3-270M's weights went through Q4_K_M once (the only offline copy): that flatters any later 4-bit
 quantization of the same weights a little, and leaves factorization unaffected.
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="0.1,0.15,0.2,0.3")
     ap.add_argument("--study", default=",".join(STUDY), help=f"study rows to run, of: {', '.join(STUDY)}")
     ap.add_argument("--study-ratios", default="0.3", help="removed fractions of the study rows")
+    ap.add_argument("--prune", default="2,4", help="blocks removed by the prune rows")
+    ap.add_argument("--prune-ratios", default="0.3", help="fractions removed in all by the prune + COMPOT rows")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows evaluated")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
@@ -190,6 +193,22 @@ def main(argv=None) -> int:
         for f in args.targets.split(","):
             measure({"section": "joint", "label": f"joint {f}", "method": "joint", "target": float(f)},
                     ["compress", args.model, "--target-ratio", f])
+    if "prune" in sections:
+        from compot_deploy.models import read_hf_config
+
+        L = read_hf_config(model_dir)["num_hidden_layers"]
+        for nb in map(int, args.prune.split(",")):
+            share = f"{int(nb / L * 1e4) / 1e4:.4f}"  # at most what the removed blocks take: the rest stays dense
+            measure({"section": "prune", "label": f"prune {nb} blocks", "method": "prune", "blocks": nb},
+                    ["compress", args.model, "--prune-blocks", str(nb), "--ratio", share])
+            measure({"section": "prune", "label": f"prune {nb} blocks, no map", "method": "prune", "blocks": nb},
+                    ["compress", args.model, "--prune-blocks", str(nb), "--prune-map", "none", "--ratio", share])
+            measure({"section": "prune", "label": f"compot {share} (= {nb} blocks' bytes)", "method": "compot",
+                     "ratio": float(share)}, ["compress", args.model, "--ratio", share])
+            for r in args.prune_ratios.split(","):
+                measure({"section": "prune", "label": f"prune {nb} blocks + compot to {r}", "method": "prune+compot",
+                         "blocks": nb, "ratio": float(r)},
+                        ["compress", args.model, "--prune-blocks", str(nb), "--ratio", r])
     if "study" in sections:
         prose = out_dir / "calibration_prose.txt"  # what follows the evaluated windows
         body = windows.shape[1] - len(tok("", add_special_tokens=True)["input_ids"])

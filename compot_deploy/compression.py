@@ -13,14 +13,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
 from .errors import CompotError
 from .layers import build_layer, factor_layer, round_other_params
 from .models import Target, find_targets, load_model, targets_named
 from .storage.artifact import REPORT, check_output_dir
-from .storage.budget import dense_model_bytes, fits, removed_fraction, value_bytes
+from .storage.budget import (dense_model_bytes, fits, linears_dense_bytes, removed_after_pruning, removed_fraction,
+                             value_bytes)
 from .storage.record import LayerRecord, LayerStats, dense_record
+
+if TYPE_CHECKING:
+    from .prune import PruneResult
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Compressed:
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
     calibration: dict | None = None  # calibrate.data.check_token_count's summary
+    pruned: "PruneResult | None" = None  # the blocks the prune step removed
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -69,27 +75,40 @@ def quantize_model(model, targets: list[Target], batches: list[dict], records: d
 
 
 def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True) -> Compressed:
-    """Compress (and optionally quantize) `model` in place by `cfg`."""
+    """Prune (optionally), then compress (and optionally quantize) `model` in place by `cfg`."""
     from .allocate import joint
     from .allocate.ratio import allocate
     from .calibrate.data import calibration_batches, check_token_count
     from .calibrate.runner import calibrate, run_blocks
     from .progress import bar
 
-    targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
+    result = Compressed([], {}, {})
+    batches = None
+    if cfg.prune.blocks:
+        from .prune import prune_model
+
+        with result.stage("prune"):
+            batches = calibration_batches(tokenizer, cfg.calibration, model)
+            result.pruned = prune_model(model, batches, cfg.prune, progress)
+    targets = result.targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     if cfg.allocation.strategy == "joint":
         budget = joint.budget_for(model, targets, cfg)  # fails before the profiling
-        result = Compressed(targets, {}, {})
         with result.stage("allocate"):  # calibration and every candidate's measurement
             prof = joint.profile(model, tokenizer, cfg, targets, progress)
         result.calibration = prof.calibration
         with result.stage("factorize"):
             result.records, result.stats = joint.build(model, prof, budget, cfg, progress)
         return result
+    if result.pruned is not None:
+        dtype = cfg.factorize.dtype
+        cfg = _budget_after_pruning(cfg, targets, result.pruned)
+        if cfg is None:  # pruning alone met the budget: the other linears stay dense
+            result.records = {t.name: dense_record(t.d_in, t.d_out, t.bias, dtype) for t in targets}
+            round_other_params(model, set(), dtype)
+            return result
 
-    result = Compressed(targets, {}, {})
     with result.stage("calibrate"):
-        batches = calibration_batches(tokenizer, cfg.calibration, model)
+        batches = batches or calibration_batches(tokenizer, cfg.calibration, model)
         result.calibration = check_token_count(batches, targets)
         grams = calibrate(model, batches, targets, progress=progress)
     with result.stage("allocate"):
@@ -113,6 +132,19 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
         with result.stage("quantize"):
             quantize_model(model, targets, batches, records, stats, cfg.quantize, f, progress)
     return result
+
+
+def _budget_after_pruning(cfg: CompressConfig, targets: list[Target], pruned) -> CompressConfig | None:
+    """cfg with the fraction removed from the kept linears that makes the original's linears lose `--ratio` in
+    all, the pruned blocks' linears counted as removed; None when pruning alone removed that much (or within 1 %)."""
+    vb = value_bytes(cfg.factorize.dtype)
+    kept = linears_dense_bytes(targets, vb)
+    r = removed_after_pruning(cfg.allocation.budget.removed, kept + linears_dense_bytes(pruned.removed_targets, vb),
+                              kept)
+    if r < 0.01:
+        return None
+    alloc = cfg.allocation.model_copy(update={"budget": cfg.allocation.budget.model_copy(update={"removed": r})})
+    return cfg.model_copy(update={"allocation": alloc})
 
 
 def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: CompressConfig, overwrite: bool = False,
@@ -223,9 +255,18 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
     dense_lin = sum(x["dense_bytes"] for x in layers)
     planned = sum(x["planned_bytes"] for x in layers)
     stored = sum(x["file_bytes"] for x in layers)
+    paper_kept = sum(result.records[n].paper_params for n in names)
+    paper_dense = sum(t.d_in * t.d_out for t in result.targets)
     model_file = weights.stat().st_size
     dense_model = section["dense_model_bytes"]
     extra = {}
+    if result.pruned is not None:  # the removed blocks' linears count as removed bytes of the original's
+        vb = value_bytes(section["storage_dtype"])
+        gone = linears_dense_bytes(result.pruned.removed_targets, vb)
+        dense_lin += gone
+        paper_dense += sum(t.d_in * t.d_out for t in result.pruned.removed_targets)
+        extra["prune"] = {**result.pruned.to_json(), "removed_linear_bytes": gone,
+                          "removed_other_bytes": result.pruned.removed_other_params * vb}
     if any(s.joint for s in result.stats.values()):
         budget = AllocationConfig.model_validate(section["config"]["allocation"]).budget
         extra["joint"] = {"budget": budget.model_dump(), "budget_text": budget.describe,
@@ -242,8 +283,7 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
             "planned_ratio": removed_fraction(planned, dense_lin),
             "file_ratio": removed_fraction(stored, dense_lin),
             # the papers' count (values only: no positions, scales or bits), for reading published tables
-            "paper_ratio": removed_fraction(sum(result.records[n].paper_params for n in names),
-                                            sum(t.d_in * t.d_out for t in result.targets)),
+            "paper_ratio": removed_fraction(paper_kept, paper_dense),
         },
         "model_file": {"bytes": model_file, "dense_bytes": dense_model, "ratio": removed_fraction(model_file, dense_model)},
         "timings": result.timings,

@@ -65,7 +65,7 @@ DECODER_LAYER_CAP = 0.9  # the default --max-layer-ratio of decoders (Allocation
 
 class AllocationConfig(_Strict):
     """How the byte budget of the target linears is split across layers. The budget (storage/budget.py) is a
-    fraction removed for uniform / dynamic / mckp, and a fraction kept or the file's bytes for joint."""
+    fraction removed for uniform / spectral / dynamic / mckp, and a fraction kept or the file's bytes for joint."""
 
     strategy: Allocation = "dynamic"
     budget: Budget = Budget(removed=0.3)
@@ -132,6 +132,19 @@ class QuantizeConfig(_Strict):
     damp: float = Field(0.01, gt=0.0, description="initial damping as a fraction of mean(diag H)")
 
 
+class PruneConfig(_Strict):
+    """ReplaceMe's depth pruning before compression (prune/): which blocks go and the map that replaces them."""
+
+    blocks: int = Field(0, ge=0, description="transformer blocks removed (0 = no pruning)")
+    windows: int = Field(1, ge=1, description="separate windows of consecutive blocks they are removed in")
+    tokens: Literal["all", "last"] = Field(
+        "all", description="tokens the angular distance averages over: every real token, or each sample's last")
+    map: Literal["auto", "diagonal", "none"] = Field(
+        "auto", description="auto: a full map where it folds (MLP straight into the residual), else diagonal; "
+                            "none: the blocks are simply dropped")
+    ridge: float = Field(1e-4, ge=0.0, description="ridge of the full map's least squares, times mean(diag MᵀM)")
+
+
 class CompressConfig(_Strict):
     """Everything `compress` needs besides the model directory and the output path."""
 
@@ -139,6 +152,7 @@ class CompressConfig(_Strict):
     allocation: AllocationConfig = AllocationConfig()
     factorize: FactorizeConfig = FactorizeConfig()
     quantize: QuantizeConfig | None = None
+    prune: PruneConfig = PruneConfig()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
@@ -159,6 +173,9 @@ class CompressConfig(_Strict):
         if self.allocation.strategy == "joint" and not STORAGE[self.factorize.method].joint_candidate:
             raise ValueError(f"--method {self.factorize.method} cannot take a byte target: it is too slow to measure "
                              f"at every candidate size; use --method compot or svd-llm")
+        if self.allocation.strategy == "joint" and self.prune.blocks:
+            raise ValueError("--prune-blocks takes a fraction removed (--ratio): the joint allocator does not price "
+                             "removed blocks yet")
         return self
 
 

@@ -37,15 +37,15 @@ def heldout_texts() -> list[str]:
 TINY_KINDS = ("llama", "qwen3", "gpt2", "bert", "gemma2")
 
 
-def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
-    """A 2-block random model of `kind` (TINY_KINDS, or "t5-encoder") with MiniLM's tokenizer, saved like any HF
+def build_tiny(kind: str, path: Path, minilm: Path, layers: int = 2) -> Path:
+    """A `layers`-block random model of `kind` (TINY_KINDS, or "t5-encoder") with MiniLM's tokenizer, saved like any HF
     checkpoint."""
     import torch
     import transformers as tf
 
     tok = tf.AutoTokenizer.from_pretrained(minilm)
     V = len(tok)
-    common = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    common = dict(vocab_size=V, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256)
     torch.manual_seed(0)
     if kind == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_key_value_heads=2,
@@ -54,7 +54,7 @@ def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=64, intermediate_size=160, num_key_value_heads=2,
                                                    head_dim=16, pad_token_id=0, **common))
     elif kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
                                                  pad_token_id=0))
     elif kind == "gemma2":  # a sliding window (16) shorter than the gate's prompts + decode steps
         model = tf.Gemma2ForCausalLM(tf.Gemma2Config(hidden_size=64, intermediate_size=160, num_key_value_heads=2,
@@ -62,7 +62,7 @@ def build_tiny(kind: str, path: Path, minilm: Path) -> Path:
     elif kind == "bert":
         model = tf.BertModel(tf.BertConfig(hidden_size=64, intermediate_size=160, **common))
     elif kind == "t5-encoder":  # reads `.weight` of its linears; threads block 0's position bias to the others
-        model = tf.T5EncoderModel(tf.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=160, num_layers=2, num_heads=4,
+        model = tf.T5EncoderModel(tf.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=160, num_layers=layers, num_heads=4,
                                               decoder_start_token_id=0))
     else:
         raise ValueError(kind)

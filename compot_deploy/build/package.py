@@ -59,7 +59,8 @@ def _compression_summary(comp: Path) -> dict:
         methods[lay["method"]] = methods.get(lay["method"], 0) + 1
     return {"linears": rep["linears"], "model_file": rep["model_file"], "storage_dtype": section["storage_dtype"],
             "layers_by_method": methods, "allocation": cfg.get("allocation"), "factorize": cfg.get("factorize"),
-            "quantize": cfg.get("quantize"), "joint": rep.get("joint")}
+            "quantize": cfg.get("quantize"), "joint": rep.get("joint"),
+            "pruned_blocks": rep.get("prune", {}).get("removed_blocks")}
 
 
 def make_package(exp: Path, val: Path, comp: Path, tmp: Path, target: str, versions: dict) -> None:
@@ -166,7 +167,8 @@ def summarize(comp: Path, val: Path, bench_dir: Path | None, out: Path, reused, 
     s = {"package": str(out / PACKAGE), "tarball": str(out / f"{PACKAGE}.tar.gz"),
          "byte_ratio": comp_sum["linears"]["file_ratio"], "model_file_ratio": comp_sum["model_file"]["ratio"],
          "validation_passed": rep["passed"], "ort_vs_pytorch_max_abs": rep["parity"]["overall"]["max_abs"],
-         "task": rep.get("task"), "joint": comp_sum["joint"], "reused": reused, "ran": ran}
+         "task": rep.get("task"), "joint": comp_sum["joint"], "pruned_blocks": comp_sum["pruned_blocks"],
+         "reused": reused, "ran": ran}
     if bench_dir is not None:
         from ..bench import summary_rows
 

@@ -125,15 +125,18 @@ class _GramHooks:
 
 
 BlockStep = Callable[[int, dict[str, "Gram"]], bool]
+Observer = Callable[[int, list, list], None]
 
 
 def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockStep, desc: str,
-               progress: bool = True) -> None:
-    """Walk the blocks of `model` on `batches` up to the last block holding a target.
+               progress: bool = True, observe: Observer | None = None, last: int | None = None) -> None:
+    """Walk the blocks of `model` on `batches` up to the last block holding a target (or up to block `last`).
 
     step(i, grams) runs on each block i that holds targets, with the Grams of their inputs (name → Gram), before
     the block's outputs feed block i+1; when it returns True (it replaced modules of block i) the outputs are
-    recomputed with the new block. One progress bar, `desc`, counts the blocks.
+    recomputed with the new block. observe(i, hidden, masks), when given, sees the inputs of every block i walked
+    (one (b, t, d) tensor per batch, and the (b, t) masks of their real tokens), and at i = last + 1 the outputs of
+    the last. One progress bar, `desc`, counts the blocks.
     """
     import torch
 
@@ -143,12 +146,14 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
     by_block: dict[int, list[Target]] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
-    last = max(by_block)
+    last = max(by_block) if last is None else last
     block_calls = _capture_block_calls(model, blocks, last, batches)
     hidden = [_hidden_of(c) for c in block_calls[0]]
     masks = [b["attention_mask"].bool() for b in batches]  # (b, t): the real tokens, the same in every block
     with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
         for i in range(last + 1):
+            if observe is not None:
+                observe(i, hidden, masks)
             block, calls = blocks[i], block_calls[i]
             with _GramHooks(block, f"{prefix}.{i}" if prefix else str(i), by_block.get(i, [])) as hooks:
                 outs = []
@@ -159,6 +164,8 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
                 outs = [_run_block(block, c, h) for c, h in zip(calls, hidden)]
             hidden = outs
             bar.update()
+    if observe is not None:
+        observe(last + 1, hidden, masks)
 
 
 def calibrate(model, batches: list[dict], targets: list[Target], progress: bool = True) -> dict[str, "Gram"]:

@@ -83,6 +83,22 @@ def compress_options(fn):
         click.option("--max-layer-ratio", type=float, default=None,
                      help="Largest per-layer ratio the spectral/dynamic/mckp allocators may choose "
                           "[default: 0.9 for decoders, ratio + 0.1 for encoders: each best measured]."),
+        click.option("--prune-blocks", type=int, default=0, show_default=True,
+                     help="First remove this many transformer blocks (ReplaceMe: the consecutive window whose "
+                          "input and output hidden states are closest in angle goes, replaced by a linear map fitted "
+                          "on the calibration text and folded into the block before it); the rest is then "
+                          "compressed to meet --ratio, the removed blocks' linears counting as removed bytes."),
+        click.option("--prune-windows", type=int, default=1, show_default=True,
+                     help="Separate windows the --prune-blocks are removed in (greedy by distance, never touching)."),
+        click.option("--prune-map", type=click.Choice(["auto", "diagonal", "none"]), default="auto",
+                     show_default=True,
+                     help="The map standing in for a removed window: auto = a full d×d map folded into the MLP's "
+                          "output projection where the MLP adds straight to the residual (Llama, Qwen, Mistral), "
+                          "a diagonal one folded into the norm where a norm closes the MLP branch (Gemma, BERT); "
+                          "diagonal everywhere; none = the blocks are just dropped."),
+        click.option("--prune-tokens", type=click.Choice(["all", "last"]), default="all", show_default=True,
+                     help="Tokens the window distance averages over: every real token, or each sample's last "
+                          "(ReplaceMe's code)."),
         click.option("--gptq-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
                      help="Quantize the factors after compression with GPTQ at this many bits [default: no]."),
         click.option("--gptq-group", type=int, default=128, show_default=True,
@@ -123,6 +139,8 @@ _PATHS = {
     "gptq_bits": "compress.quantize.bits", "gptq_group": "compress.quantize.group", "gptq_sym": "compress.quantize.sym",
     "gptq_act_order": "compress.quantize.act_order", "quant_method": "compress.quantize.method",
     "sparse_body": "export.sparse_body", "opset": "export.opset",
+    "prune_blocks": "compress.prune.blocks", "prune_windows": "compress.prune.windows",
+    "prune_map": "compress.prune.map", "prune_tokens": "compress.prune.tokens",
 }
 
 

@@ -34,6 +34,14 @@ def print_report(report: dict) -> None:
                f"-> fraction removed {mf['ratio']:.4f}; total {report['seconds']:.1f}s"
                + (" (" + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()) + ")"
                   if report.get("timings") else ""))
+    if report.get("prune"):
+        p = report["prune"]
+        for w in p["windows"]:
+            fit = (f"{w['map']} map folded into {w['branch']}, unexplained {w['residual']:.3f}"
+                   if w["map"] != "none" else "no map")
+            click.echo(f"pruned blocks {w['start']}-{w['start'] + w['blocks'] - 1} (angular distance "
+                       f"{w['distance']:.4f}; {fit}, {w['residual_without_map']:.3f} without a map); "
+                       f"{p['removed_linear_bytes']:,} linear bytes gone")
     if report.get("calibration"):
         from ..calibrate.data import TOKENS_PER_DIM
 
@@ -65,6 +73,8 @@ def choices_line(joint: dict) -> str:
 def print_build_summary(s: dict) -> None:
     click.echo(f"fraction of the compressed linears' bytes removed: {s['byte_ratio']:.4f} "
                f"(model file {s['model_file_ratio']:.4f})")
+    if s.get("pruned_blocks"):
+        click.echo(f"blocks removed (ReplaceMe): {', '.join(map(str, s['pruned_blocks']))}")
     if s.get("joint"):
         click.echo(f"joint allocation, per layer: {choices_line(s['joint'])}")
     if task_line(s.get("task")):

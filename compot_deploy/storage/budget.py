@@ -224,6 +224,12 @@ def budget_bytes(dense: float, *, removed: float | None = None, kept: float | No
     return kept * dense if kept is not None else (1.0 - removed) * dense
 
 
+def removed_after_pruning(removed: float, dense_all: float, dense_kept: float) -> float:
+    """The fraction of the kept linears' bytes to remove so that, with pruned blocks' linears gone whole, the
+    original linears (`dense_all` bytes) lose the fraction `removed`; ≤ 0 when pruning alone removes that much."""
+    return 1.0 - budget_bytes(dense_all, removed=removed) / dense_kept
+
+
 def linear_budget(b: Budget, dense_linears: int, dense_model: int = 0, n_tensors: int = 0,
                   n_targets: int = 0) -> float:
     """Bytes the target linears may take under the user's budget `b`. dense_linears: their dense bytes at the
