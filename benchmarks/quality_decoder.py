@@ -7,9 +7,9 @@ agreement with the original on held-out prose, for every method at equal stored 
                                          [--study-ratios 0.3] [--prune 2,4 --prune-ratios 0.3]
                                          [--model PATH] [--eval-windows 16 --seq-len 512] [--out DIR]
 
-Each configuration is one `compot-deploy compress` / `quantize` process (its wall time and peak RSS are that
-process's, read with wait4; its stage timings come from compression_report.json); the saved folder is then loaded
-and evaluated here, teacher-forced, on windows of held-out text: CPython's own reference documentation
+Each configuration is one `compot-deploy compress` / `quantize` process (its wall time, and its peak RSS: the
+largest of its own per-stage VmHWM in compression_report.json, as are its stage timings); the saved folder is then
+loaded and evaluated here, teacher-forced, on windows of held-out text: CPython's own reference documentation
 (pydoc_data.topics, prose lines only), which is never calibration text (the built-in calibration_en.txt is) and is
 not the licence texts reserved for independent checks. Rows accumulate in quality_decoder.json by label: rerun a
 section and only its rows are replaced. Writes quality_decoder.json, .md and .png.
@@ -158,8 +158,10 @@ def main(argv=None) -> int:
             return
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "m"
-            wall, rss = run_cli(cli + ["-o", str(out), "-q"])
+            wall, _ = run_cli(cli + ["-o", str(out), "-q"])
             rep = json.loads((out / "compression_report.json").read_text())
+            # the process's own VmHWM per stage (wait4's ru_maxrss would include this process's size at the fork)
+            rss = max(v for v in rep.get("peak_rss_mib", {}).values() if v is not None)
             model = compot_deploy.load(out)
             q = next_token_stats(model, windows, ref["top1"])
             qg = next_token_stats(model, generic, ref_generic["top1"])
@@ -203,6 +205,10 @@ def main(argv=None) -> int:
                     ["compress", args.model, "--prune-blocks", str(nb), "--ratio", share])
             measure({"section": "prune", "label": f"prune {nb} blocks, no map", "method": "prune", "blocks": nb},
                     ["compress", args.model, "--prune-blocks", str(nb), "--prune-map", "none", "--ratio", share])
+            if nb % 2 == 0 and nb >= 4:
+                measure({"section": "prune", "label": f"prune {nb} blocks in 2 windows", "method": "prune",
+                         "blocks": nb}, ["compress", args.model, "--prune-blocks", str(nb), "--prune-windows", "2",
+                                         "--ratio", share])
             measure({"section": "prune", "label": f"compot {share} (= {nb} blocks' bytes)", "method": "compot",
                      "ratio": float(share)}, ["compress", args.model, "--ratio", share])
             for r in args.prune_ratios.split(","):
@@ -252,7 +258,7 @@ def markdown(result: dict) -> str:
             continue
         lines.append(f"| {r['section']} | {r['label']} | {r['file_ratio']:.4f} | {r['perplexity']:.3f} | "
                      f"{r['top1_agreement']:.4f} | {r.get('perplexity_generic', float('nan')):.3f} | {r.get('wall_s', 0):.0f} | {_s(r, 'calibrate_s')} | "
-                     f"{_s(r, 'allocate_s')} | {_s(r, 'factorize_s')} | {r.get('peak_rss_mib', 0):.0f} |")
+                     f"{_s(r, 'allocate_s')} | {_s(r, 'factorize_s')} | {_s(r, 'peak_rss_mib')} |")
     by = {(r.get("method"), r.get("ratio")): r for r in rows if r["section"] == "factorize"}
     pairs = [(r, by[("compot", r)], by[("svd-llm", r)]) for (m, r) in by if m == "compot" and ("svd-llm", r) in by]
     if pairs:

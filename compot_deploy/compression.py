@@ -49,13 +49,12 @@ class Compressed:
         self.peak_rss_mib[name] = peak_rss_mib()
 
 
-def peak_rss_mib() -> float | None:
-    """Peak resident memory of this process so far (MiB), where the OS reports it."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB): VmHWM where Linux reports it (getrusage's ru_maxrss
+    carries a parent's peak across fork + exec, so a process started by a big one would report the parent's)."""
+    from .bench import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def quantize_model(model, targets: list[Target], batches: list[dict], records: dict[str, LayerRecord],
