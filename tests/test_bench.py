@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from compot_deploy.bench import ratio_with_spread, summary_rows
 from compot_deploy.config import ExportConfig
 from compot_deploy.exporters.onnx_export import export_dir
 
 
+@pytest.mark.slow  # suite time: the build tests run bench (encoder) in CI
 def test_bench_torch_and_ort_on_a_decoder(tiny_dirs, tmp_path):
     export_dir(tiny_dirs["llama"], tmp_path / "ort", ExportConfig())
     res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "bench", f"pt={tiny_dirs['llama']}",
