@@ -58,9 +58,8 @@ def gemma(args) -> dict:
     from compot_deploy.config import CalibrationConfig
     from compot_deploy.evaluate import next_token_stats, token_windows
     from compot_deploy.models import load_model, quiet_transformers
-    from compot_deploy.prune import _fit_stats, drop_blocks, fold_diagonal, mlp_branch, window_distances
-    from compot_deploy.prune.depth import diagonal_map, full_map, residual_fraction
-    from compot_deploy.models import find_blocks
+    from compot_deploy.prune import _fit_stats, replace_window, window_distances
+    from compot_deploy.prune.depth import full_map
     from quality_decoder import heldout_prose
 
     quiet_transformers()
@@ -78,14 +77,10 @@ def gemma(args) -> dict:
     rows = []
     for a in dist_all:
         m = copy.deepcopy(orig)
-        s = _fit_stats(m, batches, a, n, progress=False)
-        branch, _ = mlp_branch(find_blocks(m)[1][a - 1])
-        t, b = diagonal_map(s, bias=False)
-        fold_diagonal(branch, t, b)
-        drop_blocks(m, a, n)
+        fit = replace_window(m, batches, a, n, "auto", progress=False)  # Gemma: diagonal, into the norm
         q = next_token_stats(m, windows, ref["top1"])
         rows.append({"start": a, "distance_all": dist_all[a], "distance_last": dist_last[a],
-                     "residual_diagonal": residual_fraction(s, t=t), "residual_none": residual_fraction(s),
+                     "residual_diagonal": fit["residual"], "residual_none": fit["residual_without_map"],
                      "perplexity": q["perplexity"], "top1_agreement": q["top1_agreement"]})
         print(f"window {a}-{a + n - 1}: distance {dist_all[a]:.4f} (last {dist_last[a]:.4f}) ppl "
               f"{q['perplexity']:.2f} top1 {q['top1_agreement']:.4f}", flush=True)
@@ -102,10 +97,7 @@ def gemma(args) -> dict:
         if name == "full (standalone)":
             _standalone(m, a, n, full_map(s, 1e-4))
         else:
-            if name == "diagonal":
-                t, _ = diagonal_map(s, bias=False)
-                fold_diagonal(mlp_branch(find_blocks(m)[1][a - 1])[0], t, 0 * t)
-            drop_blocks(m, a, n)
+            replace_window(m, batches, a, n, name, progress=False)
         q = next_token_stats(m, windows, ref["top1"])
         forms[name] = {"perplexity": q["perplexity"], "top1_agreement": q["top1_agreement"]}
         print(f"window {a}: map {name}: ppl {q['perplexity']:.2f}", flush=True)
@@ -125,9 +117,9 @@ def minilm(args) -> dict:
     from compot_deploy.calibrate.data import calibration_batches, heldout_texts
     from compot_deploy.config import AllocationConfig, CalibrationConfig, CompressConfig
     from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
-    from compot_deploy.models import default_model_dir, find_blocks, load_model, quiet_transformers
-    from compot_deploy.prune import _fit_stats, drop_blocks, fold_diagonal, mlp_branch, window_distances
-    from compot_deploy.prune.depth import choose_windows, diagonal_map, residual_fraction
+    from compot_deploy.models import default_model_dir, load_model, quiet_transformers
+    from compot_deploy.prune import _fit_stats, replace_window, window_distances
+    from compot_deploy.prune.depth import choose_windows
     from compot_deploy.storage.budget import Budget
 
     quiet_transformers()
@@ -149,21 +141,13 @@ def minilm(args) -> dict:
 
     for name in ("none", "diagonal", "full + bias (standalone)"):
         m = copy.deepcopy(orig)
-        norm = mlp_branch(find_blocks(m)[1][a - 1])[0]
-        res = residual_fraction(s)
-        extra = 0
-        if name == "diagonal":
-            t, b = diagonal_map(s, bias=True)
-            fold_diagonal(norm, t, b)
-            res = residual_fraction(s, t=t, b=b)
-        elif name.startswith("full"):
-            # x·T + c with the shift as a ones column: fit on [M, 1]
-            T, c = _affine_map(s)
+        if name.startswith("full"):
+            T, c = _affine_map(s)  # x·T + c with the shift as a ones column: fit on [M, 1]
             _standalone(m, a, 1, T, c)
-            extra, res = (T.numel() + c.numel()) * 2, None
-        if not name.startswith("full"):
-            drop_blocks(m, a, 1)
-        score(name, m, extra, res)
+            score(name, m, (T.numel() + c.numel()) * 2)
+        else:  # the diagonal one takes the LayerNorm's shift too
+            fit = replace_window(m, batches, a, 1, name, progress=False)
+            score(name, m, 0, fit.get("residual", fit["residual_without_map"]))
     from compot_deploy.models import find_targets
     from compot_deploy.storage.budget import linears_dense_bytes
 

@@ -79,17 +79,18 @@ def heldout_prose(min_words: int = 8) -> str:
     return "\n".join(keep)
 
 
-def run_cli(args: list[str]) -> tuple[float, float]:
-    """Run compot-deploy `args`; return (wall seconds, peak RSS in MiB of that process)."""
+def run_cli(args: list[str]) -> float:
+    """Run compot-deploy `args`; return its wall seconds. (Its peak RSS is in its report: wait4's ru_maxrss would
+    carry this process's size across the fork.)"""
     t0 = time.perf_counter()
     proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"compot-deploy {' '.join(args)} failed: {err.strip().splitlines()[-1:]}")
-    return wall, usage.ru_maxrss / 1024  # Linux: KiB
+    return wall
 
 
 def main(argv=None) -> int:
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
             return
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "m"
-            wall, _ = run_cli(cli + ["-o", str(out), "-q"])
+            wall = run_cli(cli + ["-o", str(out), "-q"])
             rep = json.loads((out / "compression_report.json").read_text())
             # the process's own VmHWM per stage (wait4's ru_maxrss would include this process's size at the fork)
             rss = max(v for v in rep.get("peak_rss_mib", {}).values() if v is not None)

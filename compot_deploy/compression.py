@@ -49,12 +49,16 @@ class Compressed:
         self.peak_rss_mib[name] = peak_rss_mib()
 
 
-def peak_rss_mib() -> float:
+def peak_rss_mib() -> float | None:
     """Peak resident memory of this process so far (MiB): VmHWM where Linux reports it (getrusage's ru_maxrss
-    carries a parent's peak across fork + exec, so a process started by a big one would report the parent's)."""
+    carries a parent's peak across fork + exec, so a process started by a big one would report the parent's);
+    None where the OS reports neither (Windows)."""
     from .bench import peak_rss_bytes
 
-    return peak_rss_bytes() / 2**20
+    try:
+        return peak_rss_bytes() / 2**20
+    except ImportError:  # no `resource` module
+        return None
 
 
 def quantize_model(model, targets: list[Target], batches: list[dict], records: dict[str, LayerRecord],

@@ -193,6 +193,32 @@ def drop_blocks(model, start: int, n: int) -> None:
                 m.layer_idx = i
 
 
+def replace_window(model, batches: list[dict], a: int, n: int, map_: str = "auto", ridge: float = 1e-4,
+                   progress: bool = True) -> dict:
+    """Remove blocks [a, a + n) of `model` in place, the map `map_` (PruneConfig.map) fitted on `batches` and
+    folded into block a − 1's MLP branch; return the map's kind and the fit's unexplained fractions."""
+    import torch
+
+    branch, kind = mlp_branch(find_blocks(model)[1][a - 1])
+    s = _fit_stats(model, batches, a, n, progress)
+    entry = {"blocks": n, "residual_without_map": residual_fraction(s), "map": "none"}
+    if map_ == "none":
+        pass
+    elif kind == "mlp" and map_ == "auto":
+        T = full_map(s, ridge)
+        fold_full(branch, T)
+        entry.update(map="full", residual=residual_fraction(s, T=T))
+    else:
+        t, b = diagonal_map(s, bias=kind == "norm" and getattr(branch, "bias", None) is not None)
+        if kind == "norm":
+            fold_diagonal(branch, t, b)
+        else:
+            fold_full(branch, torch.diag(t))
+        entry.update(map="diagonal", residual=residual_fraction(s, t=t, b=b))
+    drop_blocks(model, a, n)
+    return entry
+
+
 def prune_model(model, batches: list[dict], cfg: PruneConfig, progress: bool = True) -> PruneResult:
     """Remove cfg.blocks blocks in cfg.windows windows from `model` in place (see the module docstring)."""
     t0 = time.perf_counter()
@@ -212,29 +238,8 @@ def prune_model(model, batches: list[dict], cfg: PruneConfig, progress: bool = T
     result = PruneResult(removed=[i for a in starts for i in range(a, a + n)], windows=[], distances=distances,
                          removed_targets=removed_targets, removed_other_params=other)
     for j, a0 in enumerate(starts):
-        a = a0 - j * n  # where the window sits after the earlier ones went
-        _, blocks = find_blocks(model)
-        branch, kind = mlp_branch(blocks[a - 1])
-        s = _fit_stats(model, batches, a, n, progress)
-        entry = {"start": a0, "blocks": n, "distance": distances[a0], "branch": f"{pre}{a0 - 1}",
-                 "residual_without_map": residual_fraction(s)}
-        if cfg.map == "none":
-            entry["map"] = "none"
-        elif kind == "mlp" and cfg.map == "auto":
-            T = full_map(s, cfg.ridge)
-            fold_full(branch, T)
-            entry.update(map="full", residual=residual_fraction(s, T=T))
-        else:
-            bias = kind == "norm" and getattr(branch, "bias", None) is not None
-            t, b = diagonal_map(s, bias)
-            if kind == "norm":
-                fold_diagonal(branch, t, b)
-            else:
-                import torch
-
-                fold_full(branch, torch.diag(t))
-            entry.update(map="diagonal", residual=residual_fraction(s, t=t, b=b))
-        drop_blocks(model, a, n)
+        entry = replace_window(model, batches, a0 - j * n, n, cfg.map, cfg.ridge, progress)  # earlier ones went
+        entry.update(start=a0, distance=distances[a0], branch=f"{pre}{a0 - 1}")
         result.windows.append(entry)
     result.seconds = time.perf_counter() - t0
     return result
