@@ -1,7 +1,7 @@
 """Quality vs bytes on a real decoder (Gemma-3-270M from the PyPI GGUF by default): perplexity and top-1 next-token
 agreement with the original on held-out prose, for every method at equal stored bytes of the block linears.
 
-    python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study]
+    python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study,prune,whole]
                                          [--ratios 0.2,0.3,0.4] [--methods compot,svd-llm,cospadi]
                                          [--bits 2,3,4,8] [--targets 0.1,0.15,0.2,0.3] [--study NAME,...]
                                          [--study-ratios 0.3] [--prune 2,4 --prune-ratios 0.3]
@@ -14,7 +14,8 @@ loaded and evaluated here, teacher-forced, on windows of held-out text: CPython'
 not the licence texts reserved for independent checks. Rows accumulate in quality_decoder.json by label: rerun a
 section and only its rows are replaced. Writes quality_decoder.json, .md and .png.
 
-Sections: `dense` (the original), `factorize` (COMPOT, SVD-LLM, CoSpaDi × removed 0.2/0.3/0.4, dynamic
+Sections: `dense` (the original), `whole` (dense GPTQ of the linears plus the embedding table quantized: the
+whole file in the budget, --whole), `factorize` (COMPOT, SVD-LLM, CoSpaDi × removed 0.2/0.3/0.4, dynamic
 allocation), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator at byte targets: the
 fraction of the linears' float16 bytes kept), `study` (COMPOT at --study-ratios, 0.3 by default, with one setting
 changed: what each buys), `prune` (ReplaceMe: --prune blocks removed alone, with and without the map, beside COMPOT
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--study-ratios", default="0.3", help="removed fractions of the study rows")
     ap.add_argument("--prune", default="2,4", help="blocks removed by the prune rows")
     ap.add_argument("--prune-ratios", default="0.3", help="fractions removed in all by the prune + COMPOT rows")
+    ap.add_argument("--whole", default="8:4:128,8:4:32,4:4:32,4:8:32",
+                    help="whole-file rows (section 'whole'): dense GPTQ bits:embedding bits:embedding group, each "
+                         "`quantize --bits B --embedding-bits E --embedding-group G` (the tied LM head reads the table)")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows evaluated")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
@@ -192,6 +196,13 @@ def main(argv=None) -> int:
             for qm in ("gptq", "rtn"):
                 measure({"section": "quantize", "label": f"dense {qm} {b}-bit g128", "method": f"dense {qm}",
                          "bits": int(b)}, ["quantize", args.model, "--bits", b, "--method", qm])
+    if "whole" in sections:  # the whole file: linears and the (tied) embedding table both quantized
+        for spec in filter(None, args.whole.split(",")):
+            b, e, g = spec.split(":")
+            measure({"section": "whole", "label": f"dense gptq {b}-bit g128 + embeddings {e}-bit g{g}",
+                     "method": "dense gptq + embeddings", "bits": int(b), "embedding_bits": int(e),
+                     "embedding_group": int(g)},
+                    ["quantize", args.model, "--bits", b, "--embedding-bits", e, "--embedding-group", g])
     if "joint" in sections:
         for f in args.targets.split(","):
             measure({"section": "joint", "label": f"joint {f}", "method": "joint", "target": float(f)},
@@ -260,6 +271,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['section']} | {r['label']} | {r['file_ratio']:.4f} | {r['perplexity']:.3f} | "
                      f"{r['top1_agreement']:.4f} | {r.get('perplexity_generic', float('nan')):.3f} | {r.get('wall_s', 0):.0f} | {_s(r, 'calibrate_s')} | "
                      f"{_s(r, 'allocate_s')} | {_s(r, 'factorize_s')} | {_s(r, 'peak_rss_mib')} |")
+    whole = [r for r in rows if "model_file_ratio" in r and r["section"] in ("whole", "quantize")]
+    if whole and dense:
+        lines += ["", "## The whole file", "", "Bytes of the whole weights file (embedding table included) as a "
+                  "fraction of the original's float16 file, and perplexity against the original's.", "",
+                  "| configuration | file kept | perplexity | × dense |", "|---|---:|---:|---:|"]
+        for r in sorted(whole, key=lambda r: -r["model_file_ratio"]):
+            lines.append(f"| {r['label']} | {1 - r['model_file_ratio']:.4f} | {r['perplexity']:.3f} | "
+                         f"{r['perplexity'] / dense['perplexity']:.3f} |")
     by = {(r.get("method"), r.get("ratio")): r for r in rows if r["section"] == "factorize"}
     pairs = [(r, by[("compot", r)], by[("svd-llm", r)]) for (m, r) in by if m == "compot" and ("svd-llm", r) in by]
     if pairs:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import CalibrationConfig, CompressConfig, FactorizeConfig, QuantizeConfig
+from .config import CalibrationConfig, CompressConfig, EmbeddingConfig, FactorizeConfig, QuantizeConfig
 from .errors import CompotError
 from .layers import build_layer, factor_layer, round_other_params
 from .models import Target, find_targets, load_model, targets_named
@@ -39,6 +39,7 @@ class Compressed:
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
     calibration: dict | None = None  # calibrate.data.check_token_count's summary
     pruned: "PruneResult | None" = None  # the blocks the prune step removed
+    embeddings: dict | None = None  # the quantized embedding table (quantize/embeddings.py), if any
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -78,7 +79,19 @@ def quantize_model(model, targets: list[Target], batches: list[dict], records: d
 
 
 def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True) -> Compressed:
-    """Prune (optionally), then compress (and optionally quantize) `model` in place by `cfg`."""
+    """Prune (optionally), then compress (and optionally quantize) `model` in place by `cfg`; then, with
+    --embedding-bits, quantize its token embedding table."""
+    from .quantize.embeddings import quantize_embeddings, resolve_bits
+
+    bits = resolve_bits(model, cfg.embeddings.bits, cfg.embeddings.group)  # fails before any work
+    result = _compress_linears(model, tokenizer, cfg, progress)
+    if bits:
+        with result.stage("embeddings"):
+            result.embeddings = quantize_embeddings(model, bits, cfg.embeddings.group, cfg.factorize.dtype)
+    return result
+
+
+def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> Compressed:
     from .allocate import joint
     from .allocate.ratio import allocate
     from .calibrate.data import calibration_batches, check_token_count
@@ -167,9 +180,9 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
 
 def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: QuantizeConfig,
                  calib: CalibrationConfig | None = None, dtype: str | None = None, overwrite: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, embeddings: EmbeddingConfig | None = None) -> dict:
     """GPTQ/RTN a folder written by `compress` (its factors) or a plain HF model (its block linears: the dense
-    baseline) into `out`."""
+    baseline) into `out`; with `embeddings.bits`, its token embedding table too."""
     from .calibrate.data import calibration_batches
     from .models import load_tokenizer, read_hf_config
     from .storage.artifact import layer_records
@@ -189,6 +202,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
         dense_model = section.get("dense_model_bytes", 0)
         config = {**section.get("config", {}), "quantize": q.model_dump(mode="json")}
         source = section.get("source_model", str(model_dir))
+        packed_table = section.get("embeddings")
     else:
         model, tokenizer = load_model(model_dir)
         dtype = dtype or "float16"
@@ -199,10 +213,18 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
         round_other_params(model, {t.name for t in targets}, dtype)
         config = {"quantize": q.model_dump(mode="json")}
         source = str(model_dir)
-    result = Compressed(targets, records, stats)
+        packed_table = None
+    result = Compressed(targets, records, stats, embeddings=packed_table)
+    from .quantize.embeddings import quantize_embeddings, resolve_bits
+
+    e = embeddings or EmbeddingConfig()
+    bits = resolve_bits(model, e.bits, e.group)  # fails before any work
     with result.stage("quantize"):
         batches = calibration_batches(tokenizer, calib or CalibrationConfig(), model)
         quantize_model(model, targets, batches, records, stats, q, FactorizeConfig(dtype=dtype), progress)
+    if bits:
+        with result.stage("embeddings"):
+            result.embeddings = quantize_embeddings(model, bits, e.group, dtype)
     return save(model, tokenizer, out, result, config, dtype, dense_model, model_dir, source, t_start, overwrite)
 
 
@@ -232,6 +254,8 @@ def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, de
         "config": config,
         "layers": {n: result.records[n].to_json() for n in names},
     }
+    if result.embeddings:
+        section["embeddings"] = result.embeddings
     with atomic_dir(out, overwrite) as tmp:
         with result.stage("save"):
             save_compressed(model, tokenizer, tmp, section, dtype)
@@ -293,6 +317,7 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
         "peak_rss_mib": result.peak_rss_mib,
         "calibration": result.calibration,
         **extra,
+        **({"embeddings": section["embeddings"]} if section.get("embeddings") else {}),
         "layers": layers,
     }
 

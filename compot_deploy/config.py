@@ -145,6 +145,22 @@ class PruneConfig(_Strict):
     ridge: float = Field(1e-4, ge=0.0, description="ridge of the full map's least squares, times mean(diag MᵀM)")
 
 
+class EmbeddingConfig(_Strict):
+    """The token embedding table stored quantized (round-to-nearest, symmetric, in blocks of `group` along the
+    hidden size): looked up in ONNX Runtime by com.microsoft::GatherBlockQuantized, which reads the packed table."""
+
+    bits: Literal[4, 8, "auto"] | None = Field(
+        None, description="bits per value (None = the storage dtype, unquantized; auto = 4 where the table is not "
+                          "tied to an LM head and its rows split into groups, else unquantized: the build's default)")
+    group: int = Field(32, description="values per scale along the hidden size: a power of two, at least 16")
+
+    @model_validator(mode="after")
+    def _group(self):
+        if self.group < 16 or self.group & (self.group - 1):
+            raise ValueError(f"the embedding group must be a power of two of at least 16, got {self.group}")
+        return self
+
+
 class CompressConfig(_Strict):
     """Everything `compress` needs besides the model directory and the output path."""
 
@@ -153,6 +169,7 @@ class CompressConfig(_Strict):
     factorize: FactorizeConfig = FactorizeConfig()
     quantize: QuantizeConfig | None = None
     prune: PruneConfig = PruneConfig()
+    embeddings: EmbeddingConfig = EmbeddingConfig()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
@@ -215,12 +232,39 @@ class BenchConfig(_Strict):
     backends: tuple[Literal["torch", "ort"], ...] | None = Field(
         None, description="only these backends; None = each target's own (torch: model folder, ort: export)")
     devices: tuple[Literal["cpu", "cuda"], ...] = Field(("cpu",), min_length=1)
+    peers: tuple[Literal["int8", "int4-b32", "int4-b128"], ...] = Field(
+        ("int8", "int4-b32", "int4-b128"),
+        description="build only: ONNX Runtime's one-line quantizers of the original measured beside the package "
+                    "(quality, file bytes, session memory, latency; compot_deploy/peers.py); () = none")
 
     @model_validator(mode="after")
     def _shapes(self):
         if not all(len(s) == 2 and min(s) >= 1 for s in self.shapes):
             raise ValueError("shapes must be positive (batch, sequence length) pairs")
         return self
+
+
+# What `build` compresses with when the command line and the config file leave it open (README, "The default
+# build"): on all-MiniLM-L6-v2 the table at 4 bits ("auto": tied tables are left alone, their head would dequantize
+# the whole table on every PyTorch step) and COMPOT taking 10 % of the linears' bytes gave 26.3 MB at
+# embedding cosine 0.978, where ORT's quantize_dynamic one-liner gives 22.8 MB at 0.966 and the earlier default
+# (COMPOT 0.3, float16 table) 38.9 MB at 0.921. `compress` keeps its own defaults (--ratio 0.3, table untouched).
+BUILD_COMPRESS_DEFAULTS = {"allocation": {"budget": {"removed": 0.1}}, "embeddings": {"bits": "auto"}}
+
+
+def with_build_defaults(given: dict) -> dict:
+    """`given` (a partial CompressConfig dict) over BUILD_COMPRESS_DEFAULTS; a budget given in any form replaces
+    the default budget whole."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BUILD_COMPRESS_DEFAULTS.items()}
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            merged = {**out[key], **value}
+            if key == "allocation" and "budget" in value:
+                merged["budget"] = value["budget"]
+            out[key] = merged
+        else:
+            out[key] = value
+    return out
 
 
 class BuildConfig(_Strict):
@@ -230,7 +274,7 @@ class BuildConfig(_Strict):
     target: Literal["cpu", "cuda", "mobile"] = Field(
         "cpu", description="cpu / cuda: the execution provider of the gate and the benchmark; mobile: cpu plus an "
                            ".ort model and its required-operators config for ORT Mobile")
-    compress: CompressConfig = CompressConfig()
+    compress: CompressConfig = CompressConfig.model_validate(BUILD_COMPRESS_DEFAULTS)
     export: ExportConfig = ExportConfig()
     gate: ValidateConfig = ValidateConfig()
     bench: BenchConfig = BenchConfig()
@@ -263,7 +307,8 @@ def build_config(cls, names: dict[str, str] | None = None, **values):
         err = e.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
         loc = ".".join(str(x) for x in err["loc"])
-        loc = (names or {}).get(loc, loc)
+        names = names or {}
+        loc = names.get(loc) or names.get(loc.rpartition(".")[0]) or loc  # an item of a list: the list's option
         if "--" in msg or not loc:  # a check across options names them itself, better than a section's path
             raise CompotError(f"invalid options: {msg}") from None
         raise CompotError(f"invalid {loc}: {msg}") from None

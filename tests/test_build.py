@@ -61,13 +61,22 @@ def test_build_package_cache_config_and_verify(tiny_dirs, tmp_path):
     assert man["signature"]["inputs"][0]["name"] == "input_ids" and "ai.compot" in man["op_domains"]
     assert man["compression"]["linears"]["file_ratio"] > 0.3 and man["validation"]["passed"]
     assert [e["stage"] for e in _log(out) if "stage" in e and e["status"] == "done"] == \
-        ["compress", "export", "validate", "export-dense", "bench", "package"]
+        ["compress", "export", "validate", "export-dense", "peers", "bench", "package"]
     assert (out / "package.tar.gz").stat().st_size > 100_000 and (out / "reports" / "bench.json").is_file()
+    # ORT's one-liners of the original, measured beside the package: file bytes, quality, session RSS, latency
+    peers = json.loads((out / "reports" / "peers.json").read_text())
+    rows = {r["label"]: r for r in peers["rows"]}
+    assert list(rows)[0] == "compot-deploy package" and len(rows) == 5
+    dense = rows["dense float32 export (original)"]
+    assert rows["ORT quantize_dynamic int8"]["file_bytes"] < 0.4 * dense["file_bytes"]
+    for r in rows.values():
+        assert r["rss_mib"] > 0 and set(r["p50_ms"]) == {"1x16", "1x128", "8x128"} and r["quality"] > 0.5, r
+    assert "no ORT one-liner" in res.stdout or "dominated" in res.stdout
 
     # the saved config reproduces the build: every stage reused, same files
     res = _build("--config", str(tmp_path / "build.yaml"), "-o", str(out))
     assert res.returncode == 0, res.stderr
-    assert "reused stages: compress, export, validate, export-dense, bench, package" in res.stdout
+    assert "reused stages: compress, export, validate, export-dense, peers, bench, package" in res.stdout
     # a changed option reruns from the first stage it affects
     cfg = yaml.safe_load((tmp_path / "build.yaml").read_text())
     cfg["export"]["sparse_body"] = "dense"

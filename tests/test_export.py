@@ -192,7 +192,7 @@ def isolated_python(tmp: Path, extra=()) -> list[str]:
             (site / libs.name).symlink_to(libs)
     boot = f"import sys, runpy; sys.path.insert(0, {str(site)!r}); sys.argv = sys.argv[1:]; " \
            "runpy.run_path(sys.argv[0], run_name='__main__')"
-    return [sys.executable, "-S", "-c", boot]
+    return [sys.executable, "-I", "-S", "-c", boot]  # -I: PYTHONPATH and the like ignored too
 
 
 def test_standalone_replay_needs_only_numpy_and_onnxruntime(tiny_dirs, tmp_path):

@@ -23,7 +23,7 @@ from ..config import CompressConfig, FactorizeConfig, JointConfig, QuantizeConfi
 from ..errors import CompotError
 from ..layers import build_layer, round_other_params, round_to
 from ..models import Target, dense_weight, find_targets
-from ..storage.budget import (budget_bytes, dense_model_bytes, linear_budget, linears_dense_bytes,
+from ..storage.budget import (budget_bytes, dense_model_bytes, embedding_bytes, linear_budget, linears_dense_bytes,
                               stored_tensor_count, value_bytes)
 from ..storage.record import STORAGE, LayerRecord, LayerStats, QuantSpec, dense_record, plan
 from .knapsack import Candidate, mckp
@@ -172,8 +172,16 @@ class JointProfile:
 def budget_for(model, targets: list[Target], cfg: CompressConfig) -> float:
     """The bytes the target linears may take under cfg's budget (fails before any profiling)."""
     vb = value_bytes(cfg.factorize.dtype)
-    return linear_budget(cfg.allocation.budget, linears_dense_bytes(targets, vb), dense_model_bytes(model, vb),
-                         stored_tensor_count(model), len(targets))
+    dense_model = dense_model_bytes(model, vb)
+    from ..quantize.embeddings import resolve_bits
+
+    e = cfg.embeddings
+    bits = resolve_bits(model, e.bits, e.group)
+    if bits:  # the table is stored packed (compression.compress_model quantizes it after the linears)
+        V, H = model.get_input_embeddings().weight.shape
+        dense_model -= embedding_bytes(V, H, None, e.group, vb) - embedding_bytes(V, H, bits, e.group, vb)
+    return linear_budget(cfg.allocation.budget, linears_dense_bytes(targets, vb), dense_model,
+                         stored_tensor_count(model) + bool(bits), len(targets))
 
 
 def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None = None,

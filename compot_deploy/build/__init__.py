@@ -176,8 +176,13 @@ class Build:
         if cfg.bench.enabled:
             dense, dkey = self.stage("export-dense", export_cfg, [src_key],
                                      lambda tmp: _export(model, tmp, cfg.export))
+            peers, pkey = None, None
+            if cfg.bench.peers:
+                pcfg = {"peers": list(cfg.bench.peers), "eval_texts": cfg.gate.eval_texts}
+                peers, pkey = self.stage("peers", pcfg, [dkey],
+                                         lambda tmp: _peers(dense, model, tmp, cfg, self.echo))
             bench_dir, _ = self.stage("bench", {**cfg.bench.model_dump(mode="json"), "target": cfg.target},
-                                      [val_key, dkey], lambda tmp: _bench(exp, dense, tmp, cfg))
+                                      [val_key, dkey, pkey], lambda tmp: _bench(exp, dense, peers, val, tmp, cfg))
         pkg, _ = self.stage("package", {"target": cfg.target}, [val_key],
                             lambda tmp: make_package(exp, val, comp, tmp, cfg.target, self.versions))
         summary = self.publish(pkg, bench_dir, comp, val)
@@ -227,9 +232,41 @@ def _export(src: Path, tmp: Path, ecfg) -> None:
     export_dir(src, tmp, ecfg, overwrite=True)
 
 
-def _bench(exp: Path, dense: Path, tmp: Path, cfg: BuildConfig) -> None:
+def _peers(dense: Path, model: Path, tmp: Path, cfg: BuildConfig, echo) -> None:
+    from ..calibrate.data import heldout_texts
+    from ..peers import make_peers
+
+    make_peers(cfg.bench.peers, dense, model, heldout_texts()[: cfg.gate.eval_texts], tmp, progress=echo)
+
+
+def _bench(exp: Path, dense: Path, peers: Path | None, val: Path, tmp: Path, cfg: BuildConfig) -> None:
+    """The benchmark of the export, the dense export and the peers; with peers, also peers.{json,md}: the
+    package beside them (peers.comparison)."""
     from ..bench import bench, write_reports
+    from ..peers import comparison, markdown
+    from ..runtimes import artifact_bytes
 
     device = "cuda" if cfg.target == "cuda" else "cpu"
     bcfg = cfg.bench.model_copy(update={"backends": ("ort",), "devices": (device,)})
-    write_reports(bench([("ort_dense", str(dense)), ("ort_compressed", str(exp))], bcfg), tmp)
+    listed = json.loads((peers / "peers.json").read_text()) if peers is not None else {"peers": []}
+    targets = [("ort_dense", str(dense)), ("ort_compressed", str(exp))]
+    targets += [(f"peer_{p['name']}", str(peers / p["name"])) for p in listed["peers"]]
+    report = bench(targets, bcfg)
+    write_reports(report, tmp)
+    if peers is None:
+        return
+    from ..bench import summary_rows
+
+    latency: dict[str, dict] = {}
+    for r in summary_rows(report):
+        row = latency.setdefault(r["label"], {"rss_mib": 0.0, "p50_ms": {}})
+        row["rss_mib"] = max(row["rss_mib"], r["peak_rss_mib"])
+        row["p50_ms"][f"{r['batch']}x{r['seq']}"] = r["p50_ms"]
+    task = json.loads((val / "validation.json").read_text()).get("task")
+    package = {"label": "compot-deploy package", "file_bytes": artifact_bytes(exp), "task": task}
+    dense_point = {"label": "dense float32 export (original)", "file_bytes": artifact_bytes(dense), "task": None}
+    cmp = comparison(package, listed["peers"], latency, dense_point)
+    if "skipped" in listed:
+        cmp["skipped"] = listed["skipped"]
+    (tmp / "peers.json").write_text(json.dumps(cmp, indent=2))
+    (tmp / "peers.md").write_text(markdown(cmp))

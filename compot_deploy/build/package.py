@@ -178,6 +178,8 @@ def summarize(comp: Path, val: Path, bench_dir: Path | None, out: Path, reused, 
                          "compressed_rss_mib": r["peak_rss_mib"]}
                         for r in rows if r["label"] == "ort_compressed"
                         for d in rows if d["label"] == "ort_dense" and (d["batch"], d["seq"]) == (r["batch"], r["seq"])]
+        if (bench_dir / "peers.json").is_file():
+            s["peers"] = json.loads((bench_dir / "peers.json").read_text())
     return s
 
 

@@ -11,8 +11,8 @@ import sys
 import click
 
 from ..errors import CheckFailed, CompotError
-from .options import (_apply, build_settings, calib_config, calibration_options, compress_options, output_options,
-                      quant_config)
+from .options import (_apply, build_compress_options, build_settings, calib_config, calibration_options,
+                      compress_options, output_options, quant_config)
 from .show import print_build_summary, print_report, print_validation
 
 
@@ -76,7 +76,7 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
     from ..compression import compress as run
     from ..models import default_model_dir
 
-    cfg = build_settings(click.get_current_context(), opts).compress
+    cfg = build_settings(click.get_current_context(), opts, build=False).compress
     report = run(model_dir or default_model_dir(), out, cfg, overwrite=overwrite, progress=not quiet)
     if not quiet:
         print_report(report)
@@ -84,7 +84,7 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
 
 
 @main.command()
-@compress_options
+@build_compress_options
 @calibration_options
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="YAML/JSON build config (see --save-config); options given here override it.")
@@ -97,7 +97,12 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
 @click.option("--sparse-body", type=click.Choice(["folded", "dense", "gather"]), default="folded", show_default=True,
               help="Body of ai.compot::SparseCodesMatMul in the exported model (see `export --help`).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the exported model (18-20).")
-@click.option("--no-bench", is_flag=True, help="Skip the latency comparison against the original in ONNX Runtime.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency comparison against the original in ONNX Runtime "
+                                               "(and the ORT one-liners, --peers).")
+@click.option("--peers", default=None, metavar="LIST",
+              help="ONNX Runtime's one-line quantizers of the original measured beside the package (quality, file "
+                   "bytes, session peak RSS, p50): comma-separated from int8 (quantize_dynamic), int4-b32, int4-b128 "
+                   "(MatMulNBits), or 'none'. [default: all three]")
 @click.option("--force", is_flag=True, help="Rerun every stage even when its cached output exists.")
 @output_options
 @click.pass_context
@@ -172,10 +177,16 @@ def from_gguf(gguf, out, overwrite) -> None:
 @click.option("--act-order", is_flag=True, help="GPTQ in decreasing Hessian-diagonal order (static groups).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="GPTQ, or plain round-to-nearest for comparison.")
+@click.option("--embedding-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Also store the token embedding table at this many bits (as `compress --embedding-bits`; a tied "
+                   "LM head reads the same packed table) [default: left as it is].")
+@click.option("--embedding-group", type=int, default=32, show_default=True,
+              help="Values per scale along a row of the quantized embedding table (a power of two ≥ 16).")
 @calibration_options
 @output_options
 @_fail_cleanly
-def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, method, **opts) -> None:
+def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, method, embedding_bits, embedding_group,
+             **opts) -> None:
     """Quantize MODEL_DIR into OUT with GPTQ, block by block on calibration text.
 
     MODEL_DIR written by `compress`: its COMPOT dictionaries (H ∝ XᵀX) and code values (per-column sub-Hessians of
@@ -184,9 +195,13 @@ def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, meth
     """
     from ..compression import quantize_dir
 
+    from ..config import EmbeddingConfig, build_config
+
     q = quant_config(bits, group, sym, act_order, method)
+    emb = build_config(EmbeddingConfig, {"group": "--embedding-group"}, group=embedding_group,
+                       bits=int(embedding_bits) if embedding_bits else None)
     report = quantize_dir(model_dir, out, q, calib_config(opts), opts["dtype"], overwrite=overwrite,
-                          progress=not quiet)
+                          progress=not quiet, embeddings=emb)
     if not quiet:
         print_report(report)
     click.echo(f"saved {out}")

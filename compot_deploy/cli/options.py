@@ -44,11 +44,25 @@ def calibration_options(fn):
 
 
 def compress_options(fn):
+    return _compress_options(fn, build=False)
+
+
+def build_compress_options(fn):
+    """compress_options with the build's own defaults (config.BUILD_COMPRESS_DEFAULTS) in the help."""
+    return _compress_options(fn, build=True)
+
+
+def _compress_options(fn, build: bool):
+    from ..config import BUILD_COMPRESS_DEFAULTS
+
+    ratio = BUILD_COMPRESS_DEFAULTS["allocation"]["budget"]["removed"] if build else 0.3
+    emb = BUILD_COMPRESS_DEFAULTS["embeddings"]["bits"] if build else None
     return _apply(fn, [
         click.argument("model_dir", required=False, type=click.Path()),
-        click.option("--ratio", type=float, default=0.3, show_default=True,
-                     help="Budget as the fraction of the target linears' stored bytes REMOVED, in (0, 1) (0.3: they "
-                          "keep 70 %). One budget only: --ratio, --target-ratio or --target-bytes."),
+        click.option("--ratio", type=float, default=ratio, show_default=True,
+                     help=f"Budget as the fraction of the target linears' stored bytes REMOVED, in (0, 1) ({ratio:g}: "
+                          f"they keep {100 - 100 * ratio:.0f} %). One budget only: --ratio, --target-ratio or "
+                          "--target-bytes."),
         click.option("--target-ratio", type=float, default=None,
                      help="Budget as the fraction of the target linears' dense bytes (at the storage dtype) they KEEP, "
                           "in (0, 1] (0.2 = a fifth of float16), for the joint allocator. Each layer then gets the "
@@ -99,6 +113,15 @@ def compress_options(fn):
         click.option("--prune-tokens", type=click.Choice(["all", "last"]), default="all", show_default=True,
                      help="Tokens the window distance averages over: every real token, or each sample's last "
                           "(ReplaceMe's code)."),
+        click.option("--embedding-bits", type=click.Choice(["4", "8", "auto", "none"]), default=str(emb or "none"),
+                     show_default=True,
+                     help="Store the token embedding table quantized at this many bits (round-to-nearest, "
+                          "symmetric, a scale per --embedding-group values of a row; ONNX Runtime looks rows up with "
+                          "com.microsoft::GatherBlockQuantized, keeping the table packed in memory; a tied LM head "
+                          "reads the same packed table through MatMulNBits); auto: 4 unless the table is tied to an "
+                          "LM head or its rows do not split into groups; none: at the storage dtype."),
+        click.option("--embedding-group", type=int, default=32, show_default=True,
+                     help="Values per scale along a row of the quantized embedding table (a power of two ≥ 16)."),
         click.option("--gptq-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
                      help="Quantize the factors after compression with GPTQ at this many bits [default: no]."),
         click.option("--gptq-group", type=int, default=128, show_default=True,
@@ -141,13 +164,15 @@ _PATHS = {
     "sparse_body": "export.sparse_body", "opset": "export.opset",
     "prune_blocks": "compress.prune.blocks", "prune_windows": "compress.prune.windows",
     "prune_map": "compress.prune.map", "prune_tokens": "compress.prune.tokens",
+    "embedding_bits": "compress.embeddings.bits", "embedding_group": "compress.embeddings.group",
 }
 
 
 # setting path → the option that sets it, for error messages
 _OPTION_OF = {path: "--" + name.replace("_", "-") for name, path in _PATHS.items() if name != "model_dir"} | {
     "compress.allocation.budget.removed": "--ratio", "compress.allocation.budget.kept": "--target-ratio",
-    "compress.allocation.budget.file_bytes": "--target-bytes", "compress.quantize.bits": "--gptq-bits", "target": "--device"}
+    "compress.allocation.budget.file_bytes": "--target-bytes", "compress.quantize.bits": "--gptq-bits", "target": "--device",
+    "bench.peers": "--peers"}
 
 
 def _set_path(d: dict, path: str, value) -> None:
@@ -174,12 +199,13 @@ def _budget(given: dict) -> dict | None:
     return budget or None
 
 
-def build_settings(ctx, opts: dict, base: dict | None = None):
+def build_settings(ctx, opts: dict, base: dict | None = None, build: bool = True):
     """The BuildConfig of a `build` or `compress` command line: `base` (a YAML build file, or nothing), then every
-    option given on the command line (an option left at its default never overrides the file)."""
+    option given on the command line (an option left at its default never overrides the file); for `build`, what
+    both leave open takes the build's defaults (config.BUILD_COMPRESS_DEFAULTS), for `compress` CompressConfig's."""
     from click.core import ParameterSource
 
-    from ..config import BuildConfig, build_config
+    from ..config import BuildConfig, build_config, with_build_defaults
     from ..storage.record import STORAGE
 
     data = dict(base or {})
@@ -190,6 +216,8 @@ def build_settings(ctx, opts: dict, base: dict | None = None):
             continue
         if name == "gptq_bits":
             value = int(value)
+        elif name == "embedding_bits":
+            value = None if value == "none" else value if value == "auto" else int(value)
         elif name in ("model_dir", "calib") and value and Path(value).exists():
             value = str(Path(value).resolve())  # a saved config reproduces the build from any folder
         elif name in ("include", "exclude"):
@@ -207,8 +235,15 @@ def build_settings(ctx, opts: dict, base: dict | None = None):
             _set_path(data, "compress.allocation.strategy", "joint")
             if "method" in given and STORAGE[given["method"]].joint_candidate:  # else config.py says why not
                 _set_path(data, "compress.allocation.joint.methods", [given["method"]])
+    if "peers" in given:
+        names = [] if given["peers"].strip().lower() == "none" else [n.strip() for n in given["peers"].split(",")]
+        _set_path(data, "bench.peers", [n for n in names if n])
     if "no_bench" in given:
         _set_path(data, "bench.enabled", not given["no_bench"])
+    if build:
+        data["compress"] = with_build_defaults(data.get("compress") or {})
+    else:
+        data.setdefault("compress", {})  # CompressConfig's own defaults, not the build's
     return build_config(BuildConfig, names=_OPTION_OF, **data)
 
 

@@ -42,6 +42,11 @@ def print_report(report: dict) -> None:
             click.echo(f"pruned blocks {w['start']}-{w['start'] + w['blocks'] - 1} (angular distance "
                        f"{w['distance']:.4f}; {fit}, {w['residual_without_map']:.3f} without a map); "
                        f"{p['removed_linear_bytes']:,} linear bytes gone")
+    if report.get("embeddings"):
+        e = report["embeddings"]
+        click.echo(f"embedding table {e['module']} ({e['num_embeddings']:,} x {e['embedding_dim']}): {e['bits']}-bit in "
+                   f"groups of {e['group']}, {e['bytes']:,} of {e['dense_bytes']:,} bytes, rel. error "
+                   f"{e['rel_error']:.4f}")
     if report.get("calibration"):
         from ..calibrate.data import TOKENS_PER_DIM
 
@@ -83,6 +88,19 @@ def print_build_summary(s: dict) -> None:
     for r in s.get("latency", []):
         click.echo(f"ORT latency {r['batch']}x{r['seq']}: {r['compressed_ms']:.2f} ms vs dense {r['dense_ms']:.2f} ms "
                    f"({r['ratio']:.2f}x); peak RSS {r['compressed_rss_mib']:.0f} vs {r['dense_rss_mib']:.0f} MiB")
+    peers = s.get("peers")
+    if peers:
+        for r in peers["rows"]:
+            q = "" if r["quality"] is None else f", {r['metric']} {r['quality']:.4g}"
+            rss = f", session peak RSS {r['rss_mib']:.0f} MiB" if r.get("rss_mib") else ""
+            p50 = ", ".join(f"{k} {v:.2f} ms" for k, v in r.get("p50_ms", {}).items())
+            click.echo(f"  {r['label']}: {r['file_bytes'] / 1e6:.1f} MB{q}{rss}" + (f"; p50 {p50}" if p50 else ""))
+        if peers.get("skipped"):
+            click.echo(f"ORT one-liners not measured: {peers['skipped']}")
+        elif peers["dominated_by"]:
+            click.echo(f"the package is dominated (smaller and better) by: {', '.join(peers['dominated_by'])}")
+        else:
+            click.echo("no ORT one-liner is both smaller and better than the package")
     if s["reused"]:
         click.echo(f"reused stages: {', '.join(s['reused'])}")
 

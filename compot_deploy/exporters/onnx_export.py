@@ -213,8 +213,10 @@ def _narrow_reads(model_proto, storage_dtype: str) -> int:
 
 
 def _dedupe_initializers(model_proto) -> int:
-    """Store a tensor once when the exporter wrote it twice: as is, or transposed (a tied LM head next to its
-    embedding). The copy becomes an Identity/Transpose node of the original. Returns the number removed."""
+    """Store a tensor once when the exporter wrote it twice: as is, transposed (a tied LM head next to its
+    embedding), or the same bytes in another shape (a packed table read as GatherBlockQuantized's 2-D data and as
+    MatMulNBits' 3-D B). The copy becomes an Identity/Transpose/Reshape node of the original. Returns the number
+    removed."""
     import hashlib
 
     import numpy as np
@@ -222,14 +224,23 @@ def _dedupe_initializers(model_proto) -> int:
 
     graph = model_proto.graph
     seen: dict[tuple, str] = {}
+    flat: dict[tuple, str] = {}
     keep, nodes = [], []
     for init in graph.initializer:
         arr = numpy_helper.to_array(init)
-        key = (arr.dtype.str, arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest())
+        digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+        key = (arr.dtype.str, arr.shape, digest)
         orig = seen.get(key)
         if orig is not None:
             nodes.append(helper.make_node("Identity", [orig], [init.name], name=f"dedup_{init.name}"))
             continue
+        orig = flat.get((arr.dtype.str, digest)) if arr.size >= 1024 else None
+        if orig is not None:
+            keep.append(numpy_helper.from_array(np.asarray(arr.shape, np.int64), f"{init.name}.shape"))
+            nodes.append(helper.make_node("Reshape", [orig, f"{init.name}.shape"], [init.name],
+                                          name=f"dedup_{init.name}"))
+            continue
+        flat[(arr.dtype.str, digest)] = init.name
         if arr.ndim == 2 and arr.size >= 1024:
             tkey = (arr.dtype.str, arr.shape[::-1], hashlib.sha1(np.ascontiguousarray(arr.T).tobytes()).hexdigest())
             orig = seen.get(tkey)
@@ -265,7 +276,7 @@ def _add_functions(model_proto, body: str, opset: int) -> list[str]:
     domains = {o.domain for o in model_proto.opset_import}
     if names and ops.DOMAIN not in domains:
         model_proto.opset_import.append(helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
-    if ("com.microsoft", "MatMulNBits") in _used_ops(model_proto) and "com.microsoft" not in domains:
+    if any(d == "com.microsoft" for d, _ in _used_ops(model_proto)) and "com.microsoft" not in domains:
         model_proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return names
 

@@ -12,7 +12,8 @@ import contextlib
 import torch
 
 from ..storage.budget import BITMASK
-from ..storage.modules import CompotLinear, LowRankLinear, QuantLinear, sparse_codes_matmul
+from ..storage.modules import (CompotLinear, LowRankLinear, QuantEmbedding, QuantLinear, TiedQuantHead,
+                               sparse_codes_matmul)
 from ..storage.packing import PackedMeta, QuantTensor, dequantize_packed, pack_bits, unpack_bits
 from .ops import DOMAIN
 
@@ -97,6 +98,24 @@ class MatMulNBits(torch.autograd.Function):
         return out.setType(x.type().with_sizes(sizes[:-1] + [meta.N]))
 
 
+class GatherBlockQuantized(torch.autograd.Function):
+    """Rows `ids` of a packed table: data (V, H·bits/8) uint8 (QuantEmbedding.table's qweight, one row per token),
+    scales (V, H/group); symmetric (ORT's default zero point 2^(bits−1))."""
+
+    @staticmethod
+    def forward(ctx, ids, data, scales, bits: int, group: int):
+        codes = unpack_bits(data[ids], bits, data.shape[-1] * 8 // bits).float()  # (…, H)
+        codes = codes.reshape(*ids.shape, scales.shape[-1], group) - 2 ** (bits - 1)
+        return (codes * scales[ids].float()[..., None]).reshape(*ids.shape, -1)
+
+    @staticmethod
+    def symbolic(g, ids, data, scales, bits, group):
+        out = g.op("com.microsoft::GatherBlockQuantized", data, ids, scales, gather_axis_i=0, quantize_axis_i=1,
+                   block_size_i=group, bits_i=bits)
+        H = data.type().varyingSizes()[-1] * 8 // bits
+        return out.setType(scales.type().with_sizes(ids.type().varyingSizes() + [H]))
+
+
 def as_matrix(t) -> torch.Tensor:
     """A stored factor as a float tensor in the traced graph; packed ones through DequantizeBlocks."""
     if not isinstance(t, QuantTensor):
@@ -142,7 +161,18 @@ def _quant_forward(self: QuantLinear, x, fold_product: bool):
     return y + self.bias if self.bias is not None else y
 
 
-_FORWARDS = {CompotLinear: _compot_forward, LowRankLinear: _lowrank_forward, QuantLinear: _quant_forward}
+def _embedding_forward(self: QuantEmbedding, ids, fold_product: bool):
+    t = self.table
+    e = GatherBlockQuantized.apply(ids, self.gather_data, t.scales, t.bits, t.group)
+    return e * self.embed_scale if self.embed_scale is not None else e
+
+
+def _head_forward(self: TiedQuantHead, x, fold_product: bool):
+    return matmul(x, self.table)
+
+
+_FORWARDS = {CompotLinear: _compot_forward, LowRankLinear: _lowrank_forward, QuantLinear: _quant_forward,
+             QuantEmbedding: _embedding_forward, TiedQuantHead: _head_forward}
 
 
 def _bound(fn, mod, fold_products: bool):
@@ -165,11 +195,14 @@ def export_forwards(model: torch.nn.Module, fold_products: bool = True):
             mod.forward = _bound(fn, mod, fold_products)
             if isinstance(mod, CompotLinear) and mod.position == BITMASK:
                 mod.register_buffer("mask_planes", bit_planes(mod.mask, mod.k))
+            if isinstance(mod, QuantEmbedding):  # the same bytes, one row per token (no 3-bit padding at 4/8 bits)
+                mod.register_buffer("gather_data", mod.table.qweight.reshape(mod.num_embeddings, -1))
             patched.append(mod)
     try:
         yield len(patched)
     finally:
         for mod in patched:
             del mod.forward
-            if hasattr(mod, "mask_planes"):
-                del mod.mask_planes
+            for extra in ("mask_planes", "gather_data"):
+                if hasattr(mod, extra):
+                    delattr(mod, extra)

@@ -211,6 +211,10 @@ def load(path: str | os.PathLike):
         new = rec.empty_module()
         if new is not None:
             set_module(model, name, new)
+    if section.get("embeddings"):
+        from ..quantize.embeddings import empty_embeddings
+
+        empty_embeddings(model, section["embeddings"])
     try:
         load_model(model, str(path / WEIGHTS), strict=True)  # tied weights (e.g. an LM head) are handled
     except SafetensorError as e:

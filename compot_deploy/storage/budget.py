@@ -97,6 +97,12 @@ def quant_bytes(K: int, N: int, bits: int, group: int, sym: bool, scale_bytes: i
     return N * n_blocks * (block_bytes + scale_bytes) + zero_bytes
 
 
+def embedding_bytes(V: int, H: int, bits: int | None, group: int, vbytes: int) -> int:
+    """Stored bytes of a (V, H) token embedding table: at the storage dtype, or packed at `bits` in symmetric blocks
+    of `group` along H (QuantEmbedding: the layout of a (K = H, N = V) matrix)."""
+    return V * H * vbytes if not bits else quant_bytes(H, V, bits, group, True, vbytes)
+
+
 @dataclass(frozen=True)
 class SparseShape:
     k: int

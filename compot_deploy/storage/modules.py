@@ -175,3 +175,56 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight.dequantize()
         return y + self.bias if self.bias is not None else y
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding table E: (V, H) stored packed, rows dequantized as they are looked up.
+
+    `table` is the QuantTensor of Eᵀ (K = H, N = V, symmetric, no zero points): row v of E is packed column v, its
+    H values in blocks along H — the bytes com.microsoft::GatherBlockQuantized reads as its (V, H·bits/8) data and
+    its (V, H/group) scales. `embed_scale`: a constant factor on every looked-up row (Gemma's √H), or None.
+    """
+
+    def __init__(self, V: int, H: int, bits: int, group: int, embed_scale: float | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = V, H
+        self.table = QuantTensor(H, V, bits, group, sym=True)
+        self.embed_scale = embed_scale
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] as float32: ids (…) → (…, H)."""
+        t = self.table
+        codes = unpack_bits(t.qweight[ids], t.bits, t.block_len)[..., : t.group].float()  # (…, n_blocks, group)
+        rows = (codes - 2 ** (t.bits - 1)) * t.scales[ids].float()[..., None]
+        return rows.reshape(*ids.shape, -1)[..., : self.embedding_dim]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.rows(ids)
+        return e * self.embed_scale if self.embed_scale is not None else e
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """E: (V, H) float32, rebuilt on every read — for code that inspects the table, never for lookups."""
+        return self.table.dequantize().T
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.table.bits}, group={self.table.group}"
+                + (f", embed_scale={self.embed_scale:g}" if self.embed_scale is not None else ""))
+
+
+class TiedQuantHead(nn.Module):
+    """An LM head y = x Eᵀ (x: (…, H) → (…, V)) tied to a QuantEmbedding: it holds the same `table`, so the packed
+    bytes are stored once and read by both (GatherBlockQuantized for lookups, MatMulNBits for the head)."""
+
+    def __init__(self, table: QuantTensor):
+        super().__init__()
+        self.in_features, self.out_features = table.K, table.N
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.table.dequantize()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Eᵀ laid out as nn.Linear's weight, (V, H) float32, rebuilt on every read."""
+        return self.table.dequantize().T
