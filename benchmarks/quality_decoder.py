@@ -105,9 +105,10 @@ def main(argv=None) -> int:
     ap.add_argument("--study-ratios", default="0.3", help="removed fractions of the study rows")
     ap.add_argument("--prune", default="2,4", help="blocks removed by the prune rows")
     ap.add_argument("--prune-ratios", default="0.3", help="fractions removed in all by the prune + COMPOT rows")
-    ap.add_argument("--whole", default="8:4:128,8:4:32,4:4:32,4:8:32",
-                    help="whole-file rows (section 'whole'): dense GPTQ bits:embedding bits:embedding group, each "
-                         "`quantize --bits B --embedding-bits E --embedding-group G` (the tied LM head reads the table)")
+    ap.add_argument("--whole", default="8:4:32,8:4:32:rtn,4:4:32,8:4:128:rtn",
+                    help="whole-file rows (section 'whole'): dense GPTQ bits:embedding bits:embedding group[:method], "
+                         "each `quantize --bits B --embedding-bits E --embedding-group G --embedding-method M` (the "
+                         "tied LM head reads the table; M = gptq, the default, or rtn)")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows evaluated")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
@@ -198,11 +199,12 @@ def main(argv=None) -> int:
                          "bits": int(b)}, ["quantize", args.model, "--bits", b, "--method", qm])
     if "whole" in sections:  # the whole file: linears and the (tied) embedding table both quantized
         for spec in filter(None, args.whole.split(",")):
-            b, e, g = spec.split(":")
-            measure({"section": "whole", "label": f"dense gptq {b}-bit g128 + embeddings {e}-bit g{g}",
+            b, e, g, m = (spec + ":gptq").split(":")[:4]
+            measure({"section": "whole", "label": f"dense gptq {b}-bit g128 + embeddings {e}-bit g{g} ({m})",
                      "method": "dense gptq + embeddings", "bits": int(b), "embedding_bits": int(e),
-                     "embedding_group": int(g)},
-                    ["quantize", args.model, "--bits", b, "--embedding-bits", e, "--embedding-group", g])
+                     "embedding_group": int(g), "embedding_method": m},
+                    ["quantize", args.model, "--bits", b, "--embedding-bits", e, "--embedding-group", g,
+                     "--embedding-method", m])
     if "joint" in sections:
         for f in args.targets.split(","):
             measure({"section": "joint", "label": f"joint {f}", "method": "joint", "target": float(f)},

@@ -83,11 +83,16 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
     --embedding-bits, quantize its token embedding table."""
     from .quantize.embeddings import quantize_embeddings, resolve_bits
 
-    bits = resolve_bits(model, cfg.embeddings.bits, cfg.embeddings.group)  # fails before any work
+    from .calibrate.data import calibration_batches
+
+    e = cfg.embeddings
+    bits = resolve_bits(model, e.bits, e.group)  # fails before any work
     result = _compress_linears(model, tokenizer, cfg, progress)
     if bits:
         with result.stage("embeddings"):
-            result.embeddings = quantize_embeddings(model, bits, cfg.embeddings.group, cfg.factorize.dtype)
+            batches = calibration_batches(tokenizer, cfg.calibration, model) if e.method == "gptq" else None
+            result.embeddings = quantize_embeddings(model, bits, e.group, cfg.factorize.dtype, e.method, batches,
+                                                    progress)
     return result
 
 
@@ -224,7 +229,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
         quantize_model(model, targets, batches, records, stats, q, FactorizeConfig(dtype=dtype), progress)
     if bits:
         with result.stage("embeddings"):
-            result.embeddings = quantize_embeddings(model, bits, e.group, dtype)
+            result.embeddings = quantize_embeddings(model, bits, e.group, dtype, e.method, batches, progress)
     return save(model, tokenizer, out, result, config, dtype, dense_model, model_dir, source, t_start, overwrite)
 
 

@@ -153,6 +153,10 @@ class EmbeddingConfig(_Strict):
         None, description="bits per value (None = the storage dtype, unquantized; auto = 4 where the table is not "
                           "tied to an LM head and its rows split into groups, else unquantized: the build's default)")
     group: int = Field(32, description="values per scale along the hidden size: a power of two, at least 16")
+    method: Literal["gptq", "rtn"] = Field(
+        "gptq", description="rounding of a table tied to an LM head: gptq weighs its errors by the head's inputs (the "
+                            "final hidden states on the calibration text), rtn rounds to nearest; a table only looked "
+                            "up is always rounded to nearest")
 
     @model_validator(mode="after")
     def _group(self):

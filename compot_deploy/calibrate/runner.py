@@ -178,3 +178,40 @@ def calibrate(model, batches: list[dict], targets: list[Target], progress: bool 
 
     run_blocks(model, batches, targets, keep, "calibrate", progress)
     return grams
+
+
+def input_gram(model, module, batches: list[dict], desc: str = "head Gram", progress: bool = True) -> Gram:
+    """The Gram of `module`'s inputs (real tokens only) over forward passes of `model` on `batches`, each stopped
+    as soon as `module` is reached (an LM head's own product over the vocabulary is never computed)."""
+    import inspect
+
+    import torch
+
+    from ..progress import bar as progress_bar
+
+    d_in = module.weight.shape[1]
+    gram = Gram(G=torch.zeros(d_in, d_in, dtype=torch.float64), n=0)
+    mask = None
+
+    def hook(_m, args):
+        x = _token_rows(args[0].detach(), mask).to(torch.float64)
+        gram.G.addmm_(x.T, x)
+        gram.n += x.shape[0]
+        raise _Captured
+
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), progress_bar(total=len(batches), desc=desc, unit="batch", progress=progress) as bar:
+            for b in batches:
+                mask = b["attention_mask"].bool()
+                try:
+                    model(**b, **extra)
+                except _Captured:
+                    pass
+                bar.update()
+    finally:
+        handle.remove()
+    if gram.n == 0:
+        raise CompotError(f"{desc}: the model never called the module")
+    return gram

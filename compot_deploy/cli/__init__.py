@@ -11,8 +11,8 @@ import sys
 import click
 
 from ..errors import CheckFailed, CompotError
-from .options import (_apply, build_compress_options, build_settings, calib_config, calibration_options,
-                      compress_options, output_options, quant_config)
+from .options import (EMBEDDING_METHOD_HELP, _apply, build_compress_options, build_settings, calib_config,
+                      calibration_options, compress_options, output_options, quant_config)
 from .show import print_build_summary, print_report, print_validation
 
 
@@ -182,11 +182,13 @@ def from_gguf(gguf, out, overwrite) -> None:
                    "LM head reads the same packed table) [default: left as it is].")
 @click.option("--embedding-group", type=int, default=32, show_default=True,
               help="Values per scale along a row of the quantized embedding table (a power of two ≥ 16).")
+@click.option("--embedding-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help=EMBEDDING_METHOD_HELP)
 @calibration_options
 @output_options
 @_fail_cleanly
 def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, method, embedding_bits, embedding_group,
-             **opts) -> None:
+             embedding_method, **opts) -> None:
     """Quantize MODEL_DIR into OUT with GPTQ, block by block on calibration text.
 
     MODEL_DIR written by `compress`: its COMPOT dictionaries (H ∝ XᵀX) and code values (per-column sub-Hessians of
@@ -199,7 +201,7 @@ def quantize(model_dir, out, quiet, overwrite, bits, group, sym, act_order, meth
 
     q = quant_config(bits, group, sym, act_order, method)
     emb = build_config(EmbeddingConfig, {"group": "--embedding-group"}, group=embedding_group,
-                       bits=int(embedding_bits) if embedding_bits else None)
+                       bits=int(embedding_bits) if embedding_bits else None, method=embedding_method)
     report = quantize_dir(model_dir, out, q, calib_config(opts), opts["dtype"], overwrite=overwrite,
                           progress=not quiet, embeddings=emb)
     if not quiet:

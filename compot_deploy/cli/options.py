@@ -10,6 +10,10 @@ import click
 from ..errors import CompotError
 
 
+EMBEDDING_METHOD_HELP = ("How a quantized table tied to the LM head (Gemma, GPT-2) is rounded: gptq weighs its "
+                         "errors by the head's inputs (the final hidden states on the calibration text), rtn rounds "
+                         "to nearest. A table that is only looked up is always rounded to nearest.")
+
 def _apply(fn, opts):
     for opt in reversed(opts):
         fn = opt(fn)
@@ -122,6 +126,8 @@ def _compress_options(fn, build: bool):
                           "LM head or its rows do not split into groups; none: at the storage dtype."),
         click.option("--embedding-group", type=int, default=32, show_default=True,
                      help="Values per scale along a row of the quantized embedding table (a power of two ≥ 16)."),
+        click.option("--embedding-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+                     help=EMBEDDING_METHOD_HELP),
         click.option("--gptq-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
                      help="Quantize the factors after compression with GPTQ at this many bits [default: no]."),
         click.option("--gptq-group", type=int, default=128, show_default=True,
@@ -165,6 +171,7 @@ _PATHS = {
     "prune_blocks": "compress.prune.blocks", "prune_windows": "compress.prune.windows",
     "prune_map": "compress.prune.map", "prune_tokens": "compress.prune.tokens",
     "embedding_bits": "compress.embeddings.bits", "embedding_group": "compress.embeddings.group",
+    "embedding_method": "compress.embeddings.method",
 }
 
 

@@ -45,8 +45,9 @@ def print_report(report: dict) -> None:
     if report.get("embeddings"):
         e = report["embeddings"]
         click.echo(f"embedding table {e['module']} ({e['num_embeddings']:,} x {e['embedding_dim']}): {e['bits']}-bit in "
-                   f"groups of {e['group']}, {e['bytes']:,} of {e['dense_bytes']:,} bytes, rel. error "
-                   f"{e['rel_error']:.4f}")
+                   f"groups of {e['group']} ({e.get('method', 'rtn')}), {e['bytes']:,} of {e['dense_bytes']:,} "
+                   f"bytes, rel. error {e['rel_error']:.4f}"
+                   + (f", tied head's output rel. error {e['head_rel_error']:.4f}" if "head_rel_error" in e else ""))
     if report.get("calibration"):
         from ..calibrate.data import TOKENS_PER_DIM
 

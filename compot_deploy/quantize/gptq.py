@@ -145,6 +145,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group: int = 128, sym:
     return Quantized(Q[inv].to(torch.uint8), scales, zeros, bits, group, sym)
 
 
+def by_columns(fn, W: torch.Tensor, chunk: int = 16384) -> Quantized:
+    """fn(W[:, c0:c1]) → Quantized over chunks of `chunk` output columns, joined. RTN's and GPTQ's columns are
+    independent (GPTQ's given H), so this equals fn(W) without float64 copies of the whole matrix (a 262k-token
+    table: 1.3 GB each). W: (K, N)."""
+    parts = [fn(W[:, c0 : c0 + chunk]) for c0 in range(0, W.shape[1], chunk)]
+    p = parts[0]
+    return Quantized(torch.cat([x.q for x in parts], 1), torch.cat([x.scales for x in parts], 1),
+                     torch.cat([x.zeros for x in parts], 1), p.bits, p.group, p.sym)
+
+
 def gptq_sparse_columns(values: torch.Tensor, indices: torch.Tensor, H: torch.Tensor, bits: int = 4,
                         sym: bool = False, damp: float = 0.01, name: str = "codes", chunk: int = 256) -> Quantized:
     """GPTQ on the stored values of column-sparse codes, sparsity pattern unchanged (METHOD §6).
