@@ -73,6 +73,12 @@ def test_rank_deficient_hessian_recovers_and_logs(caplog):
     assert torch.isfinite(out).all()
     assert "rank-deficient (4 tokens for 64 inputs, 1 dead inputs)" in caplog.text
     assert "failed at damping 0, raising it" in caplog.text
+    cache: dict = {}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="compot_deploy"):
+        for _ in range(3):  # chunks of one matrix (one Hessian, one cache): warned once
+            gptq(W, H, 4, 32, n_tokens=4, cache=cache)
+    assert caplog.text.count("rank-deficient") == 1
 
 
 def test_degenerate_hessian_is_a_clear_error():

@@ -118,18 +118,19 @@ def _final_hidden(model, batches) -> "torch.Tensor":  # noqa: F821
 
 
 def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict], probe: float = 0.01,
-                  seed: int = 0) -> list[float]:
+                  seed: int = 0, progress: bool = True) -> list[float]:
     """Per target: ‖ΔY‖² / ‖Y‖² of the final hidden states Y on `batches` when that layer alone gets Gaussian
     weight noise of relative squared error `probe` (tr(EᵀGE) = probe · tr(WᵀGW)), divided by `probe`: the factor
     turning a layer's relative squared error into the model's. The model is restored after each probe."""
     import torch
 
+    from ..progress import bar as progress_bar
     from ..quantize.apply import output_error2
 
     y0 = _final_hidden(model, batches)
     ref = float((y0 * y0).sum()) or 1.0
     out = []
-    for i, t in enumerate(targets):
+    for i, t in enumerate(progress_bar(targets, desc="joint sensitivity", unit="layer", progress=progress)):
         W = dense_weight(model.get_submodule(t.name))
         G = grams[t.name].G.double()
         N = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
@@ -201,7 +202,7 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     weights = [1.0] * len(targets)
     if a.joint.sensitivity:
         weights = sensitivities(model, targets, grams, batches[: a.joint.sensitivity_batches],
-                                seed=cfg.calibration.seed)
+                                seed=cfg.calibration.seed, progress=progress)
         cands = [[c.weighted(w) for c in cs] for cs, w in zip(cands, weights)]
     return JointProfile(targets, batches, cands, weights, linears_dense_bytes(targets, value_bytes(f.dtype)),
                         time.perf_counter() - t0, calibration)

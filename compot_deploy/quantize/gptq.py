@@ -106,9 +106,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group: int = 128, sym:
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[dead] = 0
-    if n_tokens is not None and n_tokens < K or bool(dead.any()):
-        log.warning("%s: GPTQ Hessian is rank-deficient (%s tokens for %d inputs, %d dead inputs); relying on damping",
-                    name, n_tokens, K, int(dead.sum()))
     n_groups = (K + group - 1) // group
     scales = torch.empty(n_groups, N, dtype=torch.float64)
     zeros = torch.empty(n_groups, N, dtype=torch.float64)
@@ -120,7 +117,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group: int = 128, sym:
         perm = torch.arange(K)
     W, H = W[perm], H[perm][:, perm]
     U = None if cache is None else cache.get((damp, act_order))
-    if U is None:
+    if U is None:  # once per Hessian: calls sharing a cache share the warning too
+        if n_tokens is not None and n_tokens < K or bool(dead.any()):
+            log.warning("%s: GPTQ Hessian is rank-deficient (%s tokens for %d inputs, %d dead inputs); relying on "
+                        "damping", name, n_tokens, K, int(dead.sum()))
         U = damped_inverse_cholesky(H, damp, name)
         if cache is not None:
             cache[(damp, act_order)] = U
