@@ -109,6 +109,11 @@ def main(argv=None) -> int:
                     help="whole-file rows (section 'whole'): dense GPTQ bits:embedding bits:embedding group[:method], "
                          "each `quantize --bits B --embedding-bits E --embedding-group G --embedding-method M` (the "
                          "tied LM head reads the table; M = gptq, the default, or rtn)")
+    ap.add_argument("--whole-joint", default="0.35",
+                    help="whole-file rows (section 'whole') by the joint allocator: fractions of the original's float16 "
+                         "file, each `compress --target-bytes F·file --joint-methods dense --joint-probe-batches 1 "
+                         "--embedding-bits 4 --embedding-group 32` (GPTQ 2-8 bits per linear, the table GPTQ'd as "
+                         "the head)")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows evaluated")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
@@ -123,6 +128,7 @@ def main(argv=None) -> int:
     from compot_deploy.evaluate import next_token_stats, token_windows
     from compot_deploy.gguf import resolve_model_dir
     from compot_deploy.models import load_model, quiet_transformers
+    from compot_deploy.storage.budget import dense_model_bytes
 
     quiet_transformers()
     torch.manual_seed(0)
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     orig, tok = load_model(model_dir)
     windows = token_windows(tok, heldout_prose(), args.seq_len, args.eval_windows)
     ref = next_token_stats(orig, windows)
+    dense_file = dense_model_bytes(orig, 2)  # the original's float16 weights file
     # The other kind of text: the built-in calibration text (short mixed-topic paragraphs) -- out of domain for
     # rows calibrated on prose, in-sample for rows calibrated on it (the default), so never the headline.
     generic = token_windows(tok, builtin_text(), args.seq_len, 4)
@@ -205,6 +212,12 @@ def main(argv=None) -> int:
                      "embedding_group": int(g), "embedding_method": m},
                     ["quantize", args.model, "--bits", b, "--embedding-bits", e, "--embedding-group", g,
                      "--embedding-method", m])
+        for f in filter(None, args.whole_joint.split(",")):
+            measure({"section": "whole", "label": f"joint dense GPTQ, whole file {float(f):g} of float16 + embeddings "
+                     "4-bit g32 (gptq)", "method": "joint dense gptq + embeddings", "target_file": float(f),
+                     "embedding_bits": 4, "embedding_group": 32, "embedding_method": "gptq"},
+                    ["compress", args.model, "--target-bytes", str(int(float(f) * dense_file)), "--joint-methods",
+                     "dense", "--joint-probe-batches", "1", "--embedding-bits", "4", "--embedding-group", "32"])
     if "joint" in sections:
         for f in args.targets.split(","):
             measure({"section": "joint", "label": f"joint {f}", "method": "joint", "target": float(f)},

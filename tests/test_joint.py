@@ -124,3 +124,32 @@ def test_minilm_joint_beats_dense_gptq_where_it_cannot_fit(minilm_dir, heldout_t
     q = embedding_agreement(mean_pooled_embeddings(orig, tok, heldout_texts),
                             mean_pooled_embeddings(compot_deploy.load(tmp_path / "j"), tok, heldout_texts))
     assert q["mean_cosine"] > 0.925, q
+
+
+def test_joint_families_and_probe_batches_from_the_command_line(tiny_dirs, tmp_path):
+    """--joint-methods dense --joint-probe-batches 1: every layer dense (float16 or GPTQ), both saved in the config;
+    the options without a --target-*, beside --method, or naming no family: one error line before any work."""
+    from click.testing import CliRunner
+
+    from compot_deploy.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "d"
+    res = runner.invoke(main, ["compress", str(tiny_dirs["llama"]), "--target-ratio", "0.3", "--joint-methods",
+                               "dense", "--joint-probe-batches", "1", *CALIB, "-q", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    section = json.loads((out / "config.json").read_text())["compot"]
+    joint = section["config"]["allocation"]["joint"]
+    assert joint["methods"] == ["dense"] and joint["sensitivity_batches"] == 1
+    assert {e["method"] for e in section["layers"].values()} == {"dense"}
+    assert any("quant" in e for e in section["layers"].values())  # 0.3 kept: GPTQ, not float16
+    bad = [(["--joint-methods", "dense"], "--joint-methods set the joint allocator"),
+           (["--ratio", "0.3", "--joint-probe-batches", "2"], "--joint-probe-batches set the joint allocator"),
+           (["--target-ratio", "0.3", "--joint-methods", "dense", "--method", "compot"], "not both"),
+           (["--target-ratio", "0.3", "--joint-methods", "dense,lora"], "--joint-methods")]
+    for argv, message in bad:
+        res = runner.invoke(main, ["compress", str(tiny_dirs["llama"]), *argv, "-o", str(tmp_path / "x")])
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+        assert message in lines[0], lines[0]
+        assert not (tmp_path / "x").exists()
