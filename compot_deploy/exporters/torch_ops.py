@@ -11,9 +11,9 @@ import contextlib
 
 import torch
 
-from ..storage.budget import BITMASK
 from ..storage.modules import (CompotLinear, LowRankLinear, QuantEmbedding, QuantLinear, TiedQuantHead,
                                sparse_codes_matmul)
+from ..storage.budget import BITMASK, padded_group
 from ..storage.packing import PackedMeta, QuantTensor, dequantize_packed, pack_bits, unpack_bits
 from .ops import DOMAIN
 
@@ -123,10 +123,35 @@ def as_matrix(t) -> torch.Tensor:
     return DequantizeBlocks.apply(t.qweight, t.scales, t.zeros, t.meta())
 
 
+def nbits_blocks(t: QuantTensor):
+    """(qweight, scales, zeros, meta) of `t` in a layout MatMulNBits takes, or None. A per-column grid (one block of
+    all K rows, K not a power of two: Gemma's 640) becomes blocks of the largest power of two ≤ 128 dividing K, its
+    scale and zero point repeated per block: the same codes, a few more scale bytes in the ONNX file, and a packed
+    weight in the session instead of a float32 one (DequantizeBlocks is folded to float32 at load)."""
+    if matmul_nbits_ok(t):
+        return t.qweight, t.scales.reshape(-1), t.zeros, t.meta()
+    if t.bits not in (2, 4, 8) or t.n_blocks != 1 or t.block_len != t.group:
+        return None
+    b = next((b for b in (128, 64, 32, 16) if t.K % b == 0), None)
+    if b is None:
+        return None
+    n = t.K // b
+    qweight = t.qweight.reshape(t.N, n, b * t.bits // 8)  # a block's codes are whole bytes at 2/4/8 bits
+    scales = t.scales.expand(t.N, n).reshape(-1)
+    zeros = None
+    if t.zeros is not None:  # the one zero point is the low bits of byte 0; repacked with ops the tracer exports
+        per = 8 // t.bits
+        z = (t.zeros[:, :1].to(torch.int32) % (1 << t.bits)).expand(t.N, n)
+        z = torch.nn.functional.pad(z, (0, padded_group(n, t.bits) - n)).reshape(t.N, -1, per)
+        zeros = (z * (1 << (t.bits * torch.arange(per, dtype=torch.int32)))).sum(-1).to(torch.uint8)
+    return qweight, scales, zeros, PackedMeta(t.K, t.N, t.bits, b, b)
+
+
 def matmul(x: torch.Tensor, t) -> torch.Tensor:
-    """x @ t, as MatMulNBits where the packed layout allows it."""
-    if isinstance(t, QuantTensor) and matmul_nbits_ok(t):
-        return MatMulNBits.apply(x, t.qweight, t.scales.reshape(-1), t.zeros, t.meta())
+    """x @ t, as MatMulNBits where the packed layout allows it (nbits_blocks)."""
+    blocks = nbits_blocks(t) if isinstance(t, QuantTensor) else None
+    if blocks is not None:
+        return MatMulNBits.apply(x, *blocks)
     return x @ as_matrix(t)
 
 
