@@ -146,8 +146,9 @@ class PruneConfig(_Strict):
 
 
 class EmbeddingConfig(_Strict):
-    """The token embedding table stored quantized (round-to-nearest, symmetric, in blocks of `group` along the
-    hidden size): looked up in ONNX Runtime by com.microsoft::GatherBlockQuantized, which reads the packed table."""
+    """The token embedding table stored quantized (symmetric, in blocks of `group` along the hidden size; rounded to
+    nearest, or by GPTQ as the LM head where it is tied to one): looked up in ONNX Runtime by
+    com.microsoft::GatherBlockQuantized, which reads the packed table."""
 
     bits: Literal[4, 8, "auto"] | None = Field(
         None, description="bits per value (None = the storage dtype, unquantized; auto = 4 where the table is not "
