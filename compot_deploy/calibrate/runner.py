@@ -41,8 +41,6 @@ def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockC
     global blocks different masks; T5's first block computes the relative position bias that the others reuse),
     so each block gets its own call; the tensors blocks share stay shared. Only block 0 keeps its hidden states:
     the walk computes the others."""
-    import inspect
-
     import torch
 
     calls: list[list[_BlockCall]] = [[] for _ in range(last + 1)]
@@ -58,21 +56,28 @@ def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockC
 
         return hook
 
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     handles = [blocks[i].register_forward_pre_hook(hook_of(i), with_kwargs=True) for i in range(last + 1)]
     try:
         with torch.no_grad():
             for b in batches:
-                try:
-                    model(**b, **extra)
-                except _Captured:
-                    pass
+                _forward_until_captured(model, b)
     finally:
         for h in handles:
             h.remove()
     if any(len(c) != len(batches) for c in calls):
         raise CompotError("could not capture the inputs of every transformer block")
     return calls
+
+
+def _forward_until_captured(model, batch: dict) -> None:
+    """model(**batch) without a KV cache, stopped by a hook that raises _Captured (or run to the end)."""
+    import inspect
+
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        model(**batch, **extra)
+    except _Captured:
+        pass
 
 
 def _hidden_of(call: _BlockCall):
@@ -94,6 +99,15 @@ def _token_rows(x, mask):
     return x.reshape(-1, x.shape[-1])
 
 
+def _accumulate(gram: Gram, x, mask) -> None:
+    """gram += the Gram of x: (b, t, d) at its real tokens (mask: (b, t)), in float64."""
+    import torch
+
+    rows = _token_rows(x.detach(), mask).to(torch.float64)
+    gram.G.addmm_(rows.T, rows)
+    gram.n += rows.shape[0]
+
+
 @dataclass
 class _GramHooks:
     block: Any
@@ -111,10 +125,7 @@ class _GramHooks:
             self.grams[t.name] = Gram(G=torch.zeros(t.d_in, t.d_in, dtype=torch.float64), n=0)
 
             def hook(_m, args, name=t.name):
-                x = _token_rows(args[0].detach(), self.mask).to(torch.float64)
-                g = self.grams[name]
-                g.G.addmm_(x.T, x)
-                g.n += x.shape[0]
+                _accumulate(self.grams[name], args[0], self.mask)
 
             self._handles.append(mod.register_forward_pre_hook(hook))
         return self
@@ -183,8 +194,6 @@ def calibrate(model, batches: list[dict], targets: list[Target], progress: bool 
 def input_gram(model, module, batches: list[dict], desc: str = "head Gram", progress: bool = True) -> Gram:
     """The Gram of `module`'s inputs (real tokens only) over forward passes of `model` on `batches`, each stopped
     as soon as `module` is reached (an LM head's own product over the vocabulary is never computed)."""
-    import inspect
-
     import torch
 
     from ..progress import bar as progress_bar
@@ -194,21 +203,15 @@ def input_gram(model, module, batches: list[dict], desc: str = "head Gram", prog
     mask = None
 
     def hook(_m, args):
-        x = _token_rows(args[0].detach(), mask).to(torch.float64)
-        gram.G.addmm_(x.T, x)
-        gram.n += x.shape[0]
+        _accumulate(gram, args[0], mask)
         raise _Captured
 
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     handle = module.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), progress_bar(total=len(batches), desc=desc, unit="batch", progress=progress) as bar:
             for b in batches:
                 mask = b["attention_mask"].bool()
-                try:
-                    model(**b, **extra)
-                except _Captured:
-                    pass
+                _forward_until_captured(model, b)
                 bar.update()
     finally:
         handle.remove()
