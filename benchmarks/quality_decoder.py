@@ -16,8 +16,9 @@ section and only its rows are replaced. Writes quality_decoder.json, .md and .pn
 
 Sections: `dense` (the original), `whole` (dense GPTQ of the linears plus the embedding table quantized: the
 whole file in the budget, --whole), `factorize` (COMPOT, SVD-LLM, CoSpaDi × removed 0.2/0.3/0.4, dynamic
-allocation), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator at byte targets: the
-fraction of the linears' float16 bytes kept), `study` (COMPOT at --study-ratios, 0.3 by default, with one setting
+allocation), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator's frontier: candidates
+measured once, built at each --targets fraction of the linears' float16 bytes kept, with every family and with dense
+GPTQ only, and at each dense row's bytes), `study` (COMPOT at --study-ratios, 0.3 by default, with one setting
 changed: what each buys), `prune` (ReplaceMe: --prune blocks removed alone, with and without the map, beside COMPOT
 at the same bytes, and pruning followed by COMPOT to --prune-ratios beside COMPOT alone).
 
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
                          "file, each `compress --target-bytes F·file --joint-methods dense --joint-probe-batches 1 "
                          "--embedding-bits 4 --embedding-group 32` (GPTQ 2-8 bits per linear, the table GPTQ'd as "
                          "the head)")
+    ap.add_argument("--joint-probe-batches", type=int, default=1,
+                    help="calibration batches of the joint allocator's sensitivity probes (section 'joint')")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows evaluated")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
@@ -175,19 +178,27 @@ def main(argv=None) -> int:
             rep = json.loads((out / "compression_report.json").read_text())
             # the process's own VmHWM per stage (wait4's ru_maxrss would include this process's size at the fork)
             rss = max(v for v in rep.get("peak_rss_mib", {}).values() if v is not None)
-            model = compot_deploy.load(out)
-            q = next_token_stats(model, windows, ref["top1"])
-            qg = next_token_stats(model, generic, ref_generic["top1"])
+            measured_row(row, out, rep, wall_s=wall, peak_rss_mib=rss,
+                         **{f"{k}_peak_mib": v for k, v in rep.get("peak_rss_mib", {}).items()}, cli=" ".join(cli))
+
+    def measured_row(row: dict, out: Path, rep: dict, **extra) -> dict:
+        """Score the saved folder `out` (its compression report `rep`) on the held-out and generic windows and
+        record the row."""
+        model = compot_deploy.load(out)
+        q = next_token_stats(model, windows, ref["top1"])
+        qg = next_token_stats(model, generic, ref_generic["top1"])
+        del model
         row.update({"file_ratio": rep["linears"]["file_ratio"], "kept_fraction": 1 - rep["linears"]["file_ratio"],
                     "model_file_ratio": rep["model_file"]["ratio"], "perplexity": q["perplexity"],
                     "top1_agreement": q["top1_agreement"],
-                    "perplexity_generic": qg["perplexity"], "top1_generic": qg["top1_agreement"], "wall_s": wall, "peak_rss_mib": rss,
-                    **{f"{k}_s": v for k, v in rep["timings"].items()},
-                    **{f"{k}_peak_mib": v for k, v in rep.get("peak_rss_mib", {}).items()}, "cli": " ".join(cli)})
+                    "perplexity_generic": qg["perplexity"], "top1_generic": qg["top1_agreement"],
+                    **{f"{k}_s": v for k, v in rep["timings"].items()}, **extra})
         rows[row["label"]] = row
         print(f"{row['section']:9s} {row['label']:28s} removed {row['file_ratio']:.4f} ppl {q['perplexity']:9.3f} "
-              f"top1 {q['top1_agreement']:.4f} generic ppl {qg['perplexity']:8.3f} {wall:7.1f}s {rss:6.0f} MiB", flush=True)
+              f"top1 {q['top1_agreement']:.4f} generic ppl {qg['perplexity']:8.3f} {row.get('wall_s', 0):7.1f}s "
+              f"{row.get('peak_rss_mib') or 0:6.0f} MiB", flush=True)
         save()
+        return row
 
     if "dense" in sections:
         rows["dense"] = {"section": "dense", "label": "dense", "method": "dense", "file_ratio": 0.0,
@@ -219,9 +230,7 @@ def main(argv=None) -> int:
                     ["compress", args.model, "--target-bytes", str(int(float(f) * dense_file)), "--joint-methods",
                      "dense", "--joint-probe-batches", "1", "--embedding-bits", "4", "--embedding-group", "32"])
     if "joint" in sections:
-        for f in args.targets.split(","):
-            measure({"section": "joint", "label": f"joint {f}", "method": "joint", "target": float(f)},
-                    ["compress", args.model, "--target-ratio", f])
+        joint_frontier(args, model_dir, tok, rows, measured_row, save)
     if "prune" in sections:
         from compot_deploy.models import read_hf_config
 
@@ -256,6 +265,55 @@ def main(argv=None) -> int:
     return 0
 
 
+def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) -> None:
+    """The joint allocator's frontier: its candidates measured once (every family, one sensitivity batch per
+    --joint-probe-batches), then built at each --targets fraction kept, with every family and with dense GPTQ only
+    (where COMPOT/SVD-LLM candidates win, they lower the perplexity at the same bytes), and at the exact bytes of
+    each dense GPTQ/RTN row already measured (does any dense point beat the allocator given its bytes?)."""
+    from compot_deploy.allocate import joint
+    from compot_deploy.compression import Compressed, save as save_folder
+    from compot_deploy.config import AllocationConfig, CompressConfig, JointConfig
+    from compot_deploy.models import load_model
+    from compot_deploy.storage.budget import Budget, linear_budget
+
+    jcfg = CompressConfig(allocation=AllocationConfig(
+        strategy="joint", budget=Budget(kept=0.2), joint=JointConfig(sensitivity_batches=args.joint_probe_batches)))
+    model, _ = load_model(model_dir)
+    prof = joint.profile(model, tok, jcfg, progress=True)
+    del model
+    print(f"joint candidates: {sum(len(c) for c in prof.candidates)} over {len(prof.targets)} layers, "
+          f"profiled in {prof.seconds:.0f} s", flush=True)
+
+    def point(frac: float, label: str, methods=None, **extra) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            m, _ = load_model(model_dir)
+            t1 = time.perf_counter()
+            budget = Budget(kept=frac)
+            records, stats = joint.build(m, prof, linear_budget(budget, prof.dense_linear_bytes), jcfg, False, methods)
+            cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"budget": budget})})
+            result = Compressed(prof.targets, records, stats, {"build": time.perf_counter() - t1})
+            rep = save_folder(m, tok, Path(tmp) / "m", result, cfg.model_dump(mode="json"), "float16", 0, model_dir,
+                              model_dir, t1, False)
+            del m
+            row = {"section": "joint", "label": label, "method": "joint" + (f" ({'+'.join(methods)})" if methods else ""),
+                   "target": frac, "choices": rep["joint"]["choices"], "profile_s": prof.seconds}
+            return measured_row(row, Path(tmp) / "m", rep, wall_s=prof.seconds + time.perf_counter() - t1, **extra)
+
+    for f in map(float, args.targets.split(",")):
+        point(f, f"joint {f:g}")
+        point(f, f"joint {f:g}, dense GPTQ only", ("dense",))
+    peers: dict[float, dict] = {}  # the best dense row at each size (GPTQ and RTN share their bytes)
+    for r in rows.values():
+        k = round(r.get("kept_fraction", 1.0), 4)
+        if r["section"] == "quantize" and 0.05 < k < 0.5 and (k not in peers or r["perplexity"] < peers[k]["perplexity"]):
+            peers[k] = r
+    for r in (peers[k] for k in sorted(peers)):
+        j = point(r["kept_fraction"], f"joint at {r['label']}'s bytes", peer=r["label"])
+        j["peer_perplexity"] = r["perplexity"]
+        j["beats_peer"] = j["perplexity"] <= r["perplexity"]
+        save()
+
+
 def _eval_key(args, windows) -> dict:
     """What the numbers are comparable under: rows measured on other text or model are dropped."""
     return {"text": "pydoc_data.topics prose", "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
@@ -286,6 +344,20 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['section']} | {r['label']} | {r['file_ratio']:.4f} | {r['perplexity']:.3f} | "
                      f"{r['top1_agreement']:.4f} | {r.get('perplexity_generic', float('nan')):.3f} | {r.get('wall_s', 0):.0f} | {_s(r, 'calibrate_s')} | "
                      f"{_s(r, 'allocate_s')} | {_s(r, 'factorize_s')} | {_s(r, 'peak_rss_mib')} |")
+    joint_rows = sorted((r for r in rows if r["section"] == "joint" and "choices" in r), key=lambda r: r["kept_fraction"])
+    if joint_rows:
+        lines += ["", "## The joint allocator's frontier", "",
+                  "Candidates measured once (every family; `profile s`), then built at each budget: with every family "
+                  "and with dense GPTQ only, and at the bytes of each dense row (`peer`). `wall s` of these rows = "
+                  "profile + that build, in the benchmark's own process.", "",
+                  "| configuration | kept | perplexity | top-1 | peer ppl | beats peer | choices (layers) |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        for r in joint_rows:
+            ch = ", ".join(f"{k} {v}" for k, v in list(r["choices"].items())[:6])
+            peer = f"{r['peer_perplexity']:.3f}" if "peer_perplexity" in r else ""
+            beats = ("yes" if r["beats_peer"] else "**no**") if "beats_peer" in r else ""
+            lines.append(f"| {r['label']} | {r['kept_fraction']:.4f} | {r['perplexity']:.3f} | "
+                         f"{r['top1_agreement']:.4f} | {peer} | {beats} | {ch} |")
     whole = [r for r in rows if "model_file_ratio" in r and r["section"] in ("whole", "quantize")]
     if whole and dense:
         lines += ["", "## The whole file", "", "Bytes of the whole weights file (embedding table included) as a "
