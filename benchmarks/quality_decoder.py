@@ -115,6 +115,9 @@ def main(argv=None) -> int:
                          "file, each `compress --target-bytes F·file --joint-methods dense --joint-probe-batches 1 "
                          "--embedding-bits 4 --embedding-group 32` (GPTQ 2-8 bits per linear, the table GPTQ'd as "
                          "the head)")
+    ap.add_argument("--dense-targets", default="0.7778,0.8889",
+                    help="more fractions kept (section 'joint') built with dense GPTQ only: mixed-precision dense "
+                         "points at the bytes of the prune rows (2 and 4 of Gemma's 18 blocks removed)")
     ap.add_argument("--joint-probe-batches", type=int, default=1,
                     help="calibration batches of the joint allocator's sensitivity probes (section 'joint')")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
@@ -270,6 +273,8 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
     --joint-probe-batches), then built at each --targets fraction kept, with every family and with dense GPTQ only
     (where COMPOT/SVD-LLM candidates win, they lower the perplexity at the same bytes), and at the exact bytes of
     each dense GPTQ/RTN row already measured (does any dense point beat the allocator given its bytes?)."""
+    import torch
+
     from compot_deploy.allocate import joint
     from compot_deploy.compression import Compressed, save as save_folder
     from compot_deploy.config import AllocationConfig, CompressConfig, JointConfig
@@ -278,9 +283,17 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
 
     jcfg = CompressConfig(allocation=AllocationConfig(
         strategy="joint", budget=Budget(kept=0.2), joint=JointConfig(sensitivity_batches=args.joint_probe_batches)))
-    model, _ = load_model(model_dir)
-    prof = joint.profile(model, tok, jcfg, progress=True)
-    del model
+    cache = Path(args.out) / ".joint_profile.pt"  # the profile is the expensive part: kept for reruns
+    key = {"model": model_dir, "config": jcfg.model_dump(mode="json")}
+    prof = None
+    if cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        prof = saved["profile"] if saved.get("key") == key else None
+    if prof is None:
+        model, _ = load_model(model_dir)
+        prof = joint.profile(model, tok, jcfg, progress=True)
+        del model
+        torch.save({"key": key, "profile": prof}, cache)
     print(f"joint candidates: {sum(len(c) for c in prof.candidates)} over {len(prof.targets)} layers, "
           f"profiled in {prof.seconds:.0f} s", flush=True)
 
@@ -301,6 +314,8 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
 
     for f in map(float, args.targets.split(",")):
         point(f, f"joint {f:g}")
+        point(f, f"joint {f:g}, dense GPTQ only", ("dense",))
+    for f in map(float, filter(None, args.dense_targets.split(","))):
         point(f, f"joint {f:g}, dense GPTQ only", ("dense",))
     peers: dict[float, dict] = {}  # the best dense row at each size (GPTQ and RTN share their bytes)
     for r in rows.values():
