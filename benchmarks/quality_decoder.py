@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-targets", default="0.7778,0.8889",
                     help="more fractions kept (section 'joint') built with dense GPTQ only: mixed-precision dense "
                          "points at the bytes of the prune rows (2 and 4 of Gemma's 18 blocks removed)")
+    ap.add_argument("--joint-ratios", default="",
+                    help="factor ratios of the joint candidates (section 'joint') [default: JointConfig's]")
+    ap.add_argument("--peer-max-perplexity", type=float, default=1000.0,
+                    help="dense rows worse than this get no joint point at their bytes (section 'joint')")
     ap.add_argument("--joint-probe-batches", type=int, default=1,
                     help="calibration batches of the joint allocator's sensitivity probes (section 'joint')")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
@@ -281,8 +285,11 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
     from compot_deploy.models import load_model
     from compot_deploy.storage.budget import Budget, linear_budget
 
-    jcfg = CompressConfig(allocation=AllocationConfig(
-        strategy="joint", budget=Budget(kept=0.2), joint=JointConfig(sensitivity_batches=args.joint_probe_batches)))
+    space = {"sensitivity_batches": args.joint_probe_batches}
+    if args.joint_ratios:
+        space["factor_ratios"] = tuple(map(float, args.joint_ratios.split(",")))
+    jcfg = CompressConfig(allocation=AllocationConfig(strategy="joint", budget=Budget(kept=0.2),
+                                                      joint=JointConfig(**space)))
     cache = Path(args.out) / ".joint_profile.pt"  # the profile is the expensive part: kept for reruns
     key = {"model": model_dir, "config": jcfg.model_dump(mode="json")}
     prof = None
@@ -320,7 +327,7 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
     peers: dict[float, dict] = {}  # the best dense row at each size (GPTQ and RTN share their bytes)
     for r in rows.values():
         k = round(r.get("kept_fraction", 1.0), 4)
-        if r["section"] == "quantize" and 0.05 < k < 0.5 and (k not in peers or r["perplexity"] < peers[k]["perplexity"]):
+        if r["section"] == "quantize" and 0.05 < k < 0.5 and r["perplexity"] < args.peer_max_perplexity and (k not in peers or r["perplexity"] < peers[k]["perplexity"]):
             peers[k] = r
     for r in (peers[k] for k in sorted(peers)):
         j = point(r["kept_fraction"], f"joint at {r['label']}'s bytes", peer=r["label"])
