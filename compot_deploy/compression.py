@@ -40,6 +40,7 @@ class Compressed:
     calibration: dict | None = None  # calibrate.data.check_token_count's summary
     pruned: "PruneResult | None" = None  # the blocks the prune step removed
     embeddings: dict | None = None  # the quantized embedding table (quantize/embeddings.py), if any
+    depth: dict | None = None  # the joint allocator's pruned-vs-unpruned comparison (allocate/joint.with_depth)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -105,7 +106,7 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
 
     result = Compressed([], {}, {})
     batches = None
-    if cfg.prune.blocks:
+    if cfg.prune.blocks and cfg.allocation.strategy != "joint":  # joint: depth is one of its candidates
         from .prune import prune_model
 
         with result.stage("prune"):
@@ -116,6 +117,10 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
         budget = joint.budget_for(model, targets, cfg)  # fails before the profiling
         with result.stage("allocate"):  # calibration and every candidate's measurement
             prof = joint.profile(model, tokenizer, cfg, targets, progress)
+        if cfg.prune.blocks:  # the budget stays the unpruned model's: removed blocks free their bytes
+            with result.stage("prune"):
+                prof, result.pruned, result.depth = joint.with_depth(model, prof, budget, cfg, progress)
+            result.targets = prof.targets
         result.calibration = prof.calibration
         with result.stage("factorize"):
             result.records, result.stats = joint.build(model, prof, budget, cfg, progress)
@@ -304,7 +309,8 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
         extra["joint"] = {"budget": budget.model_dump(), "budget_text": budget.describe,
                           "fits": fits(budget, stored, dense_lin, model_file),
                           "estimated_error": sum(s.joint["estimated_error"] for s in result.stats.values()),
-                          "choices": families(result.stats)}
+                          "choices": families(result.stats),
+                          **({"depth": result.depth} if result.depth else {})}
     return {
         "model_dir": str(model_dir),
         "linears": {

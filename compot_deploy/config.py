@@ -195,9 +195,6 @@ class CompressConfig(_Strict):
         if self.allocation.strategy == "joint" and not STORAGE[self.factorize.method].joint_candidate:
             raise ValueError(f"--method {self.factorize.method} cannot take a byte target: it is too slow to measure "
                              f"at every candidate size; use --method compot or svd-llm")
-        if self.allocation.strategy == "joint" and self.prune.blocks:
-            raise ValueError("--prune-blocks takes a fraction removed (--ratio): the joint allocator does not price "
-                             "removed blocks yet")
         return self
 
 

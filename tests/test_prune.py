@@ -143,5 +143,56 @@ def test_prune_refuses_what_cannot_be_done(tiny_dirs, tmp_path):
         compot_deploy.compress(tiny_dirs["llama"], tmp_path / "x", CompressConfig(prune=PruneConfig(blocks=2)),
                                progress=False)
     assert not (tmp_path / "x").exists()
-    with pytest.raises(CompotError, match="--prune-blocks takes a fraction removed"):
-        build_config(CompressConfig, prune={"blocks": 1}, allocation={"strategy": "joint", "budget": {"kept": 0.3}})
+    assert build_config(CompressConfig, prune={"blocks": 1},
+                        allocation={"strategy": "joint", "budget": {"kept": 0.3}}).prune.blocks == 1
+
+
+def _joint_with_depth(src, out, kept: float) -> dict:
+    import compot_deploy
+    from compot_deploy.config import AllocationConfig, CompressConfig, JointConfig, PruneConfig
+    from compot_deploy.storage.budget import Budget
+
+    cfg = CompressConfig(calibration=CalibrationConfig(samples=8, seq_len=48), prune=PruneConfig(blocks=1),
+                         allocation=AllocationConfig(strategy="joint", budget=Budget(kept=kept),
+                                                     joint=JointConfig(methods=("dense",), sensitivity_batches=1,
+                                                                       dense_quant=((2, 32), (4, 32), (8, 0)))))
+    return compot_deploy.compress(src, out, cfg, progress=False)
+
+
+def test_the_joint_allocator_prunes_a_block_only_when_that_beats_spending_its_bytes(tmp_path, minilm_dir):
+    """A block whose branches write nothing is free to remove: its bytes go to the others, and the pruned model is
+    saved with 3 blocks; at a budget that keeps everything near float16 no removal pays for itself."""
+    import compot_deploy
+    from compot_deploy.allocate.joint import _final_hidden, final_change
+    from compot_deploy.prune import prune_model
+    from compot_deploy.config import PruneConfig
+
+    src = build_tiny("llama", tmp_path / "llama", minilm_dir, layers=4)
+    model, tok = load_model(src)
+    with torch.no_grad():  # block 2 adds nothing to the residual stream
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    idle = tmp_path / "idle"
+    model.save_pretrained(idle)
+    tok.save_pretrained(idle)
+
+    rep = _joint_with_depth(idle, tmp_path / "a", kept=0.3)
+    d = rep["joint"]["depth"]
+    assert d["pruned"] and d["removed_blocks"] == [2] and d["prune_error"] < 1e-6
+    assert d["estimated_error_with_pruning"] < d["estimated_error_without_pruning"]
+    assert rep["joint"]["fits"] and rep["prune"]["removed_blocks"] == [2]
+    assert rep["linears"]["file_ratio"] == pytest.approx(0.7, abs=0.01)  # of the original's linears
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert len(rep["layers"]) == 21 and all(".layers.3." not in x["name"] for x in rep["layers"])
+    assert compot_deploy.load(tmp_path / "a").config.num_hidden_layers == 3
+
+    rep = _joint_with_depth(src, tmp_path / "b", kept=0.95)
+    d = rep["joint"]["depth"]
+    assert not d["pruned"] and d["estimated_error_without_pruning"] < d["prune_error"]
+    assert "prune" not in rep and len(rep["layers"]) == 28
+    # the pruning error is the pruned model's measured change of the final hidden states
+    model, tok = load_model(src)
+    batches = calibration_batches(tok, CalibrationConfig(samples=8, seq_len=48), model)
+    y0 = _final_hidden(model, batches[:1])
+    prune_model(model, batches, PruneConfig(blocks=1), progress=False)
+    assert final_change(model, batches[:1], y0) == pytest.approx(d["prune_error"], rel=1e-6)

@@ -128,7 +128,6 @@ def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict]
     from ..quantize.apply import output_error2
 
     y0 = _final_hidden(model, batches)
-    ref = float((y0 * y0).sum()) or 1.0
     out = []
     for i, t in enumerate(progress_bar(targets, desc="joint sensitivity", unit="layer", progress=progress)):
         W = dense_weight(model.get_submodule(t.name))
@@ -138,9 +137,15 @@ def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict]
         saved = W.detach().clone()
         with torch.no_grad():
             W.add_(E.to(W.dtype))
-            out.append(float(((_final_hidden(model, batches) - y0) ** 2).sum()) / ref / probe)
+            out.append(final_change(model, batches, y0) / probe)
             W.copy_(saved)
     return out
+
+
+def final_change(model, batches: list[dict], y0) -> float:
+    """‖Y − y0‖² / ‖y0‖² of `model`'s final hidden states Y on `batches` (y0: the original's, _final_hidden):
+    the unit the sensitivity-weighted candidate errors estimate."""
+    return float(((_final_hidden(model, batches) - y0) ** 2).sum()) / (float((y0 * y0).sum()) or 1.0)
 
 
 def pick(cands: list[list[Candidate]], budget: float, dense_lin: int) -> list[int]:
@@ -206,6 +211,48 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
         cands = [[c.weighted(w) for c in cs] for cs, w in zip(cands, weights)]
     return JointProfile(targets, batches, cands, weights, linears_dense_bytes(targets, value_bytes(f.dtype)),
                         time.perf_counter() - t0, calibration)
+
+
+def estimated_error(cands: list[list[Candidate]], budget: float, dense_lin: int) -> float:
+    """The least Σ (sensitivity-weighted) estimated error the knapsack reaches within `budget` bytes."""
+    return sum(cs[j].error for cs, j in zip(cands, pick(cands, budget, dense_lin), strict=True))
+
+
+def with_depth(model, prof: JointProfile, budget: float, cfg: CompressConfig,
+               progress: bool = True) -> tuple[JointProfile, "PruneResult | None", dict]:  # noqa: F821
+    """Depth as a joint candidate: whether removing cfg.prune.blocks blocks (ReplaceMe, prune/) and giving the
+    whole `budget` to the layers left beats spending it on every layer. Both sides are in the unit of the weighted
+    candidate errors, the final hidden states' relative squared change on the sensitivity batches: the pruned
+    model's is measured (on a copy, nothing compressed), the knapsack's is its estimate, and they add (the kept
+    layers' candidates and sensitivities are those measured on the unpruned model). When pruning wins, `model` is
+    pruned in place (the same windows and maps: pruning is deterministic) and the returned profile holds the kept
+    layers under their new names; else the profile is returned unchanged. Returns (profile, prune result or None,
+    the comparison)."""
+    from ..prune import prune_model
+
+    probe = prof.batches[: cfg.allocation.joint.sensitivity_batches]
+    y0 = _final_hidden(model, probe)
+    trial = copy.deepcopy(model)
+    tried = prune_model(trial, prof.batches, cfg.prune, progress)
+    prune_error = final_change(trial, probe, y0)
+    del trial
+    gone = {t.name for t in tried.removed_targets}
+    keep = [i for i, t in enumerate(prof.targets) if t.name not in gone]
+    without = estimated_error(prof.candidates, budget, prof.dense_linear_bytes)
+    rest = estimated_error([prof.candidates[i] for i in keep], budget, prof.dense_linear_bytes)
+    depth = {"blocks": cfg.prune.blocks, "removed_blocks": list(tried.removed), "prune_error": prune_error,
+             "estimated_error_without_pruning": without, "estimated_error_with_pruning": prune_error + rest,
+             "pruned": prune_error + rest < without}
+    if not depth["pruned"]:
+        return prof, None, depth
+    pruned = prune_model(model, prof.batches, cfg.prune, progress)
+    renamed = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
+    old = [prof.targets[i] for i in keep]
+    if [(t.d_in, t.d_out, t.name.split(".")[-1]) for t in renamed] != [(t.d_in, t.d_out, t.name.split(".")[-1])
+                                                                         for t in old]:
+        raise CompotError("the pruned model's linears do not line up with the unpruned model's kept ones")
+    return (JointProfile(renamed, prof.batches, [prof.candidates[i] for i in keep], [prof.weights[i] for i in keep],
+                         prof.dense_linear_bytes, prof.seconds, prof.calibration), pruned, depth)
 
 
 def build(model, prof: JointProfile, budget: float, cfg: CompressConfig, progress: bool = True,

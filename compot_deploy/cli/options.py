@@ -113,7 +113,10 @@ def _compress_options(fn, build: bool):
                      help="First remove this many transformer blocks (ReplaceMe: the consecutive window whose "
                           "input and output hidden states are closest in angle goes, replaced by a linear map fitted "
                           "on the calibration text and folded into the block before it); the rest is then "
-                          "compressed to meet --ratio, the removed blocks' linears counting as removed bytes."),
+                          "compressed to meet --ratio, the removed blocks' linears counting as removed bytes. With "
+                          "a --target-*, the joint allocator removes them only if the pruned model's measured change "
+                          "plus its estimate for the other layers at the whole budget beats its estimate without "
+                          "pruning (the report's joint.depth)."),
         click.option("--prune-windows", type=int, default=1, show_default=True,
                      help="Separate windows the --prune-blocks are removed in (greedy by distance, never touching)."),
         click.option("--prune-map", type=click.Choice(["auto", "diagonal", "none"]), default="auto",

@@ -59,6 +59,12 @@ def print_report(report: dict) -> None:
         j = report["joint"]
         click.echo(f"joint allocation within {j['budget_text']} ({'fits' if j['fits'] else 'DOES NOT FIT'}), per "
                    f"layer: {choices_line(j)}")
+        if j.get("depth"):
+            d = j["depth"]
+            click.echo(f"depth: removing {d['blocks']} block(s) {d['removed_blocks']} changes the final hidden states "
+                       f"by {d['prune_error']:.4g}; estimated error with pruning {d['estimated_error_with_pruning']:.4g}"
+                       f" vs {d['estimated_error_without_pruning']:.4g} without -> "
+                       + ("pruned" if d["pruned"] else "not pruned"))
 
 
 def task_line(task: dict | None) -> str | None:
