@@ -122,6 +122,9 @@ def main(argv=None) -> int:
                     help="factor ratios of the joint candidates (section 'joint') [default: JointConfig's]")
     ap.add_argument("--peer-max-perplexity", type=float, default=1000.0,
                     help="dense rows worse than this get no joint point at their bytes (section 'joint')")
+    ap.add_argument("--depth", default="2",
+                    help="blocks the joint allocator may also remove (section 'joint'): at each --targets, prune them "
+                         "only if that beats its estimate without pruning (allocate/joint.with_depth)")
     ap.add_argument("--joint-probe-batches", type=int, default=1,
                     help="calibration batches of the joint allocator's sensitivity probes (section 'joint')")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
@@ -304,19 +307,28 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
     print(f"joint candidates: {sum(len(c) for c in prof.candidates)} over {len(prof.targets)} layers, "
           f"profiled in {prof.seconds:.0f} s", flush=True)
 
-    def point(frac: float, label: str, methods=None, **extra) -> dict:
+    def point(frac: float, label: str, methods=None, depth: int = 0, **extra) -> dict:
+        if args.only_missing and label in rows:
+            return rows[label]
         with tempfile.TemporaryDirectory() as tmp:
             m, _ = load_model(model_dir)
             t1 = time.perf_counter()
             budget = Budget(kept=frac)
-            records, stats = joint.build(m, prof, linear_budget(budget, prof.dense_linear_bytes), jcfg, False, methods)
-            cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"budget": budget})})
-            result = Compressed(prof.targets, records, stats, {"build": time.perf_counter() - t1})
+            cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"budget": budget}),
+                                          "prune": jcfg.prune.model_copy(update={"blocks": depth})})
+            nbytes = linear_budget(budget, prof.dense_linear_bytes)
+            p, pruned, compared = prof, None, None
+            if depth:  # depth as a candidate: prune only if that beats spending the blocks' bytes
+                p, pruned, compared = joint.with_depth(m, prof, nbytes, cfg, False)
+            records, stats = joint.build(m, p, nbytes, cfg, False, methods)
+            result = Compressed(p.targets, records, stats, {"build": time.perf_counter() - t1}, pruned=pruned,
+                                depth=compared)
             rep = save_folder(m, tok, Path(tmp) / "m", result, cfg.model_dump(mode="json"), "float16", 0, model_dir,
                               model_dir, t1, False)
             del m
             row = {"section": "joint", "label": label, "method": "joint" + (f" ({'+'.join(methods)})" if methods else ""),
-                   "target": frac, "choices": rep["joint"]["choices"], "profile_s": prof.seconds}
+                   "target": frac, "choices": rep["joint"]["choices"], "profile_s": prof.seconds,
+                   **({"depth": compared} if compared else {})}
             return measured_row(row, Path(tmp) / "m", rep, wall_s=prof.seconds + time.perf_counter() - t1, **extra)
 
     for f in map(float, args.targets.split(",")):
@@ -324,6 +336,8 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
         point(f, f"joint {f:g}, dense GPTQ only", ("dense",))
     for f in map(float, filter(None, args.dense_targets.split(","))):
         point(f, f"joint {f:g}, dense GPTQ only", ("dense",))
+    for f, n in ((float(f), int(n)) for f in args.targets.split(",") for n in filter(None, args.depth.split(","))):
+        point(f, f"joint {f:g}, may remove {n} blocks", depth=n)
     peers: dict[float, dict] = {}  # the best dense row at each size (GPTQ and RTN share their bytes)
     for r in rows.values():
         k = round(r.get("kept_fraction", 1.0), 4)
@@ -376,6 +390,11 @@ def markdown(result: dict) -> str:
                   "|---|---:|---:|---:|---:|---|---|"]
         for r in joint_rows:
             ch = ", ".join(f"{k} {v}" for k, v in list(r["choices"].items())[:6])
+            if r.get("depth"):
+                d = r["depth"]
+                ch = (f"{'**pruned** blocks ' + str(d['removed_blocks']) if d['pruned'] else 'not pruned'} (change "
+                      f"{d['prune_error']:.3g}; est. {d['estimated_error_with_pruning']:.3g} with vs "
+                      f"{d['estimated_error_without_pruning']:.3g} without); {ch}")
             peer = f"{r['peer_perplexity']:.3f}" if "peer_perplexity" in r else ""
             beats = ("yes" if r["beats_peer"] else "**no**") if "beats_peer" in r else ""
             lines.append(f"| {r['label']} | {r['kept_fraction']:.4f} | {r['perplexity']:.3f} | "
