@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
     from compot_deploy.models import default_model_dir, find_targets, load_model
     from compot_deploy.allocate import joint
-    from compot_deploy.compression import Compressed, quantize_dir, save
+    from compot_deploy.compression import build_joint, quantize_dir, save
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -185,10 +185,8 @@ def main(argv=None) -> int:
             m, _ = load_model(model_dir)
             t0 = time.perf_counter()
             budget = Budget(kept=frac)
-            records, stats = joint.build(m, profile, linear_budget(budget, profile.dense_linear_bytes), jcfg, False,
-                                         methods)
+            result = build_joint(m, profile, linear_budget(budget, profile.dense_linear_bytes), jcfg, False, methods)
             cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"budget": budget})})
-            result = Compressed(profile.targets, records, stats, {"build": time.perf_counter() - t0})
             return save(m, tok, out, result, cfg.model_dump(mode="json"), "float16", 0, model_dir, model_dir, t0, False)
 
         label = f"budget {frac:.4f}" + (f" (= {peer})" if peer else "")

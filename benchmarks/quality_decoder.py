@@ -283,7 +283,7 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
     import torch
 
     from compot_deploy.allocate import joint
-    from compot_deploy.compression import Compressed, save as save_folder
+    from compot_deploy.compression import build_joint, save as save_folder
     from compot_deploy.config import AllocationConfig, CompressConfig, JointConfig
     from compot_deploy.models import load_model
     from compot_deploy.storage.budget import Budget, linear_budget
@@ -316,19 +316,14 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
             budget = Budget(kept=frac)
             cfg = jcfg.model_copy(update={"allocation": jcfg.allocation.model_copy(update={"budget": budget}),
                                           "prune": jcfg.prune.model_copy(update={"blocks": depth})})
-            nbytes = linear_budget(budget, prof.dense_linear_bytes)
-            p, pruned, compared = prof, None, None
-            if depth:  # depth as a candidate: prune only if that beats spending the blocks' bytes
-                p, pruned, compared = joint.with_depth(m, prof, nbytes, cfg, False)
-            records, stats = joint.build(m, p, nbytes, cfg, False, methods)
-            result = Compressed(p.targets, records, stats, {"build": time.perf_counter() - t1}, pruned=pruned,
-                                depth=compared)
+            # with depth: prune only if that beats spending the blocks' bytes
+            result = build_joint(m, prof, linear_budget(budget, prof.dense_linear_bytes), cfg, False, methods)
             rep = save_folder(m, tok, Path(tmp) / "m", result, cfg.model_dump(mode="json"), "float16", 0, model_dir,
                               model_dir, t1, False)
             del m
             row = {"section": "joint", "label": label, "method": "joint" + (f" ({'+'.join(methods)})" if methods else ""),
                    "target": frac, "choices": rep["joint"]["choices"], "profile_s": prof.seconds,
-                   **({"depth": compared} if compared else {})}
+                   **({"depth": result.depth} if result.depth else {})}
             return measured_row(row, Path(tmp) / "m", rep, wall_s=prof.seconds + time.perf_counter() - t1, **extra)
 
     from compot_deploy.errors import CompotError

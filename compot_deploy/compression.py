@@ -117,14 +117,7 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
         budget = joint.budget_for(model, targets, cfg)  # fails before the profiling
         with result.stage("allocate"):  # calibration and every candidate's measurement
             prof = joint.profile(model, tokenizer, cfg, targets, progress)
-        if cfg.prune.blocks:  # the budget stays the unpruned model's: removed blocks free their bytes
-            with result.stage("prune"):
-                prof, result.pruned, result.depth = joint.with_depth(model, prof, budget, cfg, progress)
-            result.targets = prof.targets
-        result.calibration = prof.calibration
-        with result.stage("factorize"):
-            result.records, result.stats = joint.build(model, prof, budget, cfg, progress)
-        return result
+        return build_joint(model, prof, budget, cfg, progress, result=result)
     if result.pruned is not None:
         dtype = cfg.factorize.dtype
         cfg = _budget_after_pruning(cfg, targets, result.pruned)
@@ -157,6 +150,23 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
     if cfg.quantize is not None:
         with result.stage("quantize"):
             quantize_model(model, targets, batches, records, stats, cfg.quantize, f, progress)
+    return result
+
+
+def build_joint(model, prof: "JointProfile", budget: float, cfg: CompressConfig, progress: bool = True,  # noqa: F821
+                methods: tuple[str, ...] | None = None, result: Compressed | None = None) -> Compressed:
+    """Build `model` in place from its joint profile within `budget` bytes of the linears: with cfg.prune.blocks,
+    depth first (joint.with_depth; the budget stays the unpruned model's, so removed blocks free their bytes), then
+    one candidate per layer (joint.build, only of `methods` when given). Stages are timed into `result`."""
+    from .allocate import joint
+
+    result = result or Compressed(prof.targets, {}, {})
+    if cfg.prune.blocks:
+        with result.stage("prune"):
+            prof, result.pruned, result.depth = joint.with_depth(model, prof, budget, cfg, progress)
+    result.targets, result.calibration = prof.targets, prof.calibration
+    with result.stage("factorize"):
+        result.records, result.stats = joint.build(model, prof, budget, cfg, progress, methods)
     return result
 
 

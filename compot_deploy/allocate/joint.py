@@ -247,9 +247,10 @@ def with_depth(model, prof: JointProfile, budget: float, cfg: CompressConfig,
         return prof, None, depth
     pruned = prune_model(model, prof.batches, cfg.prune, progress)
     renamed = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
-    old = [prof.targets[i] for i in keep]
-    if [(t.d_in, t.d_out, t.name.split(".")[-1]) for t in renamed] != [(t.d_in, t.d_out, t.name.split(".")[-1])
-                                                                         for t in old]:
+    def shape(ts: list[Target]) -> list[tuple]:
+        return [(t.d_in, t.d_out, t.name.split(".")[-1]) for t in ts]
+
+    if shape(renamed) != shape([prof.targets[i] for i in keep]):
         raise CompotError("the pruned model's linears do not line up with the unpruned model's kept ones")
     return (JointProfile(renamed, prof.batches, [prof.candidates[i] for i in keep], [prof.weights[i] for i in keep],
                          prof.dense_linear_bytes, prof.seconds, prof.calibration), pruned, depth)

@@ -89,7 +89,6 @@ def quantize_layer(model, name: str, gram, cfg, round_scales, cache: dict | None
         raise TypeError(f"{name}: cannot quantize a {type(mod).__name__}")
     E = W_before - W_after
     spec = QuantSpec(method=cfg.method, bits=cfg.bits, sym=cfg.sym, groups=rec)
-    err, ref = output_error2(E, gram.G), output_error2(W_before, gram.G)
-    # an all-zero weight (or one its inputs never reach) rounds exactly: no error relative to nothing
-    return QuantResult(spec, (err / ref) ** 0.5 if ref else (0.0 if not err else float("inf")),
+    # relative to 1 where the weight's output is zero (an all-zero weight), as joint.measure_layer does
+    return QuantResult(spec, (output_error2(E, gram.G) / (output_error2(W_before, gram.G) or 1.0)) ** 0.5,
                        time.perf_counter() - t0)
