@@ -133,6 +133,31 @@ def test_batch_omp_solves_least_squares_on_its_support():
         assert torch.allclose(sol, values[:, j], atol=1e-8)
 
 
+def _omp_one_column(D, m, s):
+    """Textbook OMP for one column: pick the atom most correlated with the residual, re-solve least squares."""
+    chosen, r = [], m.clone()
+    for _ in range(s):
+        score = (D.T @ r).abs()
+        score[chosen] = -1.0
+        chosen.append(int(score.argmax()))
+        g = torch.linalg.lstsq(D[:, chosen], m[:, None]).solution[:, 0]
+        r = m - D[:, chosen] @ g
+    return g, chosen
+
+
+def test_batch_omp_picks_textbook_omps_atoms_in_order_across_chunks():
+    g = torch.Generator().manual_seed(1)
+    D = torch.randn(40, 70, generator=g, dtype=f64)
+    D /= D.norm(dim=0)
+    X = torch.randn(40, 23, generator=g, dtype=f64)
+    s = 30  # dense enough codes that later atoms are nearly dependent on the chosen ones
+    values, idx = batch_omp(D, X, s, chunk_bytes=5 * s * (70 + s) * 8)  # 5 columns per chunk: 5 chunks
+    for j in range(23):
+        ref_values, ref_idx = _omp_one_column(D, X[:, j], s)
+        assert idx[:, j].tolist() == ref_idx
+        assert torch.allclose(values[:, j], ref_values, atol=1e-8)
+
+
 def test_cospadi_improves_on_its_init_and_keeps_sparsity():
     X, W = _problem()
     L = damped_cholesky(X.T @ X)
