@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CompotError
 from .gguf import resolve_model_dir
@@ -53,21 +54,22 @@ def model_class(config):
     return transformers.AutoModel
 
 
-def check_supported(config) -> None:
-    """CompotError, before any work, for model families the pipeline cannot calibrate or export yet: encoder-decoders
-    (T5, BART, Whisper; T5EncoderModel alone is fine) and models fed other than token ids (ViT, audio)."""
+def check_supported(config, export: bool = False) -> None:
+    """CompotError, before any work, for model families the pipeline cannot calibrate yet (models fed other than
+    token ids: ViT, Whisper's audio) and, with `export`, cannot export yet (encoder-decoders: T5, BART; compress and
+    quantize take them, T5EncoderModel alone exports)."""
     cls = model_class(config)
     kind = f"{config.model_type} ({cls.__name__})"
     main = getattr(cls, "main_input_name", "input_ids")
     if main != "input_ids":
         raise CompotError(f"{kind} takes {main}, not token ids: image and audio models are not supported yet "
-                          "(decoder and encoder text models are)")
-    if getattr(config, "is_encoder_decoder", False) and "Encoder" not in cls.__name__:
-        raise CompotError(f"{kind} is an encoder-decoder: not supported yet (decoder-only and encoder-only text "
-                          "models are)")
+                          "(decoder, encoder and encoder-decoder text models are)")
+    if export and getattr(config, "is_encoder_decoder", False) and "Encoder" not in cls.__name__:
+        raise CompotError(f"{kind} is an encoder-decoder: compress and quantize take it, ONNX export does not yet "
+                          "(decoder-only and encoder-only models export)")
 
 
-def check_supported_dir(model_dir: str | os.PathLike) -> None:
+def check_supported_dir(model_dir: str | os.PathLike, export: bool = False) -> None:
     """check_supported for the model folder (or .gguf) `model_dir`, reading only its config."""
     import transformers
 
@@ -76,7 +78,7 @@ def check_supported_dir(model_dir: str | os.PathLike) -> None:
         config = transformers.AutoConfig.from_pretrained(resolve_model_dir(model_dir), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise CompotError(f"cannot read the config of {model_dir}: {str(e).splitlines()[0]}") from None
-    check_supported(config)
+    check_supported(config, export)
 
 
 def load_model(model_dir: str | os.PathLike):
@@ -152,19 +154,78 @@ def check_finite(model) -> None:
             raise CompotError(f"weight {name} contains NaN/Inf")
 
 
-def find_blocks(model):
-    """(qualified name, nn.ModuleList) of the transformer blocks: the ModuleList holding most parameters."""
+@dataclass
+class Stack:
+    """One list of transformer blocks. prefix: its qualified name; offset: the walk's index of its first block (a
+    decoder's blocks follow its encoder's); mask_key: the batch entry with the attention mask of its tokens."""
+
+    prefix: str
+    blocks: Any
+    offset: int = 0
+    mask_key: str = "attention_mask"
+
+
+def encoder_decoder(model):
+    """(encoder, decoder) modules of an encoder-decoder (T5, BART), else None (decoders, encoders, T5EncoderModel,
+    whose get_decoder is the model itself)."""
+    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "get_decoder"):
+        return None
+    enc, dec = model.get_encoder(), model.get_decoder()
+    if enc is None or dec is None or model in (enc, dec) or enc is dec:
+        return None
+    return enc, dec
+
+
+def _largest_block_list(model, within=None) -> tuple[str, Any]:
+    """(qualified name, nn.ModuleList) of the ModuleList holding most parameters (inside the module `within`)."""
     from torch import nn
 
+    inside = None if within is None else {id(m) for m in within.modules()}
     best, best_n = None, 0
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (inside is None or id(mod) in inside):
             n = sum(p.numel() for p in mod.parameters())
             if n > best_n:
                 best, best_n = (name, mod), n
     if best is None:
-        raise CompotError(f"{type(model).__name__} has no list of transformer blocks to compress")
+        raise CompotError(f"{type(within or model).__name__} has no list of transformer blocks to compress")
     return best
+
+
+def find_stacks(model) -> list[Stack]:
+    """The block lists of `model` in the order its forward runs them: one, or an encoder-decoder's encoder blocks
+    then its decoder blocks (whose tokens' mask is the batch's decoder_attention_mask)."""
+    ed = encoder_decoder(model)
+    if ed is None:
+        return [Stack(*_largest_block_list(model))]
+    enc = Stack(*_largest_block_list(model, ed[0]))
+    dec = Stack(*_largest_block_list(model, ed[1]), offset=len(enc.blocks), mask_key="decoder_attention_mask")
+    return [enc, dec]
+
+
+def find_blocks(model):
+    """(qualified name, nn.ModuleList) of the transformer blocks of a one-stack model (what block pruning walks)."""
+    stacks = find_stacks(model)
+    if len(stacks) > 1:
+        raise CompotError(f"{type(model).__name__} has an encoder and a decoder stack: removing blocks works on "
+                          "decoder-only and encoder-only models")
+    return stacks[0].prefix, stacks[0].blocks
+
+
+def output_mask(batch: dict):
+    """(b, t) mask of the tokens whose final hidden states a model returns: the decoder's for an encoder-decoder."""
+    return batch.get("decoder_attention_mask", batch["attention_mask"])
+
+
+def final_hidden(model, batch: dict):
+    """The last hidden states (b, t, hidden) of `model` on `batch`, without the vocabulary-sized logits: the
+    decoder's, fed the encoder's, for an encoder-decoder."""
+    ed = encoder_decoder(model)
+    if ed is None:
+        return getattr(model, "base_model", model)(**batch).last_hidden_state
+    enc = ed[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return ed[1](input_ids=batch["decoder_input_ids"], attention_mask=batch.get("decoder_attention_mask"),
+                 encoder_hidden_states=enc, encoder_attention_mask=batch["attention_mask"]).last_hidden_state
 
 
 def is_dense_linear(mod) -> bool:
@@ -193,21 +254,22 @@ def dense_weight(mod):
 
 
 def find_targets(model, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
-    """Dense linears inside the transformer blocks whose qualified names match `include` and not `exclude`
-    (fnmatch patterns). Embeddings and heads live outside the blocks, so they stay dense."""
-    prefix, blocks = find_blocks(model)
+    """Dense linears inside the transformer blocks (of every stack) whose qualified names match `include` and not
+    `exclude` (fnmatch patterns). Embeddings and heads live outside the blocks, so they stay dense."""
     out = []
-    for b, block in enumerate(blocks):
-        for sub, mod in block.named_modules():
-            if not is_dense_linear(mod):
-                continue
-            name = f"{prefix}.{b}.{sub}" if prefix else f"{b}.{sub}"
-            if include and not any(fnmatch.fnmatch(name, p) for p in include):
-                continue
-            if exclude and any(fnmatch.fnmatch(name, p) for p in exclude):
-                continue
-            W = dense_weight(mod)
-            out.append(Target(name=name, block=b, d_in=W.shape[0], d_out=W.shape[1], bias=mod.bias is not None))
+    for stack in find_stacks(model):
+        for b, block in enumerate(stack.blocks):
+            for sub, mod in block.named_modules():
+                if not is_dense_linear(mod):
+                    continue
+                name = f"{stack.prefix}.{b}.{sub}" if stack.prefix else f"{b}.{sub}"
+                if include and not any(fnmatch.fnmatch(name, p) for p in include):
+                    continue
+                if exclude and any(fnmatch.fnmatch(name, p) for p in exclude):
+                    continue
+                W = dense_weight(mod)
+                out.append(Target(name=name, block=stack.offset + b, d_in=W.shape[0], d_out=W.shape[1],
+                                  bias=mod.bias is not None))
     if not out:
         raise CompotError("no linear layer matches the include/exclude patterns inside the transformer blocks")
     return out
@@ -215,9 +277,15 @@ def find_targets(model, include: list[str] | None = None, exclude: list[str] | N
 
 def targets_named(model, layers: dict) -> list[Target]:
     """Targets for named layer records (name → anything with d_in, d_out, bias, e.g. a LayerRecord)."""
-    prefix, _ = find_blocks(model)
-    skip = len(prefix) + 1 if prefix else 0
-    return [Target(n, int(n[skip:].split(".")[0]), r.d_in, r.d_out, r.bias) for n, r in layers.items()]
+    stacks = find_stacks(model)
+
+    def block(name: str) -> int:
+        for s in stacks:
+            if not s.prefix or name.startswith(s.prefix + "."):
+                return s.offset + int(name[len(s.prefix) + 1 if s.prefix else 0 :].split(".")[0])
+        raise CompotError(f"layer {name} is in no block of {type(model).__name__}")
+
+    return [Target(n, block(n), r.d_in, r.d_out, r.bias) for n, r in layers.items()]
 
 
 def set_module(model, name: str, new) -> None:

@@ -38,7 +38,7 @@ TINY_KINDS = ("llama", "qwen3", "gpt2", "bert", "gemma2")
 
 
 def build_tiny(kind: str, path: Path, minilm: Path, layers: int = 2) -> Path:
-    """A `layers`-block random model of `kind` (TINY_KINDS, or "t5-encoder") with MiniLM's tokenizer, saved like any HF
+    """A `layers`-block random model of `kind` (TINY_KINDS, "t5-encoder", "t5" or "bart") with MiniLM's tokenizer, saved like any HF
     checkpoint."""
     import torch
     import transformers as tf
@@ -64,6 +64,14 @@ def build_tiny(kind: str, path: Path, minilm: Path, layers: int = 2) -> Path:
     elif kind == "t5-encoder":  # reads `.weight` of its linears; threads block 0's position bias to the others
         model = tf.T5EncoderModel(tf.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=160, num_layers=layers, num_heads=4,
                                               decoder_start_token_id=0))
+    elif kind == "t5":  # an encoder-decoder: relative position biases, cross-attention, `.weight` reads
+        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=160,
+                                                          num_layers=layers, num_heads=4, decoder_start_token_id=0))
+    elif kind == "bart":  # an encoder-decoder with learned positions and biases
+        model = tf.BartForConditionalGeneration(tf.BartConfig(
+            vocab_size=V, d_model=64, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=160, decoder_ffn_dim=160, max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=101))
     else:
         raise ValueError(kind)
     model.save_pretrained(path)

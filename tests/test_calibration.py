@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import build_tiny
 
-from compot_deploy.calibrate.data import load_texts, make_batches, make_samples, special_tokens_around
+from compot_deploy.calibrate.data import (load_texts, make_batches, make_samples, special_tokens_around,
+                                         with_decoder_inputs)
 from compot_deploy.calibrate.runner import calibrate, run_blocks
 from compot_deploy.errors import CompotError
 from compot_deploy.models import find_targets, load_model
@@ -98,29 +99,39 @@ def _full_forward_grams(model, batches, targets) -> dict:
     grams, handles = {t.name: 0 for t in targets}, []
     mask = {}
     for t in targets:
-        def hook(_m, args, name=t.name):
-            x = args[0].detach()[mask["m"]].double()
+        # an encoder-decoder's decoder reads its own tokens, and its cross-attention's keys and values the encoder's
+        side = "dec" if t.name.startswith(("decoder.", "model.decoder.")) else "enc"
+        if side == "dec" and any(k in t.name for k in ("EncDecAttention.k", "EncDecAttention.v", "encoder_attn.k_proj",
+                                                       "encoder_attn.v_proj")):
+            side = "enc"
+
+        def hook(_m, args, name=t.name, side=side):
+            x = args[0].detach()[mask[side]].double()
             grams[name] = grams[name] + x.T @ x
 
         handles.append(model.get_submodule(t.name).register_forward_pre_hook(hook))
     with torch.no_grad():
         for b in batches:
-            mask["m"] = b["attention_mask"].bool()
+            mask["enc"] = b["attention_mask"].bool()
+            mask["dec"] = b.get("decoder_attention_mask", b["attention_mask"]).bool()
             model(**b)
     for h in handles:
         h.remove()
     return grams
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "gemma2", "t5-encoder"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "gemma2", "t5-encoder", "t5", "bart"])
 def test_the_walk_sees_what_the_whole_model_sees(kind, tiny_dirs, minilm_dir, tmp_path):
     """Every block's Gram from the block-by-block walk equals the one hooked in whole-model forwards: the walk feeds
-    each block what its stack would (T5 threads the first block's relative position bias to the others)."""
-    folder = build_tiny(kind, tmp_path / kind, minilm_dir) if kind == "t5-encoder" else tiny_dirs[kind]
+    each block what its stack would (T5 threads the first block's relative position bias to the others; an
+    encoder-decoder's decoder blocks read the encoder's outputs, at the encoder's tokens)."""
+    folder = tiny_dirs[kind] if kind in tiny_dirs else build_tiny(kind, tmp_path / kind, minilm_dir)
     model, tok = load_model(folder)
     batches = make_batches(make_samples(tok, load_texts(None), 4, 40, seed=0, packing=False), 2, tok.pad_token_id)
+    if kind in ("t5", "bart"):
+        batches = [with_decoder_inputs(model, b) for b in batches]
     targets = find_targets(model)
-    assert len({t.block for t in targets}) >= 2
+    assert len({t.block for t in targets}) >= (4 if kind in ("t5", "bart") else 2)
     walk = calibrate(model, batches, targets, progress=False)
     ref = _full_forward_grams(model, batches, targets)
     for t in targets:

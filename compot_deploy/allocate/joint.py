@@ -109,12 +109,10 @@ def _final_hidden(model, batches) -> "torch.Tensor":  # noqa: F821
     """Final hidden states of the real (unpadded) tokens of `batches`: (n_tokens, hidden)."""
     import torch
 
-    body = getattr(model, "base_model", model)  # a causal LM's decoder: no vocabulary-sized logits
-    out = []
+    from ..models import final_hidden, output_mask
+
     with torch.no_grad():
-        for b in batches:
-            out.append(body(**b).last_hidden_state[b["attention_mask"].bool()].double())
-    return torch.cat(out)
+        return torch.cat([final_hidden(model, b)[output_mask(b).bool()].double() for b in batches])
 
 
 def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict], probe: float = 0.01,

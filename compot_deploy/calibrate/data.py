@@ -158,7 +158,7 @@ def max_positions(config) -> int | None:
 def calibration_batches(tokenizer, cfg, model) -> list[dict]:
     """The batches `cfg` (CalibrationConfig) asks for `model`. Decoders calibrate on packed full-length chunks;
     encoders (measured on MiniLM: +0.04 mean cosine at ratio 0.3) on one document per sample, as they are used."""
-    from ..models import is_causal_lm
+    from ..models import encoder_decoder, is_causal_lm
 
     causal = is_causal_lm(model)
     limit = max_positions(model.config)
@@ -167,7 +167,19 @@ def calibration_batches(tokenizer, cfg, model) -> list[dict]:
     packing = causal if cfg.packing is None else cfg.packing
     n = cfg.samples or (32 if packing else 128)
     samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing)
-    return make_batches(samples, cfg.batch_size, tokenizer.pad_token_id or 0)
+    batches = make_batches(samples, cfg.batch_size, tokenizer.pad_token_id or 0)
+    return [with_decoder_inputs(model, b) for b in batches] if encoder_decoder(model) else batches
+
+
+def with_decoder_inputs(model, batch: dict) -> dict:
+    """An encoder-decoder's batch: the decoder reads the same text, teacher-forced (decoder_input_ids: the model's
+    own right shift of the tokens; decoder_attention_mask: the mask shifted with it), so both stacks see it."""
+    import torch
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dec = model.prepare_decoder_input_ids_from_labels(labels=ids.masked_fill(mask == 0, -100))
+    dec_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], 1)
+    return {**batch, "decoder_input_ids": dec, "decoder_attention_mask": dec_mask}
 
 
 # Below ~4 tokens per input dimension a Gram's small eigenvalues are mostly noise; below 1 it is singular and

@@ -5,8 +5,10 @@ Only one block's input activations (and its outputs) are held at a time: the inp
 stack calls every block (masks, position embeddings and biases, which may differ per block), are captured once
 in forward passes that stop at the last block needed; then each block is run on its inputs, its linears' Grams
 accumulated by forward hooks, the step runs, and the block's outputs (recomputed when the step replaced its
-modules) become the inputs of the next block. Every tensor lives where the model does (the CPU today); Grams are
-float64.
+modules) become the inputs of the next block. An encoder-decoder's walk goes through its encoder's blocks, then
+its decoder's, whose first block's inputs and cross-attention inputs are the captured ones: a sequential walk
+(steps that replace modules) calibrates the decoder on the original encoder's outputs. Every tensor lives where
+the model does (the CPU today); Grams are float64.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import CompotError
-from ..models import Target, find_blocks
+from ..models import Target, encoder_decoder, find_stacks, output_mask
 
 @dataclass
 class Gram:
@@ -35,20 +37,22 @@ class _Captured(Exception):
     pass
 
 
-def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockCall]]:
-    """calls[i][j]: how the stack calls block i on batch j, hooked in forward passes of the model that stop at
-    block `last`. What a stack passes besides the hidden states may differ per block (Gemma2/3 give sliding and
-    global blocks different masks; T5's first block computes the relative position bias that the others reuse),
-    so each block gets its own call; the tensors blocks share stay shared. Only block 0 keeps its hidden states:
-    the walk computes the others."""
+def _capture_block_calls(model, blocks: list, firsts: set[int], batches, encoder=None) -> tuple[list, list]:
+    """calls[i][j]: how its stack calls blocks[i] on batch j, hooked in forward passes of the model that stop at
+    the last of `blocks`. What a stack passes besides the hidden states may differ per block (Gemma2/3 give sliding
+    and global blocks different masks; T5's first block computes the relative position bias that the others reuse;
+    a decoder's blocks get the encoder's outputs), so each block gets its own call; the tensors blocks share stay
+    shared. Only the first block of each stack (`firsts`) keeps its hidden states: the walk computes the others.
+    Also returns, per batch, the output of the module `encoder` when given (the tensor cross-attention reads)."""
     import torch
 
-    calls: list[list[_BlockCall]] = [[] for _ in range(last + 1)]
+    last = len(blocks) - 1
+    calls: list[list[_BlockCall]] = [[] for _ in blocks]
 
     def hook_of(i):
         def hook(_mod, args, kwargs):
             args, kwargs = tuple(args), dict(kwargs)
-            if i > 0:  # drop the hidden states (the walk recomputes them), keep the position of the argument
+            if i not in firsts:  # drop the hidden states (the walk recomputes them), keep the position of the argument
                 args, kwargs = ((None,) + args[1:], kwargs) if args else (args, {**kwargs, "hidden_states": None})
             calls[i].append(_BlockCall(args=args, kwargs=kwargs))
             if i == last:
@@ -56,7 +60,14 @@ def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockC
 
         return hook
 
+    encoded: list = []
+
+    def keep_encoded(_mod, _args, out):
+        encoded.append(out[0])
+
     handles = [blocks[i].register_forward_pre_hook(hook_of(i), with_kwargs=True) for i in range(last + 1)]
+    if encoder is not None:
+        handles.append(encoder.register_forward_hook(keep_encoded))
     try:
         with torch.no_grad():
             for b in batches:
@@ -66,7 +77,7 @@ def _capture_block_calls(model, blocks, last: int, batches) -> list[list[_BlockC
             h.remove()
     if any(len(c) != len(batches) for c in calls):
         raise CompotError("could not capture the inputs of every transformer block")
-    return calls
+    return calls, encoded
 
 
 def _forward_until_captured(model, batch: dict) -> None:
@@ -115,6 +126,8 @@ class _GramHooks:
     targets: list[Target]
     grams: dict = field(default_factory=dict)
     mask: Any = None
+    encoded: Any = None  # the encoder's output: cross-attention's keys and values read it, at its own tokens
+    encoded_mask: Any = None
 
     def __enter__(self):
         import torch
@@ -125,7 +138,8 @@ class _GramHooks:
             self.grams[t.name] = Gram(G=torch.zeros(t.d_in, t.d_in, dtype=torch.float64), n=0)
 
             def hook(_m, args, name=t.name):
-                _accumulate(self.grams[name], args[0], self.mask)
+                cross = self.encoded is not None and args[0] is self.encoded
+                _accumulate(self.grams[name], args[0], self.encoded_mask if cross else self.mask)
 
             self._handles.append(mod.register_forward_pre_hook(hook))
         return self
@@ -153,23 +167,32 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
 
     from ..progress import bar as progress_bar
 
-    prefix, blocks = find_blocks(model)
+    stacks = find_stacks(model)
+    if observe is not None and len(stacks) > 1:
+        raise CompotError("observing the hidden states between blocks works on one-stack models")
     by_block: dict[int, list[Target]] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t)
     last = max(by_block) if last is None else last
-    block_calls = _capture_block_calls(model, blocks, last, batches)
-    hidden = [_hidden_of(c) for c in block_calls[0]]
-    masks = [b["attention_mask"].bool() for b in batches]  # (b, t): the real tokens, the same in every block
+    walk = [(s, j) for s in stacks for j in range(len(s.blocks))][: last + 1]  # (stack, index in it), in order
+    ed = encoder_decoder(model)
+    block_calls, encoded = _capture_block_calls(model, [s.blocks[j] for s, j in walk], {s.offset for s in stacks},
+                                                batches, ed[0] if ed and last >= stacks[1].offset else None)
+    enc_masks = [b["attention_mask"].bool() for b in batches]
     with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
-        for i in range(last + 1):
+        for i, (stack, j) in enumerate(walk):
+            if j == 0:  # a stack's first block: its inputs as captured, its tokens' mask (b, t), the same in every block
+                hidden = [_hidden_of(c) for c in block_calls[i]]
+                masks = [_stack_mask(b, stack.mask_key, h) for b, h in zip(batches, hidden, strict=True)]
             if observe is not None:
                 observe(i, hidden, masks)
-            block, calls = blocks[i], block_calls[i]
-            with _GramHooks(block, f"{prefix}.{i}" if prefix else str(i), by_block.get(i, [])) as hooks:
+            block, calls = stack.blocks[j], block_calls[i]
+            with _GramHooks(block, f"{stack.prefix}.{j}" if stack.prefix else str(j), by_block.get(i, [])) as hooks:
                 outs = []
-                for c, h, m in zip(calls, hidden, masks):
+                for k, (c, h, m) in enumerate(zip(calls, hidden, masks)):
                     hooks.mask = m
+                    if stack.offset:  # a decoder's block
+                        hooks.encoded, hooks.encoded_mask = encoded[k], enc_masks[k]
                     outs.append(_run_block(block, c, h))
             if hooks.grams and step(i, hooks.grams) and i < last:
                 outs = [_run_block(block, c, h) for c, h in zip(calls, hidden)]
@@ -177,6 +200,14 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
             bar.update()
     if observe is not None:
         observe(last + 1, hidden, masks)
+
+
+def _stack_mask(batch: dict, key: str, hidden):
+    """The (b, t) bool mask of a stack's real tokens: batch[key], else every position of `hidden`: (b, t, d)."""
+    import torch
+
+    m = batch.get(key)
+    return m.bool() if m is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
 
 
 def calibrate(model, batches: list[dict], targets: list[Target], progress: bool = True) -> dict[str, "Gram"]:
@@ -210,7 +241,7 @@ def input_gram(model, module, batches: list[dict], desc: str = "head Gram", prog
     try:
         with torch.no_grad(), progress_bar(total=len(batches), desc=desc, unit="batch", progress=progress) as bar:
             for b in batches:
-                mask = b["attention_mask"].bool()
+                mask = output_mask(b).bool()
                 _forward_until_captured(model, b)
                 bar.update()
     finally:

@@ -429,11 +429,11 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
 
     from ..storage.artifact import WEIGHTS, atomic_dir, check_output_dir, load, write_json_atomic
     from ..gguf import gguf_file
-    from ..models import load_model, load_tokenizer, read_hf_config, resolve_model_dir
+    from ..models import check_supported_dir, load_model, load_tokenizer, read_hf_config, resolve_model_dir
 
     check_opset(cfg.opset)
     if gguf_file(source) is None:
-        read_hf_config(source)  # a bad input is named before anything about the output
+        check_supported_dir(source, export=True)  # a bad input is named before anything about the output
     check_output_dir(out, overwrite, [source])
     source = resolve_model_dir(source).resolve()
     section = read_hf_config(source).get("compot")
