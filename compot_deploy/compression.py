@@ -128,8 +128,8 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
 
     with result.stage("calibrate"):
         batches = batches or calibration_batches(tokenizer, cfg.calibration, model)
-        result.calibration = check_token_count(batches, targets)
         grams = calibrate(model, batches, targets, progress=progress)
+        result.calibration = check_token_count(batches, targets, grams)
     with result.stage("allocate"):
         records = result.records = allocate(model, targets, grams, cfg, progress)
     f = cfg.factorize

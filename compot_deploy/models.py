@@ -54,16 +54,27 @@ def model_class(config):
     return transformers.AutoModel
 
 
+IMAGES = "pixel_values"  # the main input of image models (ViT, DeiT, …): calibrated on a folder of images
+
+
+def main_input(config) -> str:
+    """What the model's forward is fed: input_ids (text), pixel_values (images), input_features (audio), …"""
+    return getattr(model_class(config), "main_input_name", "input_ids")
+
+
 def check_supported(config, export: bool = False) -> None:
-    """CompotError, before any work, for model families the pipeline cannot calibrate yet (models fed other than
-    token ids: ViT, Whisper's audio) and, with `export`, cannot export yet (encoder-decoders: T5, BART; compress and
-    quantize take them, T5EncoderModel alone exports)."""
+    """CompotError, before any work, for model families the pipeline cannot calibrate yet (audio: Whisper) and,
+    with `export`, cannot export yet (encoder-decoders: T5, BART; image models: ViT. compress and quantize take
+    them; T5EncoderModel alone exports)."""
     cls = model_class(config)
     kind = f"{config.model_type} ({cls.__name__})"
-    main = getattr(cls, "main_input_name", "input_ids")
-    if main != "input_ids":
-        raise CompotError(f"{kind} takes {main}, not token ids: image and audio models are not supported yet "
-                          "(decoder, encoder and encoder-decoder text models are)")
+    main = main_input(config)
+    if main not in ("input_ids", IMAGES):
+        raise CompotError(f"{kind} takes {main}: audio and other non-text, non-image models are not supported yet "
+                          "(text models, and image models calibrated on a folder of images, are)")
+    if export and main == IMAGES:
+        raise CompotError(f"{kind} is an image model: compress and quantize take it (--calib a folder of images), "
+                          "ONNX export does not yet")
     if export and getattr(config, "is_encoder_decoder", False) and "Encoder" not in cls.__name__:
         raise CompotError(f"{kind} is an encoder-decoder: compress and quantize take it, ONNX export does not yet "
                           "(decoder-only and encoder-only models export)")
@@ -134,13 +145,17 @@ def quiet_transformers() -> None:
 
 
 def load_tokenizer(model_dir):
+    """The model's tokenizer, or for an image model its image processor (what turns inputs into its main input)."""
     import transformers
 
     model_dir = resolve_model_dir(model_dir)
     try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        if main_input(config) == IMAGES:
+            return transformers.AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
         tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise CompotError(f"cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+        raise CompotError(f"cannot load the tokenizer (or image processor) from {model_dir}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -213,8 +228,9 @@ def find_blocks(model):
 
 
 def output_mask(batch: dict):
-    """(b, t) mask of the tokens whose final hidden states a model returns: the decoder's for an encoder-decoder."""
-    return batch.get("decoder_attention_mask", batch["attention_mask"])
+    """(b, t) mask of the tokens whose final hidden states a model returns: the decoder's for an encoder-decoder;
+    None where every position is real (images)."""
+    return batch.get("decoder_attention_mask", batch.get("attention_mask"))
 
 
 def final_hidden(model, batch: dict):

@@ -200,8 +200,10 @@ def _tiny(kind: str, tmp_path: Path, tiny_dirs) -> Path:
     else:
         model = tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, image_size=16, patch_size=8))
+        tf.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
     model.save_pretrained(folder)
-    tf.AutoTokenizer.from_pretrained(tiny_dirs["bert"]).save_pretrained(folder)
+    if kind == "t5":
+        tf.AutoTokenizer.from_pretrained(tiny_dirs["bert"]).save_pretrained(folder)
     return folder
 
 
@@ -230,8 +232,10 @@ BAD_INPUTS = [
     ("an encoder-decoder (T5)", lambda d, t, o: ["build", _tiny("t5", t, d), "-o", o],
      2, "t5 (T5ForConditionalGeneration) is an encoder-decoder: compress and quantize take it, ONNX export does "
      "not yet"),
-    ("an image model (ViT)", lambda d, t, o: ["compress", _tiny("vit", t, d), "-o", o],
-     2, "vit (ViTModel) takes pixel_values, not token ids"),
+    ("an image model (ViT) without images", lambda d, t, o: ["compress", _tiny("vit", t, d), "-o", o],
+     2, "vit (ViTModel) is an image model: give --calib a folder of images"),
+    ("an image model (ViT) built", lambda d, t, o: ["build", _tiny("vit", t, d), "-o", o],
+     2, "vit (ViTModel) is an image model: compress and quantize take it (--calib a folder of images), ONNX export"),
     ("output is the input model", lambda d, t, o: ["compress", d["bert"], "-o", d["bert"], "--overwrite"],
      2, "is the input"),
 ]

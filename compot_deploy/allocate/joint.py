@@ -112,7 +112,12 @@ def _final_hidden(model, batches) -> "torch.Tensor":  # noqa: F821
     from ..models import final_hidden, output_mask
 
     with torch.no_grad():
-        return torch.cat([final_hidden(model, b)[output_mask(b).bool()].double() for b in batches])
+        return torch.cat([_real(final_hidden(model, b), output_mask(b)).double() for b in batches])
+
+
+def _real(h, mask):
+    """Rows of h: (b, t, d) at the real tokens (mask: (b, t), None: every position) → (n, d)."""
+    return h.reshape(-1, h.shape[-1]) if mask is None else h[mask.bool()]
 
 
 def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict], probe: float = 0.01,
@@ -199,8 +204,8 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     a, f = cfg.allocation, cfg.factorize
     targets = targets or find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     batches = calibration_batches(tokenizer, cfg.calibration, model)
-    calibration = check_token_count(batches, targets)
     grams = calibrate(model, batches, targets, progress=progress)
+    calibration = check_token_count(batches, targets, grams)
     cands = measure(model, targets, grams, a.joint, f, progress)
     weights = [1.0] * len(targets)
     if a.joint.sensitivity:

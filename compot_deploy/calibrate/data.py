@@ -158,8 +158,10 @@ def max_positions(config) -> int | None:
 def calibration_batches(tokenizer, cfg, model) -> list[dict]:
     """The batches `cfg` (CalibrationConfig) asks for `model`. Decoders calibrate on packed full-length chunks;
     encoders (measured on MiniLM: +0.04 mean cosine at ratio 0.3) on one document per sample, as they are used."""
-    from ..models import encoder_decoder, is_causal_lm
+    from ..models import IMAGES, encoder_decoder, is_causal_lm
 
+    if getattr(model, "main_input_name", "input_ids") == IMAGES:
+        return image_batches(tokenizer, cfg, f"{model.config.model_type} ({type(model).__name__})")
     causal = is_causal_lm(model)
     limit = max_positions(model.config)
     if limit is not None and cfg.seq_len > limit:
@@ -169,6 +171,34 @@ def calibration_batches(tokenizer, cfg, model) -> list[dict]:
     samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing)
     batches = make_batches(samples, cfg.batch_size, tokenizer.pad_token_id or 0)
     return [with_decoder_inputs(model, b) for b in batches] if encoder_decoder(model) else batches
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_batches(processor, cfg, kind: str) -> list[dict]:
+    """Batches {pixel_values} of cfg.samples (default 128) images from the folder cfg.source, drawn with cfg.seed,
+    through the model's own image processor."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(cfg.source) if cfg.source not in (None, BUILTIN) else None
+    if folder is None or not folder.is_dir():
+        raise CompotError(f"{kind} is an image model: give --calib a folder of images "
+                          f"({', '.join(IMAGE_SUFFIXES)})")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CompotError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    random.Random(cfg.seed).shuffle(files)
+    files = files[: cfg.samples or 128]
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise CompotError(f"{f}: not a readable image ({str(e).splitlines()[0]})") from None
+    return [{"pixel_values": processor(images=images[i : i + cfg.batch_size], return_tensors="pt")["pixel_values"]}
+            for i in range(0, len(images), cfg.batch_size)]
 
 
 def with_decoder_inputs(model, batch: dict) -> dict:
@@ -187,12 +217,15 @@ def with_decoder_inputs(model, batch: dict) -> dict:
 TOKENS_PER_DIM = 4
 
 
-def check_token_count(batches: list[dict], targets) -> dict:
-    """How many real (unpadded) tokens `batches` hold against the widest input (d_in) of `targets`; logs a warning
-    when fewer than that width (a singular Gram). Returns the calibration section of the report, `enough` meaning
-    at least TOKENS_PER_DIM × the width."""
+def check_token_count(batches: list[dict], targets, grams: dict | None = None) -> dict:
+    """How many real (unpadded) tokens `batches` hold (images: the rows the Grams `grams` saw) against the widest
+    input (d_in) of `targets`; logs a warning when fewer than that width (a singular Gram). Returns the calibration
+    section of the report, `enough` meaning at least TOKENS_PER_DIM × the width."""
     widest = max(t.d_in for t in targets)
-    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    if all("attention_mask" in b for b in batches):
+        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    else:
+        tokens = max(g.n for g in grams.values())
     if tokens < widest:
         log.warning("calibration holds %s tokens for inputs %s wide: their Grams are singular and damping, not data, "
                     "sets the whitening; give more text with --calib and --samples (%d tokens per dimension or more)",

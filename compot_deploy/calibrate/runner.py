@@ -105,7 +105,7 @@ def _run_block(block, call: _BlockCall, hidden):
 
 def _token_rows(x, mask):
     """Rows of x: (b, t, d) at real (unpadded) positions → (n, d)."""
-    if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask]
     return x.reshape(-1, x.shape[-1])
 
@@ -178,7 +178,7 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
     ed = encoder_decoder(model)
     block_calls, encoded = _capture_block_calls(model, [s.blocks[j] for s, j in walk], {s.offset for s in stacks},
                                                 batches, ed[0] if ed and last >= stacks[1].offset else None)
-    enc_masks = [b["attention_mask"].bool() for b in batches]
+    enc_masks = [b["attention_mask"].bool() for b in batches] if ed else None
     with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
         for i, (stack, j) in enumerate(walk):
             if j == 0:  # a stack's first block: its inputs as captured, its tokens' mask (b, t), the same in every block
@@ -241,7 +241,8 @@ def input_gram(model, module, batches: list[dict], desc: str = "head Gram", prog
     try:
         with torch.no_grad(), progress_bar(total=len(batches), desc=desc, unit="batch", progress=progress) as bar:
             for b in batches:
-                mask = output_mask(b).bool()
+                mask = output_mask(b)
+                mask = None if mask is None else mask.bool()
                 _forward_until_captured(model, b)
                 bar.update()
     finally:

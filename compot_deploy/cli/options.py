@@ -32,7 +32,8 @@ def calibration_options(fn):
     return _apply(fn, [
         click.option("--calib", "calib", default=None,
                      help="Calibration text: a .txt/.jsonl file, a folder of .txt, or a `datasets` folder saved with "
-                          "save_to_disk. Default: the built-in English corpus."),
+                          "save_to_disk. Default: the built-in English corpus. Image models (ViT): a folder of "
+                          "images, fed through the model's own image processor."),
         click.option("--samples", type=int, default=None,
                      help="Calibration samples [default: 128 documents for encoders, 32 packed chunks for decoders]."),
         click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sample."),

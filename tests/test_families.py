@@ -1,0 +1,115 @@
+"""Model families beyond decoder- and encoder-only text models: encoder-decoders (T5, BART) with both stacks
+calibrated and compressed, and image models (ViT) calibrated on a folder of images."""
+
+import re
+
+import pytest
+import torch
+from conftest import build_tiny
+
+import compot_deploy
+from compot_deploy.calibrate.data import make_batches, with_decoder_inputs
+from compot_deploy.config import AllocationConfig, CalibrationConfig, CompressConfig, FactorizeConfig
+from compot_deploy.models import final_hidden, find_stacks, load_model
+from compot_deploy.storage.budget import Budget
+from compot_deploy.storage.modules import CompotLinear
+
+
+@pytest.mark.parametrize("kind,encoder,decoder", [("t5", "encoder.block", "decoder.block"),
+                                                  ("bart", "model.encoder.layers", "model.decoder.layers")])
+def test_an_encoder_decoder_compresses_both_stacks_and_its_folder_generates(kind, encoder, decoder, minilm_dir,
+                                                                           tmp_path):
+    src = build_tiny(kind, tmp_path / kind, minilm_dir)
+    model, tok = load_model(src)
+    stacks = find_stacks(model)
+    assert [(s.prefix, s.offset, s.mask_key) for s in stacks] == [
+        (encoder, 0, "attention_mask"), (decoder, 2, "decoder_attention_mask")]
+
+    cfg = CompressConfig(calibration=CalibrationConfig(samples=16, seq_len=48, batch_size=4),
+                         allocation=AllocationConfig(strategy="uniform", budget=Budget(removed=0.3)),
+                         factorize=FactorizeConfig(iters=3))
+    out = tmp_path / "out"
+    report = compot_deploy.compress(src, out, cfg, progress=False)
+    names = [lay["name"] for lay in report["layers"] if lay["method"] == "compot"]
+    assert any(n.startswith(encoder + ".") for n in names) and any(n.startswith(decoder + ".") for n in names)
+    # the decoder's cross-attention is compressed too, and the blocks of both stacks are numbered in one walk
+    assert any("EncDecAttention" in n or "encoder_attn" in n for n in names)
+    assert 0.28 <= report["linears"]["file_ratio"] <= 0.32
+
+    loaded = compot_deploy.load(out)
+    assert sum(isinstance(m, CompotLinear) for m in loaded.modules()) == len(names)
+    ids = [tok("the quick brown fox jumps over the lazy dog")["input_ids"], tok("a short one")["input_ids"]]
+    batch = with_decoder_inputs(model, make_batches(ids, 2, tok.pad_token_id)[0])
+    with torch.no_grad():
+        ref, got = final_hidden(model, batch), final_hidden(loaded, batch)
+    real = batch["decoder_attention_mask"].bool()
+    rel = float((got - ref)[real].norm() / ref[real].norm())
+    assert 1e-4 < rel < 0.6, rel  # changed, not broken (random weights: the error means nothing beyond that)
+    gen = loaded.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=6,
+                          do_sample=False)
+    assert gen.shape[0] == 2 and gen.shape[1] >= 2
+
+
+def _images(folder, n: int, size: int = 24, seed: int = 0):
+    """n random RGB PNG files (smooth gradients plus noise, so patches differ) in `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        a, b, c = rng.uniform(-1, 1, 3)
+        base = np.stack([a * xx + b * yy, b * xx - c * yy, c * xx * yy], -1)
+        px = np.clip(128 + 100 * base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(px).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _tiny_vit(folder):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tf.ViTModel(tf.ViTConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8)).save_pretrained(folder)
+    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_an_image_model_calibrates_on_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    src, images = _tiny_vit(tmp_path / "vit"), _images(tmp_path / "images", 40)
+    cfg = CompressConfig(calibration=CalibrationConfig(source=str(images), samples=32, batch_size=8),
+                         allocation=AllocationConfig(strategy="uniform", budget=Budget(removed=0.3)),
+                         factorize=FactorizeConfig(iters=3))
+    out = tmp_path / "out"
+    report = compot_deploy.compress(src, out, cfg, progress=False)
+    assert sum(lay["method"] == "compot" for lay in report["layers"]) >= 8
+    assert report["calibration"]["tokens"] == 32 * (16 + 1)  # 4 × 4 patches and the [CLS] token per image
+    assert 0.28 <= report["linears"]["file_ratio"] <= 0.32
+
+    model, processor = load_model(src)
+    loaded = compot_deploy.load(out)
+    with Image.open(images / "000.png") as im:
+        x = processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref, got = model(pixel_values=x).last_hidden_state, loaded(pixel_values=x).last_hidden_state
+    rel = float((got - ref).norm() / ref.norm())
+    assert 1e-4 < rel < 0.6, rel
+    assert (out / "preprocessor_config.json").is_file()  # the processor travels with the compressed folder
+
+
+def test_an_image_model_without_images_or_with_a_broken_one_is_one_error(tmp_path):
+    from compot_deploy.errors import CompotError
+
+    src = _tiny_vit(tmp_path / "vit")
+    images = _images(tmp_path / "images", 4)
+    (images / "broken.png").write_bytes(b"not a png at all")
+    for source, message in ((None, "vit (ViTModel) is an image model: give --calib a folder of images"),
+                            (str(images), "broken.png: not a readable image")):
+        cfg = CompressConfig(calibration=CalibrationConfig(source=source, samples=8),
+                             allocation=AllocationConfig(budget=Budget(removed=0.3)))
+        with pytest.raises(CompotError, match=re.escape(message)):
+            compot_deploy.compress(src, tmp_path / "out", cfg, progress=False)
+        assert not (tmp_path / "out").exists()
