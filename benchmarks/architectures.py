@@ -69,13 +69,25 @@ def make(name: str, spec, tok, folder: Path) -> None:
     kw = {k: v for k, v in kw.items() if v is not None}
     model = getattr(tf, model_cls)(getattr(tf, cfg_cls)(**kw))
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    if model.main_input_name == "pixel_values":  # an image model: its processor, and images to calibrate on
+        import numpy as np
+        from PIL import Image
+
+        size = model.config.image_size
+        tf.ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
+        (folder / "images").mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+    else:
+        tok.save_pretrained(folder)
 
 
 def build(folder: Path, out: Path) -> dict:
     t0 = time.perf_counter()
+    calib = ["--calib", str(folder / "images")] if (folder / "images").is_dir() else []
     res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(folder), "-o", str(out), "-q",
-                          "--no-bench", "--samples", "8", "--seq-len", "48"], capture_output=True, text=True)
+                          "--no-bench", "--samples", "8", "--seq-len", "48", *calib], capture_output=True, text=True)
     status = dict.fromkeys(STAGES, "-")
     log = out / "build.log.jsonl"
     for line in log.read_text().splitlines() if log.exists() else []:
@@ -86,7 +98,8 @@ def build(folder: Path, out: Path) -> dict:
         status[next(s for s in STAGES if status[s] == "-")] = "refused" if res.returncode == 2 else "failed"
     if status["compress"] == "refused":  # a family build refuses (export) may still compress on its own
         alone = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "compress", str(folder), "-o",
-                                str(out.with_name(out.name + "-compress")), "-q", "--samples", "8", "--seq-len", "48"],
+                                str(out.with_name(out.name + "-compress")), "-q", "--samples", "8", "--seq-len", "48",
+                                *calib],
                                capture_output=True, text=True)
         if alone.returncode == 0:
             status.update(compress="ok", export="refused")
