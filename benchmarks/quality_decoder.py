@@ -285,6 +285,7 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
     from compot_deploy.allocate import joint
     from compot_deploy.compression import build_joint, save as save_folder
     from compot_deploy.config import AllocationConfig, CompressConfig, JointConfig
+    from compot_deploy.errors import CompotError
     from compot_deploy.models import load_model
     from compot_deploy.storage.budget import Budget, linear_budget
 
@@ -325,8 +326,6 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
                    "target": frac, "choices": rep["joint"]["choices"], "profile_s": prof.seconds,
                    **({"depth": result.depth} if result.depth else {})}
             return measured_row(row, Path(tmp) / "m", rep, wall_s=prof.seconds + time.perf_counter() - t1, **extra)
-
-    from compot_deploy.errors import CompotError
 
     for f in map(float, args.targets.split(",")):
         point(f, f"joint {f:g}")

@@ -228,9 +228,10 @@ def find_blocks(model):
 
 
 def output_mask(batch: dict):
-    """(b, t) mask of the tokens whose final hidden states a model returns: the decoder's for an encoder-decoder;
-    None where every position is real (images)."""
-    return batch.get("decoder_attention_mask", batch.get("attention_mask"))
+    """(b, t) bool mask of the tokens whose final hidden states a model returns: the decoder's for an
+    encoder-decoder; None where every position is real (images)."""
+    mask = batch.get("decoder_attention_mask", batch.get("attention_mask"))
+    return None if mask is None else mask.bool()
 
 
 def final_hidden(model, batch: dict):

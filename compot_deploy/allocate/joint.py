@@ -109,15 +109,11 @@ def _final_hidden(model, batches) -> "torch.Tensor":  # noqa: F821
     """Final hidden states of the real (unpadded) tokens of `batches`: (n_tokens, hidden)."""
     import torch
 
+    from ..calibrate.runner import token_rows
     from ..models import final_hidden, output_mask
 
     with torch.no_grad():
-        return torch.cat([_real(final_hidden(model, b), output_mask(b)).double() for b in batches])
-
-
-def _real(h, mask):
-    """Rows of h: (b, t, d) at the real tokens (mask: (b, t), None: every position) → (n, d)."""
-    return h.reshape(-1, h.shape[-1]) if mask is None else h[mask.bool()]
+        return torch.cat([token_rows(final_hidden(model, b), output_mask(b)).double() for b in batches])
 
 
 def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict], probe: float = 0.01,

@@ -217,7 +217,7 @@ def with_decoder_inputs(model, batch: dict) -> dict:
 TOKENS_PER_DIM = 4
 
 
-def check_token_count(batches: list[dict], targets, grams: dict | None = None) -> dict:
+def check_token_count(batches: list[dict], targets, grams: dict) -> dict:
     """How many real (unpadded) tokens `batches` hold (images: the rows the Grams `grams` saw) against the widest
     input (d_in) of `targets`; logs a warning when fewer than that width (a singular Gram). Returns the calibration
     section of the report, `enough` meaning at least TOKENS_PER_DIM × the width."""

@@ -103,8 +103,8 @@ def _run_block(block, call: _BlockCall, hidden):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _token_rows(x, mask):
-    """Rows of x: (b, t, d) at real (unpadded) positions → (n, d)."""
+def token_rows(x, mask):
+    """Rows of x: (b, t, d) at real (unpadded) positions (mask: (b, t); None: every position) → (n, d)."""
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask]
     return x.reshape(-1, x.shape[-1])
@@ -114,7 +114,7 @@ def _accumulate(gram: Gram, x, mask) -> None:
     """gram += the Gram of x: (b, t, d) at its real tokens (mask: (b, t)), in float64."""
     import torch
 
-    rows = _token_rows(x.detach(), mask).to(torch.float64)
+    rows = token_rows(x.detach(), mask).to(torch.float64)
     gram.G.addmm_(rows.T, rows)
     gram.n += rows.shape[0]
 
@@ -242,7 +242,6 @@ def input_gram(model, module, batches: list[dict], desc: str = "head Gram", prog
         with torch.no_grad(), progress_bar(total=len(batches), desc=desc, unit="batch", progress=progress) as bar:
             for b in batches:
                 mask = output_mask(b)
-                mask = None if mask is None else mask.bool()
                 _forward_until_captured(model, b)
                 bar.update()
     finally:
