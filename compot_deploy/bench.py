@@ -26,8 +26,12 @@ def _feed(spec: dict, batch: int, seq: int, seed: int = 0) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    if spec.get("image"):  # an image model: `batch` images of the processor's size (seq: the tokens it makes)
+        return {"pixel_values": rng.standard_normal((batch, *spec["image"])).astype(np.float32)}
     ids = rng.integers(1000, min(spec["vocab"], 20000), (batch, seq), dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64)}
+    if spec.get("start") is not None:  # an encoder-decoder: the encoder, then the decoder's first call
+        feed["decoder_input_ids"] = np.full((batch, 1), spec["start"], np.int64)
     if spec["token_type_ids"]:
         feed["token_type_ids"] = np.zeros((batch, seq), np.int64)
     return feed
@@ -55,23 +59,34 @@ def _timed(fn, warmup: int, repeat: int) -> list[float]:
 
 def _model_spec(path: Path, kind: str) -> dict:
     from .models import read_hf_config
+    from .runtimes.loader import start_token
 
     cfg = read_hf_config(path)
     text = cfg.get("text_config", cfg)
+    archs = cfg.get("architectures") or []
     if kind == "ort":
         man = json.loads((path / "export.json").read_text())
-        decoder = man["graph"]["kind"] == "decoder"
+        seq2seq = man["graph"]["kind"] == "seq2seq"
+        decoder = seq2seq or man["graph"]["kind"] == "decoder"
         token_types = "token_type_ids" in man["graph"]["inputs"]
     else:
-        archs = cfg.get("architectures") or []
-        decoder = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(cfg.get("is_decoder"))
+        seq2seq = bool(cfg.get("is_encoder_decoder")) and not any("Encoder" in a for a in archs)  # T5EncoderModel
+        decoder = seq2seq or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) \
+            or bool(cfg.get("is_decoder"))
         token_types = cfg.get("type_vocab_size", 0) > 0 and not decoder
-    return {"vocab": text.get("vocab_size", 30000), "decoder": decoder, "token_type_ids": token_types}
+    start = start_token(path) if seq2seq else None
+    spec = {"vocab": text.get("vocab_size", 30000), "decoder": decoder, "token_type_ids": token_types, "start": start}
+    if "image_size" in cfg and "num_channels" in cfg:
+        size = cfg["image_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        spec["image"] = (cfg["num_channels"], h, w)
+        spec["image_tokens"] = (h // cfg["patch_size"]) * (w // cfg["patch_size"]) + 1 if "patch_size" in cfg else 1
+    return spec
 
 
-def _decode_times(step, feed: dict, steps: int, warmup: int) -> list[float]:
-    """Seconds of each one-token decode call of greedy decoding after a prefill of `feed`'s input ids, the first
-    `warmup` calls left out. step: as runtimes.loader.greedy takes it."""
+def _decode_times(step, prompt, steps: int, warmup: int) -> list[float]:
+    """Seconds of each one-token decode call of greedy decoding after a prefill of the ids `prompt` (B, L), the
+    first `warmup` calls left out. step: as runtimes.loader.greedy takes it."""
     from .runtimes.loader import greedy
 
     times = []
@@ -82,7 +97,7 @@ def _decode_times(step, feed: dict, steps: int, warmup: int) -> list[float]:
         times.append(time.perf_counter() - t0)
         return out
 
-    greedy(timed, feed["input_ids"], warmup + steps)
+    greedy(timed, prompt, warmup + steps)
     return times[1 + warmup:]
 
 
@@ -113,17 +128,24 @@ def measure(job: dict) -> dict:
     rss_loaded = peak_rss_bytes()
     spec = _model_spec(path, rt.kind)
     rows = []
-    for b, L in job["shapes"]:
+    shapes = job["shapes"]
+    if spec.get("image"):  # one row per batch size, its sequence the patches (and class token) the model sees
+        shapes = sorted({(b, spec["image_tokens"]) for b, _ in shapes})
+    for b, L in shapes:
         feed = _feed(spec, b, L)
-        if spec["decoder"] and rt.kind == "ort":  # a prefill: positions 0…L-1 and an empty cache
+        if spec["decoder"] and rt.kind == "ort" and spec["start"] is None:  # a prefill: positions 0…L-1, no cache
             import numpy as np
 
             feed["position_ids"] = np.arange(L, dtype=np.int64)[None].repeat(b, 0)
             feed.update(OrtDecoder(rt.sess).empty_past(b))
         row = {"batch": b, "seq": L, **_stats(_timed(lambda feed=feed: rt.run(feed), job["warmup"], job["repeat"]), b * L)}
         if spec["decoder"] and job.get("decode_steps"):
-            step = OrtDecoder(rt.sess).step if rt.kind == "ort" else torch_step(rt.model, rt.device)
-            dec = _decode_times(step, _feed(spec, b, L), job["decode_steps"], min(job["warmup"], 3))
+            if spec["start"] is not None:  # decoder calls after the encoder's
+                step, prompt = rt.decoder_step(feed), feed["decoder_input_ids"]
+            else:
+                step = OrtDecoder(rt.sess).step if rt.kind == "ort" else torch_step(rt.model, rt.device)
+                prompt = _feed(spec, b, L)["input_ids"]
+            dec = _decode_times(step, prompt, job["decode_steps"], min(job["warmup"], 3))
             row["decode"] = _stats(dec, b)
         rows.append(row)
     res = {"load_s": load_s, "artifact_bytes": artifact_bytes(path), "runtime": rt.describe(), "rows": rows,
@@ -246,7 +268,8 @@ def summary_rows(report: dict) -> list[dict]:
 
     rows = []
     for res in report["results"]:
-        for i, (b, L) in enumerate(res["shapes"]):
+        for i, first in enumerate(res["rounds"][0]["rows"]):  # an image model's rows: one per batch size
+            b, L = first["batch"], first["seq"]
             p50 = [r["rows"][i]["p50_ms"] for r in res["rounds"]]
             row = {"label": res["label"], "backend": res["backend"], "device": res["device"], "batch": b, "seq": L,
                    "p50_ms": float(np.median(p50)), "p50_rounds": p50,
@@ -270,7 +293,7 @@ def ratio_with_spread(report: dict, num: str, den: str, batch: int, seq: int, de
     a, b = pick.get((num, device)), pick.get((den, device))
     if not a or not b:
         return None
-    i = [tuple(s) for s in a["shapes"]].index((batch, seq))
+    i = [(r["batch"], r["seq"]) for r in a["rounds"][0]["rows"]].index((batch, seq))
     ratios = [ra["rows"][i]["p50_ms"] / rb["rows"][i]["p50_ms"] for ra, rb in zip(a["rounds"], b["rounds"])]
     import statistics
 

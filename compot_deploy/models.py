@@ -62,25 +62,22 @@ def main_input(config) -> str:
     return getattr(model_class(config), "main_input_name", "input_ids")
 
 
-def check_supported(config, export: bool = False) -> None:
+def check_supported(config, calibration=None) -> None:
     """CompotError, before any work, for model families the pipeline cannot calibrate yet (audio: Whisper) and,
-    with `export`, cannot export yet (encoder-decoders: T5, BART; image models: ViT. compress and quantize take
-    them; T5EncoderModel alone exports)."""
+    given the CalibrationConfig `calibration`, for an image model without a folder of images to calibrate on."""
     cls = model_class(config)
     kind = f"{config.model_type} ({cls.__name__})"
     main = main_input(config)
     if main not in ("input_ids", IMAGES):
         raise CompotError(f"{kind} takes {main}: audio and other non-text, non-image models are not supported yet "
                           "(text models, and image models calibrated on a folder of images, are)")
-    if export and main == IMAGES:
-        raise CompotError(f"{kind} is an image model: compress and quantize take it (--calib a folder of images), "
-                          "ONNX export does not yet")
-    if export and getattr(config, "is_encoder_decoder", False) and "Encoder" not in cls.__name__:
-        raise CompotError(f"{kind} is an encoder-decoder: compress and quantize take it, ONNX export does not yet "
-                          "(decoder-only and encoder-only models export)")
+    if main == IMAGES and calibration is not None:
+        from .calibrate.data import image_files
+
+        image_files(calibration.source, kind)
 
 
-def check_supported_dir(model_dir: str | os.PathLike, export: bool = False) -> None:
+def check_supported_dir(model_dir: str | os.PathLike, calibration=None) -> None:
     """check_supported for the model folder (or .gguf) `model_dir`, reading only its config."""
     import transformers
 
@@ -89,7 +86,7 @@ def check_supported_dir(model_dir: str | os.PathLike, export: bool = False) -> N
         config = transformers.AutoConfig.from_pretrained(resolve_model_dir(model_dir), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise CompotError(f"cannot read the config of {model_dir}: {str(e).splitlines()[0]}") from None
-    check_supported(config, export)
+    check_supported(config, calibration)
 
 
 def load_model(model_dir: str | os.PathLike):

@@ -60,16 +60,19 @@ def quantize_onnx(name: str, src: Path, dst: Path) -> None:
 
 
 def make_peer(name: str, dense_export: Path, out: Path) -> None:
-    """Write the peer `name` of the dense export folder `dense_export` into the (new, empty) folder `out`."""
-    from .exporters.onnx_export import MANIFEST, ONNX_FILE
+    """Write the peer `name` of the dense export folder `dense_export` into the (new, empty) folder `out` (each
+    graph of an encoder-decoder quantized on its own)."""
+    from .exporters.onnx_export import MANIFEST, graph_files
 
+    files = graph_files(json.loads((dense_export / MANIFEST).read_text())["graph"])
     for f in dense_export.iterdir():
-        if f.is_file() and not f.name.startswith(ONNX_FILE):
+        if f.is_file() and not any(f.name.startswith(g) for g in files):
             shutil.copy2(f, out / f.name)
-    quantize_onnx(name, dense_export / ONNX_FILE, out / ONNX_FILE)
+    for g in files:
+        quantize_onnx(name, dense_export / g, out / g)
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["peer"] = {"name": name, "label": LABELS[name], "from": str(dense_export)}
-    manifest["bytes"] = {"onnx": sum(p.stat().st_size for p in out.glob(ONNX_FILE + "*"))}
+    manifest["bytes"] = {"onnx": sum(p.stat().st_size for g in files for p in out.glob(g + "*"))}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
@@ -77,27 +80,28 @@ def make_peers(names, dense_export: Path, reference: Path, texts: list[str], out
     """Each peer of `names` as out/<name>/ plus its task-level quality against the original model `reference` on
     `texts` (the gate's held-out texts); out/peers.json lists them. A dense export whose weights are not float32
     gets no peers (ORT's quantizers take float32 models): the report says so."""
-    from .exporters.onnx_export import MANIFEST, ONNX_FILE
+    from .exporters.onnx_export import MANIFEST, graph_files
     from .exporters.validate import task_level
     from .models import load_model, load_tokenizer
     from .runtimes import artifact_bytes
-    from .runtimes.ort import session
+    from .runtimes.ort import export_session
 
-    dtype = float_weight_dtype(dense_export / ONNX_FILE)
+    graph = json.loads((dense_export / MANIFEST).read_text())["graph"]
+    dtype = float_weight_dtype(dense_export / graph_files(graph)[-1])
     result = {"peers": [], "texts": len(texts)}
     if dtype != "float32":
         result["skipped"] = f"the dense export stores {dtype} weights; ORT's quantizers take float32 models"
     else:
         ref = load_model(reference)[0]
         tok = load_tokenizer(dense_export)
-        kind = json.loads((dense_export / MANIFEST).read_text())["graph"]["kind"]
+        kind = graph["kind"]
         for name in names:
             if progress:
                 progress(f"peer {LABELS[name]}")
             folder = out / name
             folder.mkdir()
             make_peer(name, dense_export, folder)
-            task = task_level(ref, session(folder / ONNX_FILE, "cpu"), tok, kind, texts)
+            task = task_level(ref, export_session(folder, "cpu"), tok, kind, texts)
             result["peers"].append({"name": name, "label": LABELS[name], "file_bytes": artifact_bytes(folder),
                                     "task": task})
     (out / "peers.json").write_text(json.dumps(result, indent=2))

@@ -190,20 +190,21 @@ def _bad_manifest(tiny_dirs, tmp_path) -> Path:
 
 
 def _tiny(kind: str, tmp_path: Path, tiny_dirs) -> Path:
-    """A tiny random T5 (encoder-decoder) or ViT (image) folder with MiniLM's tokenizer."""
+    """A tiny random Whisper (speech encoder-decoder) or ViT (image) folder."""
     import transformers as tf
 
     folder = tmp_path / kind
-    if kind == "t5":
-        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                                          num_heads=4, decoder_start_token_id=0))
+    if kind == "whisper":
+        model = tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+            vocab_size=512, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+            max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1))
     else:
         model = tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, image_size=16, patch_size=8))
         tf.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
     model.save_pretrained(folder)
-    if kind == "t5":
-        tf.AutoTokenizer.from_pretrained(tiny_dirs["bert"]).save_pretrained(folder)
     return folder
 
 
@@ -229,13 +230,13 @@ BAD_INPUTS = [
      2, "invalid options: need --min-layer-ratio <= --ratio <= --max-layer-ratio"),
     ("malformed manifest.json in verify", lambda d, t, o: ["verify", _bad_manifest(d, t)],
      3, "manifest.json is not a package manifest"),
-    ("an encoder-decoder (T5)", lambda d, t, o: ["build", _tiny("t5", t, d), "-o", o],
-     2, "t5 (T5ForConditionalGeneration) is an encoder-decoder: compress and quantize take it, ONNX export does "
-     "not yet"),
+    ("an encoder-decoder (Whisper) needs audio", lambda d, t, o: ["build", _tiny("whisper", t, d), "-o", o],
+     2, "whisper (WhisperForConditionalGeneration) takes input_features: audio and other non-text, non-image models "
+     "are not supported yet"),
     ("an image model (ViT) without images", lambda d, t, o: ["compress", _tiny("vit", t, d), "-o", o],
      2, "vit (ViTModel) is an image model: give --calib a folder of images"),
-    ("an image model (ViT) built", lambda d, t, o: ["build", _tiny("vit", t, d), "-o", o],
-     2, "vit (ViTModel) is an image model: compress and quantize take it (--calib a folder of images), ONNX export"),
+    ("an image model (ViT) built without images", lambda d, t, o: ["build", _tiny("vit", t, d), "-o", o],
+     2, "vit (ViTModel) is an image model: give --calib a folder of images"),
     ("output is the input model", lambda d, t, o: ["compress", d["bert"], "-o", d["bert"], "--overwrite"],
      2, "is the input"),
 ]

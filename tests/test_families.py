@@ -1,7 +1,11 @@
 """Model families beyond decoder- and encoder-only text models: encoder-decoders (T5, BART) with both stacks
-calibrated and compressed, and image models (ViT) calibrated on a folder of images."""
+calibrated and compressed, exported in Optimum's encoder / decoder split and gated on greedy generation, and image
+models (ViT) calibrated on a folder of images."""
 
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,6 +52,56 @@ def test_an_encoder_decoder_compresses_both_stacks_and_its_folder_generates(kind
     gen = loaded.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=6,
                           do_sample=False)
     assert gen.shape[0] == 2 and gen.shape[1] >= 2
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_an_encoder_decoder_builds_into_two_graphs_that_generate_as_pytorch_does(kind, minilm_dir, tmp_path):
+    import numpy as np
+    import onnx
+
+    from compot_deploy.runtimes import torch_seq2seq
+    from compot_deploy.runtimes.loader import Model, replay
+
+    src = build_tiny(kind, tmp_path / kind, minilm_dir)
+    out = tmp_path / "b"
+    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3",
+                          "--samples", "8", "--seq-len", "48", "--no-bench", "-o", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    pkg = out / "package"
+    man = json.loads((pkg / "manifest.json").read_text())
+    assert man["kind"] == "seq2seq" and {"encoder_model.onnx", "decoder_model.onnx"} <= set(man["files"])
+    assert "model.onnx" not in man["files"]
+    # Optimum's names: the encoder, and the decoder with its self-attention past (length 0 on the first call)
+    enc, dec = (onnx.load(str(pkg / f), load_external_data=False).graph
+                for f in ("encoder_model.onnx", "decoder_model.onnx"))
+    assert [i.name for i in enc.input] == ["input_ids", "attention_mask"]
+    assert [i.name for i in dec.input][:5] == ["input_ids", "encoder_attention_mask", "encoder_hidden_states",
+                                              "past_key_values.0.decoder.key", "past_key_values.0.decoder.value"]
+    assert [o.name for o in dec.output][:2] == ["logits", "present.0.decoder.key"] and len(dec.output) == 5
+    assert "ai.compot" in man["op_domains"]
+    val = json.loads((pkg / "validation.json").read_text())
+    assert val["passed"] and val["parity"]["tokens"] == {"mismatches": 0, "total": 2 * 9 + 9}
+    assert val["parity"]["overall"]["max_abs"] < 1e-4 and val["task"]["texts"] > 0
+    assert replay(pkg)["passed"]
+
+    # the package's loader (numpy + onnxruntime) generates the tokens PyTorch's compressed model does
+    model = compot_deploy.load(out / ".cache" / next(p.name for p in (out / ".cache").iterdir()
+                                                    if p.name.startswith("compress-")))
+    m = Model(pkg)
+    text = "the quick brown fox jumps over the lazy dog"
+    ids = np.asarray([m.tokenizer.encode(text).ids], np.int64)
+    ref, _, _ = torch_seq2seq(model, ids, np.ones_like(ids), 7)
+    assert m.generate_ids(text, 8) == ref[0].tolist()
+    # a decoder whose output drifts fails the replay: its first weight matrix (not the shared embedding, not a
+    # bias) scaled by 1.5
+    proto = onnx.load(str(pkg / "decoder_model.onnx"))
+    init = next(i for i in proto.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 16 and max(i.dims) < 1000
+                and i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+    arr = onnx.numpy_helper.to_array(init)
+    init.CopyFrom(onnx.numpy_helper.from_array((arr * 1.5).astype(arr.dtype), init.name))
+    onnx.save(proto, str(pkg / "decoder_model.onnx"))
+    assert not replay(pkg)["passed"]
 
 
 def _images(folder, n: int, size: int = 24, seed: int = 0):
@@ -98,6 +152,43 @@ def test_an_image_model_calibrates_on_a_folder_of_images(tmp_path):
     rel = float((got - ref).norm() / ref.norm())
     assert 1e-4 < rel < 0.6, rel
     assert (out / "preprocessor_config.json").is_file()  # the processor travels with the compressed folder
+
+
+def test_an_image_model_builds_and_its_package_reads_image_files(tmp_path):
+    import numpy as np
+
+    from compot_deploy.models import load_tokenizer
+    from compot_deploy.runtimes.loader import Model, preprocess_images, replay
+
+    src = _tiny_vit(tmp_path / "vit")
+    images = _images(tmp_path / "images", 12)
+    out = tmp_path / "b"
+    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3",
+                          "--calib", str(images), "--samples", "12", "--no-bench", "-o", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    pkg = out / "package"
+    man = json.loads((pkg / "manifest.json").read_text())
+    assert man["kind"] == "image" and "preprocessor_config.json" in man["files"]
+    assert [i["name"] for i in man["signature"]["inputs"]] == ["pixel_values"]
+    assert man["signature"]["inputs"][0]["shape"] == ["batch_size", 3, 32, 32]
+    val = json.loads((pkg / "validation.json").read_text())
+    assert val["passed"] and val["parity"]["overall"]["max_abs"] < 1e-4
+    assert [c["shape"][0] for c in val["parity"]["cases"]] == [1, 2, 4]
+    assert 0.5 < val["task"]["mean_cosine"] < 0.99999 and replay(pkg)["passed"]
+
+    # the package's loader (numpy + pillow) makes the processor's pixel_values, and the compressed model's features
+    files = sorted(images.iterdir())[:3]
+    from PIL import Image
+
+    pil = [Image.open(f).convert("RGB") for f in files]
+    want = load_tokenizer(src)(images=pil, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(preprocess_images(files, json.loads((pkg / "preprocessor_config.json").read_text())),
+                               want, atol=1e-5)
+    model = compot_deploy.load(next(p for p in (out / ".cache").iterdir() if p.name.startswith("compress-")))
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(want)).last_hidden_state.numpy()
+    np.testing.assert_allclose(Model(pkg).image_features(files), ref, atol=1e-4)
 
 
 def test_an_image_model_without_images_or_with_a_broken_one_is_one_error(tmp_path):

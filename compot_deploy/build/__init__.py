@@ -113,7 +113,7 @@ class Build:
 
         cfg = self.cfg
         model = resolve_model_dir(cfg.model) if cfg.model else default_model_dir()  # a .gguf: its HF folder
-        check_supported_dir(model, export=True)  # bad input fails before OUT is created
+        check_supported_dir(model, cfg.compress.calibration)  # bad input fails before OUT is created
         aside = self.claim(model, [model] + ([Path(cfg.model)] if cfg.model else []))
         try:
             summary = self._run(model)

@@ -1,6 +1,6 @@
 """The deployable package: make it from a validated export, summarize a build, verify a package.
 
-A package holds model.onnx, the tokenizer, config.json, the gate's report and parity sample, loader.py (a copy of
+A package holds model.onnx (an encoder-decoder: encoder_model.onnx and decoder_model.onnx), the tokenizer, config.json, the gate's report and parity sample, loader.py (a copy of
 runtimes/loader.py: numpy, onnxruntime and tokenizers only), README.md and manifest.json (sha256 of every file).
 """
 
@@ -66,6 +66,7 @@ def _compression_summary(comp: Path) -> dict:
 def make_package(exp: Path, val: Path, comp: Path, tmp: Path, target: str, versions: dict) -> None:
     """The deployable folder from the export `exp`, its gate's folder `val` and the compressed model `comp`: model,
     tokenizer, config, reports, loader, README, manifest (checksums)."""
+    from ..exporters.onnx_export import graph_files
     from ..exporters.validate import SAMPLE, markdown
 
     for f in sorted(exp.iterdir()):
@@ -80,13 +81,16 @@ def make_package(exp: Path, val: Path, comp: Path, tmp: Path, target: str, versi
     (tmp / "validation.md").write_text(markdown({**rep, "export_dir": "model.onnx", "source": "the compressed model"}))
     (tmp / "loader.py").write_text(loader_source())
     graph = json.loads((exp / "export.json").read_text())["graph"]
+    graphs = graph_files(graph)
     if target == "mobile":
-        _to_ort_format(tmp)
+        _to_ort_format(tmp, graphs)
     summary = _compression_summary(comp)
     (tmp / "README.md").write_text(_package_readme(graph, summary, rep, target))
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
     manifest = {"format": "compot-deploy-package", "format_version": 1, "producer": f"compot-deploy {versions['compot-deploy']}",
-                "versions": versions, "target": target, "kind": graph["kind"], "signature": _signature(tmp / "model.onnx"),
+                "versions": versions, "target": target, "kind": graph["kind"],
+                "signature": (_signature(tmp / graphs[0]) if len(graphs) == 1 else
+                              {g.removesuffix(".onnx"): _signature(tmp / g) for g in graphs}),
                 "op_domains": sorted({op.split("::")[0] for op in graph["ops"]}), "compression": summary,
                 "validation": {"passed": rep["passed"], "max_abs": rep["parity"]["overall"]["max_abs"],
                                "task": rep.get("task")},
@@ -94,19 +98,23 @@ def make_package(exp: Path, val: Path, comp: Path, tmp: Path, target: str, versi
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _to_ort_format(folder: Path) -> None:
-    """model.ort and the operators a reduced ORT Mobile build must include (ORT's own converter)."""
+def _to_ort_format(folder: Path, files: list[str]) -> None:
+    """An .ort file per .onnx graph and the operators a reduced ORT Mobile build must include (ORT's own
+    converter)."""
     import subprocess
     import sys
 
     work = folder / ".ort-work"
     work.mkdir()
-    shutil.copy2(folder / "model.onnx", work / "model.onnx")
+    for f in files:
+        shutil.copy2(folder / f, work / f)
     res = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
                           "--optimization_style", "Fixed"], capture_output=True, text=True)
     if res.returncode != 0:
         raise CompotError(f"ORT-format conversion failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
-    shutil.copy2(work / "model.ort", folder / "model.ort")
+    for f in files:
+        ort_file = f.removesuffix(".onnx") + ".ort"
+        shutil.copy2(work / ort_file, folder / ort_file)
     cfgs = sorted(work.glob("*required_operators.config"))
     if cfgs:
         shutil.copy2(cfgs[0], folder / "required_operators.config")
@@ -119,7 +127,10 @@ def _package_readme(graph: dict, summary: dict, rep: dict, target: str) -> str:
     quality = (f"mean embedding cosine {task['mean_cosine']:.4f} against the original" if "mean_cosine" in task else
                f"next-token agreement {task['next_token_agreement']:.4f} with the original"
                if "next_token_agreement" in task else "not measured")
-    use = ('m.embed(["a sentence", "another one"])' if graph["kind"] == "encoder" else 'm.generate("Once upon a", 8)')
+    use = {"encoder": 'm.embed(["a sentence", "another one"])',
+           "seq2seq": 'm.generate("translate English to German: a house", 8)',
+           "image": 'm.image_features(["photo.jpg"])  # last_hidden_state; needs pillow too'}.get(graph["kind"],
+                                                                                'm.generate("Once upon a", 8)')
     return f"""# compot-deploy package
 
 A {graph['kind']} compressed with COMPOT: the target linears take {lin['file_bytes']:,} of {lin['dense_bytes']:,}
@@ -138,7 +149,7 @@ m = Model()
 Inputs: {', '.join(graph['inputs'][:5])}{' …' if len(graph['inputs']) > 5 else ''}.
 Outputs: {', '.join(graph['outputs'][:3])}{' …' if len(graph['outputs']) > 3 else ''}.
 Files and their sha256: manifest.json (`compot-deploy verify THIS_FOLDER` checks them and runs one inference).
-{"model.ort + required_operators.config: the ORT-format model for ORT Mobile and the operator list of a reduced build." if target == "mobile" else ""}
+{"*.ort + required_operators.config: the ORT-format model for ORT Mobile and the operator list of a reduced build." if target == "mobile" else ""}
 """
 
 

@@ -176,18 +176,25 @@ def calibration_batches(tokenizer, cfg, model) -> list[dict]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def image_batches(processor, cfg, kind: str) -> list[dict]:
-    """Batches {pixel_values} of cfg.samples (default 128) images from the folder cfg.source, drawn with cfg.seed,
-    through the model's own image processor."""
-    from PIL import Image, UnidentifiedImageError
-
-    folder = Path(cfg.source) if cfg.source not in (None, BUILTIN) else None
+def image_files(source, kind: str) -> list[Path]:
+    """The image files (sorted) of the calibration folder `source` of the image model `kind`; CompotError when
+    `source` is not a folder or holds no images."""
+    folder = Path(source) if source not in (None, BUILTIN) else None
     if folder is None or not folder.is_dir():
         raise CompotError(f"{kind} is an image model: give --calib a folder of images "
                           f"({', '.join(IMAGE_SUFFIXES)})")
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise CompotError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def image_batches(processor, cfg, kind: str) -> list[dict]:
+    """Batches {pixel_values} of cfg.samples (default 128) images from the folder cfg.source, drawn with cfg.seed,
+    through the model's own image processor."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = image_files(cfg.source, kind)
     random.Random(cfg.seed).shuffle(files)
     files = files[: cfg.samples or 128]
     images = []
@@ -199,6 +206,24 @@ def image_batches(processor, cfg, kind: str) -> list[dict]:
             raise CompotError(f"{f}: not a readable image ({str(e).splitlines()[0]})") from None
     return [{"pixel_values": processor(images=images[i : i + cfg.batch_size], return_tensors="pt")["pixel_values"]}
             for i in range(0, len(images), cfg.batch_size)]
+
+
+def gate_images(n: int, size: int = 64, seed: int = 0) -> list:
+    """n deterministic RGB images (PIL) for the export gate of image models, which has no held-out image set:
+    smooth colour gradients at random angles plus noise, so every patch differs. Parity inputs, not a quality
+    benchmark."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        a = rng.uniform(0, 2 * np.pi, 3)
+        rgb = np.stack([np.cos(a[c]) * xx + np.sin(a[c]) * yy for c in range(3)], -1)
+        rgb = (rgb - rgb.min()) / max(np.ptp(rgb), 1e-9) * 200 + rng.uniform(0, 55, (size, size, 3))
+        out.append(Image.fromarray(rgb.clip(0, 255).astype(np.uint8)))
+    return out
 
 
 def with_decoder_inputs(model, batch: dict) -> dict:

@@ -114,7 +114,7 @@ def build(ctx, out, quiet, overwrite, force, save_config, **opts) -> None:
     Stages: compress (calibrate → allocate → factorize, then GPTQ with --gptq-bits) → export → validate (the
     parity gate) → bench (ORT, against the original) → package. Each stage's output is cached in OUT/.cache under a
     hash of its config, inputs and tool versions: a rerun (also after a crash or kill) reuses finished stages and
-    says so. OUT/package holds model.onnx, tokenizer, config, reports, loader.py, README.md and manifest.json
+    says so. OUT/package holds model.onnx (or encoder_model.onnx + decoder_model.onnx), tokenizer, config, reports, loader.py, README.md and manifest.json
     (sha256 of every file); OUT/package.tar.gz is the same folder; OUT/reports the benchmark; OUT/build.log.jsonl
     every event. Check a package with `compot-deploy verify OUT/package`.
     """
@@ -247,7 +247,8 @@ def export(model_dir, out, quiet, overwrite, opset, sparse_body, no_validate, **
 
     COMPOT layers become ai.compot ops defined as ONNX functions inside the model, quantized dictionaries
     com.microsoft::MatMulNBits, so stock onnxruntime runs OUT/model.onnx with no extra library. Inputs and outputs
-    follow Optimum's names. Exit 3 when the gate fails (OUT stays, marked invalid in export.json).
+    follow Optimum's names; an encoder-decoder (T5, BART) becomes OUT/encoder_model.onnx and OUT/decoder_model.onnx,
+    gated on greedy generation. Exit 3 when the gate fails (OUT stays, marked invalid in export.json).
     """
     from ..config import ExportConfig, build_config
     from ..exporters.onnx_export import export_dir
@@ -258,7 +259,7 @@ def export(model_dir, out, quiet, overwrite, opset, sparse_body, no_validate, **
     man = export_dir(model_dir, out, cfg, overwrite=overwrite)
     b = man["bytes"]
     if not quiet:
-        click.echo(f"wrote {out}/model.onnx: {b['onnx']:,} bytes"
+        click.echo(f"wrote {out}/{' + '.join(man['graph']['files'])}: {b['onnx']:,} bytes"
                    + (f" ({b['onnx_over_safetensors']:.3f} x model.safetensors)" if b["safetensors"] else ""))
     if not no_validate:
         rep = validate_export(out, vcfg)

@@ -3,6 +3,13 @@
 Encoders: input_ids, attention_mask[, token_type_ids] → last_hidden_state.
 Decoders: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value → logits, present.{i}.key/value;
 the first call passes past tensors of length 0. Batch and sequence axes are dynamic, named as Optimum names them.
+Image encoders (ViT): pixel_values (batch, channels, height, width at the processor's size) → last_hidden_state.
+Encoder-decoders (T5, BART) follow Optimum's split into two files: encoder_model.onnx (input_ids, attention_mask →
+last_hidden_state) and decoder_model.onnx (input_ids, encoder_attention_mask, encoder_hidden_states,
+past_key_values.{i}.decoder.key/value → logits, present.{i}.decoder.key/value; past of length 0 on the first call).
+The decoder recomputes the cross-attention keys and values from encoder_hidden_states at every call, where
+Optimum's decoder_with_past reads them from past_key_values.{i}.encoder.*: one graph instead of two copies of the
+decoder's weights, at the cost of the cross-attention projections per step.
 
 Floating initializers are stored at the compressed model's storage dtype and cast to float32 in the graph, so the
 file is about as large as model.safetensors; compute is float32, as PyTorch runs the loaded model.
@@ -20,6 +27,7 @@ from ..errors import CompotError
 from . import ops
 
 ONNX_FILE = "model.onnx"
+ENCODER_FILE, DECODER_FILE = "encoder_model.onnx", "decoder_model.onnx"  # an encoder-decoder's two graphs
 MIN_OPSET = 18  # BitwiseAnd and the function bodies need 18
 TORCH_MAX_OPSET = 20  # the TorchScript exporter's ceiling
 TWO_GB = 2**31
@@ -29,7 +37,7 @@ TWO_GB = 2**31
 class IOSpec:
     """Names, dynamic axes and example values of the exported graph's inputs and outputs."""
 
-    kind: str  # "encoder" | "decoder"
+    kind: str  # "encoder" | "decoder" | "image" | "seq2seq-decoder"
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
@@ -64,6 +72,79 @@ def encoder_wrapper(model, with_token_types: bool):
     return EncoderIO()
 
 
+def image_wrapper(model):
+    """An image model as a module pixel_values → last_hidden_state."""
+    import torch
+
+    class ImageIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = _encoder_base(model)
+
+        def forward(self, pixel_values):
+            return self.base(pixel_values=pixel_values).last_hidden_state
+
+    return ImageIO()
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    """(channels, height, width) an image model takes."""
+    size = config.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return config.num_channels, h, w
+
+
+def seq2seq_encoder_wrapper(model):
+    """An encoder-decoder's encoder as a module (input_ids, attention_mask) → last_hidden_state."""
+    import torch
+
+    class Seq2SeqEncoderIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = model.get_encoder()
+
+        def forward(self, input_ids, attention_mask):
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Seq2SeqEncoderIO()
+
+
+def seq2seq_cache(past, n_layers: int):
+    """An EncoderDecoderCache whose self-attention part holds `past` ([key, value] × n_layers, (B, heads, T, d))
+    and whose cross-attention part is empty, so the model computes the encoder's keys and values."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    self_attn = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)]) if past \
+        else DynamicCache()
+    return EncoderDecoderCache(self_attn, DynamicCache())
+
+
+def self_attention_past(cache) -> list:
+    """[key, value] × layers of an EncoderDecoderCache's self-attention part."""
+    return [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+
+
+def seq2seq_decoder_wrapper(model, n_layers: int):
+    """An encoder-decoder as a decoder step (input_ids, encoder_attention_mask, encoder_hidden_states, *past) →
+    (logits, *present): the self-attention cache goes through past/present, cross-attention is recomputed."""
+    import torch
+
+    from ..models import cache_kwargs, output_cache
+
+    class Seq2SeqDecoderIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, encoder_attention_mask, encoder_hidden_states, *past):
+            out = self.model(decoder_input_ids=input_ids, attention_mask=encoder_attention_mask,
+                             encoder_outputs=(encoder_hidden_states,), use_cache=True,
+                             **cache_kwargs(self.model, seq2seq_cache(past, n_layers)))
+            return (out.logits, *self_attention_past(output_cache(out)))
+
+    return Seq2SeqDecoderIO()
+
+
 def decoder_wrapper(model, n_layers: int):
     """A causal LM as a module (input_ids, attention_mask, position_ids, *past) → (logits, *present)."""
     import torch
@@ -93,7 +174,12 @@ def accepts_token_types(model) -> bool:
     return "token_type_ids" in inspect.signature(_encoder_base(model).forward).parameters
 
 
+def seq2seq_past_names(n_layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{i}.decoder.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
 def io_spec(model) -> IOSpec:
+    """The I/O of a one-graph export (encoders and decoders)."""
     from ..models import is_causal_lm
 
     if not is_causal_lm(model):
@@ -111,27 +197,80 @@ def io_spec(model) -> IOSpec:
     return IOSpec("decoder", ["input_ids", "attention_mask", "position_ids"] + past, ["logits"] + present, axes, n)
 
 
-def example_inputs(model, spec: IOSpec) -> tuple:
-    """Small example inputs for tracing (batch 2; decoders: 3 past + 4 new tokens)."""
+def seq2seq_specs(n_layers: int) -> tuple[IOSpec, IOSpec]:
+    """Optimum's encoder_model / decoder_model I/O for an encoder-decoder with `n_layers` decoder blocks."""
+    enc_axes = {n: {0: "batch_size", 1: "encoder_sequence_length"}
+                for n in ("input_ids", "attention_mask", "last_hidden_state")}
+    encoder = IOSpec("encoder", ["input_ids", "attention_mask"], ["last_hidden_state"], enc_axes)
+    past, present = seq2seq_past_names(n_layers), seq2seq_past_names(n_layers, "present")
+    axes = {"input_ids": {0: "batch_size", 1: "decoder_sequence_length"},
+            "encoder_attention_mask": {0: "batch_size", 1: "encoder_sequence_length"},
+            "encoder_hidden_states": {0: "batch_size", 1: "encoder_sequence_length"},
+            "logits": {0: "batch_size", 1: "decoder_sequence_length"}}
+    axes.update({p: {0: "batch_size", 2: "past_decoder_sequence_length"} for p in past})
+    axes.update({p: {0: "batch_size", 2: "past_decoder_sequence_length + decoder_sequence_length"} for p in present})
+    decoder = IOSpec("seq2seq-decoder", ["input_ids", "encoder_attention_mask", "encoder_hidden_states"] + past,
+                     ["logits"] + present, axes, n_layers)
+    return encoder, decoder
+
+
+@dataclass
+class Part:
+    """One graph of an export: its file name, I/O, the module traced into it and the example it is traced on."""
+
+    file: str
+    spec: IOSpec
+    module: object
+    args: tuple
+
+
+def export_parts(model) -> list[Part]:
+    """The graphs `model` exports to: model.onnx for encoders, image encoders and decoders; encoder_model.onnx and
+    decoder_model.onnx for an encoder-decoder. Examples: batch 2, the second row padded (encoders) or a
+    3-token past and 4 new tokens (decoders; 2 past + 1 new token for an encoder-decoder's decoder)."""
     import torch
 
-    from ..models import output_cache
+    from ..models import IMAGES, encoder_decoder, find_stacks, main_input, output_cache
 
     g = torch.Generator().manual_seed(0)
+    if main_input(model.config) == IMAGES:
+        axes = {"pixel_values": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"}}
+        spec = IOSpec("image", ["pixel_values"], ["last_hidden_state"], axes)
+        pixels = torch.randn(2, *image_shape(model.config), generator=g)
+        return [Part(ONNX_FILE, spec, image_wrapper(model).eval(), (pixels,))]
     vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(5, vocab, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    if encoder_decoder(model) is not None:
+        n = len(find_stacks(model)[1].blocks)
+        enc_spec, dec_spec = seq2seq_specs(n)
+        encoder = seq2seq_encoder_wrapper(model).eval()
+        with torch.no_grad():
+            hidden = encoder(ids, mask)
+            out = model(decoder_input_ids=torch.randint(5, vocab, (2, 2), generator=g), attention_mask=mask,
+                        encoder_outputs=(hidden,), use_cache=True)
+        past = self_attention_past(output_cache(out))
+        step = torch.randint(5, vocab, (2, 1), generator=g)
+        return [Part(ENCODER_FILE, enc_spec, encoder, (ids, mask)),
+                Part(DECODER_FILE, dec_spec, seq2seq_decoder_wrapper(model, n).eval(), (step, mask, hidden, *past))]
+    spec = io_spec(model)
     if spec.kind == "encoder":
-        ids = torch.randint(5, vocab, (2, 6), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, 4:] = 0
-        return (ids, mask) + ((torch.zeros_like(ids),) if "token_type_ids" in spec.inputs else ())
+        args = (ids, mask) + ((torch.zeros_like(ids),) if "token_type_ids" in spec.inputs else ())
+        return [Part(ONNX_FILE, spec, encoder_wrapper(model, "token_type_ids" in spec.inputs).eval(), args)]
     with torch.no_grad():
         prefix = torch.randint(5, vocab, (2, 3), generator=g)
         out = model(input_ids=prefix, use_cache=True)
     past = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
-    ids = torch.randint(5, vocab, (2, 4), generator=g)
-    mask = torch.ones(2, 7, dtype=torch.long)
+    new = torch.randint(5, vocab, (2, 4), generator=g)
     pos = torch.arange(3, 7).expand(2, 4).contiguous()
-    return (ids, mask, pos, *past)
+    args = (new, torch.ones(2, 7, dtype=torch.long), pos, *past)
+    return [Part(ONNX_FILE, spec, decoder_wrapper(model, spec.n_layers).eval(), args)]
+
+
+def graph_files(graph: dict) -> list[str]:
+    """The .onnx files of an export manifest's `graph` (one, or an encoder-decoder's two)."""
+    return graph.get("files", [ONNX_FILE])
 
 
 # ---------------------------------------------------------------------------------------------- graph post-pass
@@ -341,9 +480,8 @@ def check_opset(opset: int) -> None:
 # ------------------------------------------------------------------------------------------------------ export
 
 
-def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "folded",
-                 storage_dtype: str = "float16") -> dict:
-    """Trace `model` (float32, eval) to `path` with our ops; return a description of the graph written."""
+def _trace(part: Part, path: Path, model, opset: int, fold: bool) -> object:
+    """torch.onnx.export of one part into `path`'s folder; returns the loaded ModelProto."""
     import warnings
 
     import onnx
@@ -351,43 +489,69 @@ def export_model(model, path: Path, *, opset: int = MIN_OPSET, body: str = "fold
 
     from .torch_ops import export_forwards
 
-    check_opset(opset)
-    spec = io_spec(model)
-    attn = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # no data-dependent SDPA shortcuts baked into the trace
-    wrapper = (encoder_wrapper(model, "token_type_ids" in spec.inputs) if spec.kind == "encoder"
-               else decoder_wrapper(model, spec.n_layers)).eval()
-    args = example_inputs(model, spec)
-    try:
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            raw = Path(tmp) / "raw.onnx"
-            fold = body == "folded"  # the other bodies exist to keep C out of memory
-            with export_forwards(model, fold) as n_compressed, torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(wrapper, args, str(raw), dynamo=False, opset_version=opset,
-                                  input_names=spec.inputs, output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
-                                  custom_opsets={ops.DOMAIN: ops.DOMAIN_VERSION} if n_compressed else None,
-                                  do_constant_folding=True)
-            proto = onnx.load(str(raw))
-    finally:
-        model.set_attn_implementation(attn)
-        model.eval()
+    spec = part.spec
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with export_forwards(model, fold) as n_compressed, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(part.module, part.args, str(raw), dynamo=False, opset_version=opset,
+                              input_names=spec.inputs, output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
+                              custom_opsets={ops.DOMAIN: ops.DOMAIN_VERSION} if n_compressed else None,
+                              do_constant_folding=True)
+        return onnx.load(str(raw))
+
+
+def _finish(proto, path: Path, kind: str, opset: int, body: str, storage_dtype: str) -> dict:
+    """Our functions, deduplicated and narrowed initializers, metadata; write and check `path`. Returns what the
+    graph holds."""
     fn_names = _add_functions(proto, body, opset)
     n_dup = _dedupe_initializers(proto)
     n_low = _store_initializers(proto, storage_dtype)
     _narrow_reads(proto, storage_dtype)
     proto.ir_version = max(proto.ir_version, 8)
     proto.producer_name, proto.producer_version = "compot-deploy", _version()
-    meta = {"compot.sparse_body": body, "compot.kind": spec.kind, "compot.storage_dtype": storage_dtype}
+    meta = {"compot.sparse_body": body, "compot.kind": kind, "compot.storage_dtype": storage_dtype}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     save_onnx(proto, path)
     check_onnx(path)
-    return {"file": path.name, "kind": spec.kind, "opset": opset, "ir_version": proto.ir_version,
-            "inputs": spec.inputs, "outputs": spec.outputs, "dynamic_axes": spec.dynamic_axes,
-            "sparse_body": body,
-            "functions": fn_names, "ops": sorted(f"{d or 'ai.onnx'}::{o}" for d, o in _used_ops(proto)),
-            "initializers_at_storage_dtype": n_low, "initializers_deduplicated": n_dup, "storage_dtype": storage_dtype, "n_layers": spec.n_layers}
+    return {"functions": fn_names, "ops": sorted(f"{d or 'ai.onnx'}::{o}" for d, o in _used_ops(proto)),
+            "initializers_at_storage_dtype": n_low, "initializers_deduplicated": n_dup, "ir_version": proto.ir_version}
+
+
+def export_model(model, folder: Path, *, opset: int = MIN_OPSET, body: str = "folded",
+                 storage_dtype: str = "float16") -> dict:
+    """Trace `model` (float32, eval) into `folder` (model.onnx, or encoder_model.onnx + decoder_model.onnx) with
+    our ops; return a description of the graphs written (an encoder-decoder's: kind "seq2seq", the encoder's
+    inputs, the decoder's outputs, each graph's own description under "parts")."""
+    check_opset(opset)
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # no data-dependent SDPA shortcuts baked into the trace
+    parts = export_parts(model)
+    fold = body == "folded"  # the other bodies exist to keep C out of memory
+    described = []
+    try:
+        for part in parts:
+            proto = _trace(part, folder / part.file, model, opset, fold)
+            described.append({"file": part.file, "kind": part.spec.kind, "inputs": part.spec.inputs,
+                              "outputs": part.spec.outputs, "dynamic_axes": part.spec.dynamic_axes,
+                              "n_layers": part.spec.n_layers,
+                              **_finish(proto, folder / part.file, part.spec.kind, opset, body, storage_dtype)})
+            del proto
+    finally:
+        model.set_attn_implementation(attn)
+        model.eval()
+    common = {"opset": opset, "sparse_body": body, "storage_dtype": storage_dtype, "files": [p.file for p in parts]}
+    if len(described) == 1:
+        return {**described[0], **common}
+    enc, dec = described
+    return {"kind": "seq2seq", "file": dec["file"], "inputs": enc["inputs"], "outputs": dec["outputs"],
+            "n_layers": dec["n_layers"], "ir_version": max(enc["ir_version"], dec["ir_version"]),
+            "functions": sorted(set(enc["functions"]) | set(dec["functions"])),
+            "ops": sorted(set(enc["ops"]) | set(dec["ops"])),
+            "initializers_at_storage_dtype": enc["initializers_at_storage_dtype"] + dec["initializers_at_storage_dtype"],
+            "initializers_deduplicated": enc["initializers_deduplicated"] + dec["initializers_deduplicated"],
+            "parts": {"encoder": enc, "decoder": dec}, **common}
 
 
 def _version() -> str:
@@ -421,7 +585,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False) -> dict:
     """Export the model folder `source` (written by compress/quantize, or a plain HF model) into the folder `out`:
-    model.onnx, config.json, tokenizer files and export.json (the manifest). Atomic. Returns the manifest."""
+    model.onnx (or encoder_model.onnx + decoder_model.onnx), config.json, tokenizer files and export.json (the manifest). Atomic. Returns the manifest."""
     import shutil
 
     import onnxruntime as ort
@@ -433,7 +597,7 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
 
     check_opset(cfg.opset)
     if gguf_file(source) is None:
-        check_supported_dir(source, export=True)  # a bad input is named before anything about the output
+        check_supported_dir(source)  # a bad input is named before anything about the output
     check_output_dir(out, overwrite, [source])
     source = resolve_model_dir(source).resolve()
     section = read_hf_config(source).get("compot")
@@ -441,11 +605,11 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
     tokenizer = load_tokenizer(source)
     storage = section["storage_dtype"] if section else _file_dtype(source)
     with atomic_dir(out, overwrite) as tmp:
-        graph = export_model(model, tmp / ONNX_FILE, opset=cfg.opset, body=cfg.sparse_body, storage_dtype=storage)
+        graph = export_model(model, tmp, opset=cfg.opset, body=cfg.sparse_body, storage_dtype=storage)
         shutil.copy(source / "config.json", tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         st = source / WEIGHTS
-        onnx_size = sum(p.stat().st_size for p in tmp.glob(ONNX_FILE + "*"))
+        onnx_size = sum(p.stat().st_size for f in graph["files"] for p in tmp.glob(f + "*"))
         manifest = {
             "format": "compot-deploy-onnx", "format_version": 1, "source": str(source), "graph": graph,
             "bytes": {"onnx": onnx_size, "safetensors": st.stat().st_size if st.is_file() else None,

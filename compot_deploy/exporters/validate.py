@@ -3,7 +3,12 @@
 Encoders: several batch × sequence shapes of held-out text (padded rows included) → last_hidden_state, compared
 at the real (unpadded) positions.
 Decoders: prompts of several shapes, prefill then greedy decode steps through the KV cache on both sides; the
-tokens must match and every call's logits are compared. The gate fails closed: any threshold missed, or any
+tokens must match and every call's logits are compared.
+Image encoders: batches of generated images (calibrate.data.gate_images: there is no held-out image set) through
+the model's own image processor → last_hidden_state at every position.
+Encoder-decoders: held-out inputs of the decoder prompts' shapes (padded rows included) through both graphs,
+greedy generation from the decoder's start token; the tokens must match, the encoder's output (real positions) and
+every decoder call's logits are compared. The gate fails closed: any threshold missed, or any
 error while checking, leaves the export marked invalid.
 
 Also reported, not gated: the task-level change against the original (uncompressed) model on held-out text —
@@ -111,7 +116,19 @@ def torch_encoder(model, feed: dict):
 
     with torch.no_grad():
         kw = {k: torch.from_numpy(v) for k, v in feed.items()}
-        return model(**kw).last_hidden_state.numpy()
+        return getattr(model, "base_model", model)(**kw).last_hidden_state.numpy()
+
+
+def image_feeds(processor, batches, seed: int = 0) -> list[dict]:
+    """One {pixel_values} feed per batch size, of generated images (batch i drawn with seed + i) through the model's
+    image processor."""
+    import numpy as np
+
+    from ..calibrate.data import gate_images
+
+    return [{"pixel_values": np.asarray(processor(images=gate_images(b, seed=seed + i),
+                                                  return_tensors="np")["pixel_values"], np.float32)}
+            for i, b in enumerate(batches)]
 
 
 def torch_greedy(model, ids, steps: int):
@@ -122,13 +139,45 @@ def torch_greedy(model, ids, steps: int):
     return greedy(torch_step(model), ids, steps)
 
 
+def seq2seq_parity(model, s2s, tokenizer, cfg, texts: list[str]) -> tuple[list, list, dict, dict]:
+    """Greedy generation of the encoder-decoder `model` and of its export `s2s` (OrtSeq2Seq) on held-out inputs.
+    Returns (cases, (reference, export) pairs, token counts, the first case for the replay sample)."""
+    from ..runtimes import torch_seq2seq
+
+    cases, pairs, sample, mism, total = [], [], {}, 0, 0
+    for feed in encoder_feeds(tokenizer, texts, cfg.decoder_prompts, ["input_ids", "attention_mask"]):
+        ids, mask = feed["input_ids"], feed["attention_mask"]
+        t_ref, l_ref, h_ref = torch_seq2seq(model, ids, mask, cfg.decode_steps)
+        t_out, l_out, h_out = s2s.greedy(ids, mask, cfg.decode_steps)
+        real = mask.astype(bool)
+        sample = sample or {**feed, "decode_steps": cfg.decode_steps, "tokens": t_ref, "first_logits": l_ref[0],
+                            "encoder_hidden": h_ref}
+        case = [(h_ref[real], h_out[real])] + list(zip(l_ref, l_out, strict=True))
+        pairs += case
+        m = int((t_ref != t_out).sum())
+        mism, total = mism + m, total + t_ref.size
+        cases.append({"prompt": list(ids.shape), "decode_steps": cfg.decode_steps, "token_mismatches": m,
+                      "tokens_pytorch": t_ref.tolist(), "tokens_ort": t_out.tolist(), **parity_stats(case)})
+    return cases, pairs, {"mismatches": mism, "total": total}, sample
+
+
 def check_parity(model, sess, tokenizer, kind: str, cfg, texts: list[str]) -> tuple[dict, dict]:
-    """Run both sides on every case. Returns (per-case and overall statistics, and tokens for decoders;
-    the first case's inputs and PyTorch outputs, for runtimes/loader.py to replay)."""
+    """Run both sides on every case (`sess`: the session, or an encoder-decoder's OrtSeq2Seq). Returns
+    (per-case and overall statistics, and tokens for decoders; the first case's inputs and PyTorch outputs, for
+    runtimes/loader.py to replay)."""
     from ..runtimes.ort import OrtDecoder
 
     cases, pairs, tokens, sample = [], [], None, {}
-    if kind == "encoder":
+    if kind == "seq2seq":
+        cases, pairs, tokens, sample = seq2seq_parity(model, sess, tokenizer, cfg, texts)
+    elif kind == "image":
+        for feed in image_feeds(tokenizer, sorted({b for b, _ in cfg.encoder_shapes})):
+            ref = torch_encoder(model, feed)
+            (out,) = sess.run(["last_hidden_state"], feed)
+            sample = sample or {**feed, "last_hidden_state": ref}
+            pairs.append((ref, out))
+            cases.append({"shape": list(feed["pixel_values"].shape), **parity_stats([(ref, out)])})
+    elif kind == "encoder":
         names = [i.name for i in sess.get_inputs()]
         for feed in encoder_feeds(tokenizer, texts, cfg.encoder_shapes, names):
             real = feed["attention_mask"].astype(bool)  # padded positions' outputs are never read downstream
@@ -176,6 +225,18 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
             emb_ref.append(mean_pool(torch_encoder(reference, feed), feed["attention_mask"]))
         res = embedding_agreement(torch.from_numpy(np.concatenate(emb_ref)), torch.from_numpy(np.concatenate(emb_out)))
         return {"metric": "mean-pooled embedding vs original", "texts": len(texts), **res}
+    if kind == "seq2seq":
+        return seq2seq_task_level(reference, sess, tokenizer, texts)
+    if kind == "image":
+        ref, out = [], []
+        for feed in image_feeds(tokenizer, [8] * max(1, len(texts) // 8), seed=1000):  # as many images as texts
+            (h,) = sess.run(["last_hidden_state"], feed)
+            ones = np.ones(h.shape[:2])
+            out.append(mean_pool(h, ones))
+            ref.append(mean_pool(torch_encoder(reference, feed), ones))
+        res = embedding_agreement(torch.from_numpy(np.concatenate(ref)), torch.from_numpy(np.concatenate(out)))
+        return {"metric": "mean-pooled image features vs original (generated images)", "images": len(out) * 8,
+                **res}
     from ..runtimes.ort import OrtDecoder
 
     dec = OrtDecoder(sess)
@@ -196,6 +257,32 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
             "perplexity_original": float(np.exp(nll_ref / max(n, 1)))}
 
 
+def seq2seq_task_level(reference, s2s, tokenizer, texts: list[str]) -> dict:
+    """Teacher-forced reconstruction of each held-out text (the calibration's task: the text in, the same text
+    as the decoder's target) by the export `s2s` against the original PyTorch encoder-decoder."""
+    import numpy as np
+    import torch
+
+    nll_out = nll_ref = agree = n = 0
+    for text in texts:
+        ids = np.asarray([tokenizer(text, truncation=True, max_length=128)["input_ids"]], np.int64)
+        labels = torch.from_numpy(ids)
+        dec_in = reference.prepare_decoder_input_ids_from_labels(labels=labels).numpy()
+        mask = np.ones_like(ids)
+        lo, _ = s2s.stepper(s2s.encode(ids, mask), mask)(dec_in, None, None, None)
+        with torch.no_grad():
+            lr = reference(input_ids=labels, attention_mask=torch.from_numpy(mask),
+                           decoder_input_ids=torch.from_numpy(dec_in)).logits.numpy()
+        target = np.concatenate([dec_in[0, :1], ids[0]])  # next_token_metrics scores ids[1:] from logits[:-1]
+        pad = np.zeros((1, lo.shape[-1]))
+        a, pa = next_token_metrics(np.concatenate([lo[0], pad]), target)
+        b, pb = next_token_metrics(np.concatenate([lr[0], pad]), target)
+        nll_out, nll_ref, agree, n = nll_out + a, nll_ref + b, agree + int((pa == pb).sum()), n + ids.shape[1]
+    return {"metric": "teacher-forced reconstruction of the text vs original", "texts": len(texts), "tokens": n,
+            "next_token_agreement": agree / max(n, 1), "perplexity": float(np.exp(nll_out / max(n, 1))),
+            "perplexity_original": float(np.exp(nll_ref / max(n, 1)))}
+
+
 # ------------------------------------------------------------------------------------------------ orchestration
 
 
@@ -209,8 +296,8 @@ def validate_export(export_dir: str | Path, cfg, source: str | Path | None = Non
     from ..storage.artifact import write_json_atomic
     from ..calibrate.data import heldout_texts
     from ..models import load_model, load_tokenizer, read_hf_config
-    from ..runtimes.ort import session
-    from .onnx_export import ONNX_FILE, read_manifest
+    from ..runtimes.ort import export_session
+    from .onnx_export import read_manifest
 
     export_dir = Path(export_dir)
     out = Path(out or export_dir)
@@ -220,10 +307,11 @@ def validate_export(export_dir: str | Path, cfg, source: str | Path | None = Non
     section = read_hf_config(source).get("compot")
     model = load_compressed(source) if section else load_model(source)[0]
     tokenizer = load_tokenizer(export_dir)
-    sess = session(export_dir / ONNX_FILE, cfg.device)
     kind = manifest["graph"]["kind"]
+    sess = export_session(export_dir, cfg.device)
+    providers = (sess.decoder if kind == "seq2seq" else sess).get_providers()
     report = {"export_dir": str(export_dir), "source": str(source), "device": cfg.device,
-              "providers": sess.get_providers(), "thresholds": cfg.model_dump(mode="json")}
+              "providers": providers, "thresholds": cfg.model_dump(mode="json")}
     try:
         report["parity"], sample = check_parity(model, sess, tokenizer, kind, cfg, texts)
         fails = gate_failures(report["parity"]["overall"], report["parity"]["tokens"], cfg)

@@ -23,9 +23,10 @@ def target_kind(path: str | os.PathLike) -> str:
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the weights a runtime loads: model.onnx(+data) for exports, *.safetensors for model folders."""
+    """Bytes of the weights a runtime loads: the .onnx graphs (+data) for exports, *.safetensors for model
+    folders."""
     p = Path(path)
-    files = list(p.glob("model.onnx*")) if target_kind(p) == "ort" else list(p.glob("*.safetensors"))
+    files = list(p.glob("*.onnx*")) if target_kind(p) == "ort" else list(p.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files)
 
 
@@ -48,6 +49,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict:
         """Backend, versions, device, threads and settings, for the report."""
+
+    @abc.abstractmethod
+    def decoder_step(self, feed: dict):
+        """An encoder-decoder's decoder call for runtimes.loader.greedy, after the encoder ran on `feed`."""
 
 
 class TorchRuntime(Runtime):
@@ -77,6 +82,9 @@ class TorchRuntime(Runtime):
                 torch.cuda.synchronize()
         return t
 
+    def decoder_step(self, feed: dict):
+        return torch_seq2seq_step(self.model, feed["input_ids"], feed["attention_mask"], self.device)[0]
+
     def describe(self) -> dict:
         import torch
 
@@ -94,13 +102,23 @@ class OrtRuntime(Runtime):
         self.opt_level = opt_level
 
     def load(self) -> None:
-        from .ort import session
+        from .ort import export_session
 
-        self.sess = session(self.path / "model.onnx", self.device, self.threads, self.opt_level)
+        self.s2s = export_session(self.path, self.device, self.threads, self.opt_level)
+        if hasattr(self.s2s, "decoder"):
+            self.sess = self.s2s.decoder
+        else:
+            self.sess, self.s2s = self.s2s, None
         self.outputs = [o.name for o in self.sess.get_outputs()][:1]
         self.io_binding = self.device == "cuda"  # outputs stay on the GPU, as a serving loop keeps them
 
+    def decoder_step(self, feed: dict):
+        return self.s2s.stepper(self.s2s.encode(feed["input_ids"], feed["attention_mask"]), feed["attention_mask"])
+
     def run(self, feed: dict):
+        if self.s2s is not None:  # the encoder, then the decoder's first call (numpy in and out, also on cuda)
+            step = self.decoder_step(feed)
+            return step(feed["decoder_input_ids"], None, None, None)[0]
         if not self.io_binding:
             return self.sess.run(self.outputs, feed)
         b = self.sess.io_binding()
@@ -144,3 +162,40 @@ def runtime(path, backend: str | None = None, device: str = "cpu", threads: int 
     if backend != target_kind(path):
         raise CompotError(f"{path} is a {target_kind(path)} target, not {backend}")
     return (TorchRuntime if backend == "torch" else OrtRuntime)(path, device, threads)
+
+
+def torch_seq2seq_step(model, ids, attention_mask, device: str = "cpu"):
+    """Run an encoder-decoder's encoder on ids, attention_mask ((B, S) int64 numpy); return (a decoder step for
+    runtimes.loader.greedy — the model's EncoderDecoderCache keeps the cross-attention keys after the first call —,
+    the encoder's output (B, S, H) numpy)."""
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    from ..models import cache_kwargs
+
+    mask = torch.from_numpy(attention_mask).to(device)
+    with torch.no_grad():
+        hidden = model.get_encoder()(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask).last_hidden_state
+
+    def step(dec_ids, _mask, _positions, past):
+        past = EncoderDecoderCache(DynamicCache(), DynamicCache()) if past is None else past
+        with torch.no_grad():
+            out = model(decoder_input_ids=torch.from_numpy(dec_ids).to(device), attention_mask=mask,
+                        encoder_outputs=(hidden,), use_cache=True, **cache_kwargs(model, past))
+        return out.logits.float().cpu().numpy(), past
+
+    return step, hidden.float().cpu().numpy()
+
+
+def torch_seq2seq(model, ids, attention_mask, steps: int):
+    """PyTorch's greedy decoding of an encoder-decoder, the loop OrtSeq2Seq runs (runtimes.loader.greedy from the
+    decoder's start token). ids, attention_mask: (B, S) int64 numpy. Returns (tokens, every call's logits, the
+    encoder's output)."""
+    import numpy as np
+
+    from .loader import greedy
+
+    step, hidden = torch_seq2seq_step(model, ids, attention_mask)
+    start = np.full((ids.shape[0], 1), model.config.decoder_start_token_id, np.int64)
+    tokens, logits = greedy(step, start, steps)
+    return tokens, logits, hidden

@@ -6,6 +6,8 @@ loop and pooling, so the package and the tool run the same code.
     m = Model()                       # this folder; Model(providers=["CUDAExecutionProvider"]) on a GPU
     m.embed(["a sentence"])           # encoders: mean-pooled sentence embeddings, (n, hidden)
     m.generate("Once upon", 8)        # decoders: the greedy continuation through the KV cache, as text
+                                      # encoder-decoders (T5, BART): the greedy output for the input text
+    m.image_features(["cat.png"])     # image models (ViT): last_hidden_state (n, tokens, hidden); needs pillow
 
     python loader.py [EXPORT_DIR]     # replays parity_sample.npz (written by the gate), exit 1 on mismatch
 """
@@ -72,6 +74,42 @@ class OrtDecoder:
         return greedy(self.step, ids, steps)
 
 
+class OrtSeq2Seq:
+    """An encoder-decoder's two exported graphs (Optimum's names): encode once, then decoder calls through the
+    self-attention past/present tensors."""
+
+    def __init__(self, encoder, decoder, start_token: int):
+        self.encoder, self.decoder, self.start = encoder, decoder, int(start_token)
+        self.past = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self.dtype = np.float16 if "float16" in (self.past[0].type if self.past else "") else np.float32
+        self.outputs = [o.name for o in decoder.get_outputs()]
+
+    def encode(self, ids, attention_mask):
+        """ids, attention_mask: (B, S) int64 → last_hidden_state (B, S, H)."""
+        return self.encoder.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": attention_mask})[0]
+
+    def stepper(self, hidden, attention_mask):
+        """A step for greedy() over the encoder's output; greedy's decoder mask and positions are not inputs
+        here (the decoder counts positions from its past)."""
+        def step(ids, _mask, _positions, past):
+            past = past or {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), self.dtype)
+                            for i in self.past}
+            outs = self.decoder.run(None, {"input_ids": ids, "encoder_attention_mask": attention_mask,
+                                           "encoder_hidden_states": hidden, **past})
+            present = dict(zip(self.outputs[1:], outs[1:], strict=True))
+            return outs[0], {p.name: present[p.name.replace("past_key_values", "present")] for p in self.past}
+
+        return step
+
+    def greedy(self, ids, attention_mask, steps: int):
+        """Greedy decoding for the inputs ids, attention_mask (B, S): the decoder starts from its start token.
+        Returns (tokens (B, steps + 1), every call's logits, the encoder's last_hidden_state)."""
+        hidden = self.encode(ids, attention_mask)
+        start = np.full((ids.shape[0], 1), self.start, np.int64)
+        tokens, logits = greedy(self.stepper(hidden, attention_mask), start, steps)
+        return tokens, logits, hidden
+
+
 def open_session(model, providers=("CPUExecutionProvider",)):
     """An InferenceSession on `model` (a path, or a serialized ModelProto as bytes) that logs errors only (ORT's
     warnings come with terminal colour codes)."""
@@ -80,15 +118,56 @@ def open_session(model, providers=("CPUExecutionProvider",)):
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
 
 
+def start_token(folder) -> int:
+    """The token an encoder-decoder's decoder starts from (config.json's decoder_start_token_id, else its pad)."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    start = cfg.get("decoder_start_token_id")
+    return cfg.get("pad_token_id") or 0 if start is None else start
+
+
+def seq2seq(folder, providers=("CPUExecutionProvider",)):
+    """OrtSeq2Seq over an export or package folder with encoder_model.onnx and decoder_model.onnx."""
+    folder = Path(folder)
+    return OrtSeq2Seq(open_session(folder / "encoder_model.onnx", providers),
+                      open_session(folder / "decoder_model.onnx", providers), start_token(folder))
+
+
+def preprocess_images(images, cfg: dict):
+    """pixel_values (n, 3, H, W) float32 of `images` (paths or PIL images) as a ViT-style image processor makes them
+    from preprocessor_config.json `cfg`: RGB, resized to size (height, width) with its resample filter, rescaled,
+    normalized by image_mean / image_std."""
+    from PIL import Image
+
+    size = cfg.get("size") or {}
+    hw = (size["height"], size["width"]) if "height" in size else (size.get("shortest_edge"),) * 2
+    out = []
+    for im in images:
+        im = (Image.open(im) if isinstance(im, (str, Path)) else im).convert("RGB")
+        if cfg.get("do_resize", True) and hw[0]:
+            im = im.resize((hw[1], hw[0]), resample=Image.Resampling(cfg.get("resample", 2)))
+        a = np.asarray(im, np.float32)
+        if cfg.get("do_rescale", True):
+            a = a * np.float32(cfg.get("rescale_factor", 1 / 255))
+        if cfg.get("do_normalize", True):
+            a = (a - np.asarray(cfg["image_mean"], np.float32)) / np.asarray(cfg["image_std"], np.float32)
+        out.append(a.transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
 class Model:
-    """A package folder: model.onnx, tokenizer.json and config.json."""
+    """A package folder: model.onnx (or encoder_model.onnx + decoder_model.onnx), config.json, and tokenizer.json
+    (text) or preprocessor_config.json (images)."""
 
     def __init__(self, folder=HERE, providers=("CPUExecutionProvider",)):
+        folder = Path(folder)
+        self.seq2seq = seq2seq(folder, providers) if (folder / "encoder_model.onnx").is_file() else None
+        self.session = self.seq2seq.encoder if self.seq2seq else open_session(folder / "model.onnx", providers)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        if "pixel_values" in self.inputs:
+            self.processor = json.loads((folder / "preprocessor_config.json").read_text())
+            return
         from tokenizers import Tokenizer
 
-        folder = Path(folder)
-        self.session = open_session(folder / "model.onnx", providers)
-        self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         cfg = json.loads((folder / "config.json").read_text())
         pad = cfg.get("pad_token_id")
@@ -108,16 +187,24 @@ class Model:
         (h,) = self.session.run(["last_hidden_state"], feed)
         return mean_pool(h, feed["attention_mask"])
 
+    def image_features(self, images):
+        """last_hidden_state (n, tokens, hidden) of `images` (paths or PIL images), image models."""
+        pixels = preprocess_images(images, self.processor)
+        return self.session.run(["last_hidden_state"], {"pixel_values": pixels})[0]
+
     def generate(self, text, max_new_tokens=16):
         """The greedy continuation of `text`, decoded to a string (decoders)."""
         return self.tokenizer.decode(self.generate_ids(text, max_new_tokens), skip_special_tokens=True)
 
     def generate_ids(self, text, max_new_tokens=16):
-        """Token ids of the greedy continuation of `text`, through the KV cache; the prompt gets the tokenizer's
-        special tokens (e.g. Gemma's <bos>)."""
+        """Token ids of the greedy continuation of `text` (an encoder-decoder: of its output for `text`), through
+        the KV cache; the prompt gets the tokenizer's special tokens (e.g. Gemma's <bos>)."""
         self.tokenizer.no_truncation()
         ids = np.array([self.tokenizer.encode(text).ids], np.int64)
-        tokens, _ = OrtDecoder(self.session).greedy(ids, max_new_tokens - 1)
+        if self.seq2seq:
+            tokens, _, _ = self.seq2seq.greedy(ids, np.ones_like(ids), max_new_tokens - 1)
+        else:
+            tokens, _ = OrtDecoder(self.session).greedy(ids, max_new_tokens - 1)
         return tokens[0].tolist()
 
 
@@ -125,6 +212,14 @@ def replay(folder: str | Path, tol: float = 1e-3) -> dict:
     """Run the sample the gate stored (inputs and PyTorch's outputs) through model.onnx on the CPU EP."""
     folder = Path(folder)
     sample = dict(np.load(folder / SAMPLE))
+    if "encoder_hidden" in sample:
+        tokens, logits, hidden = seq2seq(folder).greedy(sample["input_ids"], sample["attention_mask"],
+                                                         int(sample["decode_steps"]))
+        real = sample["attention_mask"].astype(bool)
+        err = max(float(np.abs(hidden[real] - sample["encoder_hidden"][real]).max()),
+                  float(np.abs(logits[0] - sample["first_logits"]).max()))
+        same = bool((tokens == sample["tokens"]).all())
+        return {"kind": "seq2seq", "tokens_match": same, "max_abs": err, "passed": same and err <= tol}
     sess = open_session(folder / "model.onnx")
     if "prompt" in sample:
         tokens, logits = OrtDecoder(sess).greedy(sample["prompt"], int(sample["decode_steps"]))
@@ -134,16 +229,17 @@ def replay(folder: str | Path, tol: float = 1e-3) -> dict:
                 "passed": ok}
     feed = {i.name: sample[i.name] for i in sess.get_inputs()}
     (out,) = sess.run(["last_hidden_state"], feed)
-    real = sample["attention_mask"].astype(bool)
-    err = float(np.abs(out[real] - sample["last_hidden_state"][real]).max())
-    return {"kind": "encoder", "max_abs": err, "passed": err <= tol}
+    ref = sample["last_hidden_state"]
+    real = sample["attention_mask"].astype(bool) if "attention_mask" in sample else np.ones(ref.shape[:2], bool)
+    err = float(np.abs(out[real] - ref[real]).max())
+    return {"kind": "image" if "pixel_values" in sample else "encoder", "max_abs": err, "passed": err <= tol}
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="loader.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export_dir", nargs="?", default=str(HERE),
-                    help=f"a folder with model.onnx and {SAMPLE}; replays the sample and prints the parity as "
+                    help=f"a folder with model.onnx (or encoder_model.onnx and decoder_model.onnx) and {SAMPLE}; replays the sample and prints the parity as "
                          "JSON, exit 1 on mismatch (default: this file's folder)")
     args = ap.parse_args(argv)
     if not (Path(args.export_dir) / SAMPLE).is_file():

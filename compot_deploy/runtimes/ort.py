@@ -37,6 +37,21 @@ def session(path: str | os.PathLike, device: str = "cpu", threads: int | None = 
     return sess
 
 
+def export_session(folder: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                   opt_level: str = "all"):
+    """The session on an export or package folder's model.onnx, or for an encoder-decoder's two graphs an
+    OrtSeq2Seq over both."""
+    from pathlib import Path
+
+    from .loader import OrtSeq2Seq, start_token
+
+    folder = Path(folder)
+    if not (folder / "encoder_model.onnx").is_file():
+        return session(folder / "model.onnx", device, threads, opt_level)
+    return OrtSeq2Seq(*(session(folder / f, device, threads, opt_level)
+                        for f in ("encoder_model.onnx", "decoder_model.onnx")), start_token(folder))
+
+
 def release_free_heap() -> bool:
     """Hand the heap that session start freed back to the OS (glibc's malloc_trim). ORT's constant folding frees
     its intermediates only when it ends, and glibc keeps those pages: without this an ORT session's RSS after load
