@@ -1,7 +1,8 @@
 """Which Hugging Face architectures go through `compot-deploy build`: one tiny random model per family (real
 transformers configs and classes, MiniLM's tokenizer; their quality means nothing), each built with
 `build --ratio 0.3 --no-bench` in its own process. The build's log says how far each stage got; where build refuses
-a family before any work, `compress` alone says whether it compresses.
+a family before any work, `compress` alone says whether it compresses. Image models calibrate on 16 random images,
+Whisper on 8 one-second clips (its processor's window set to one second).
 
     python benchmarks/architectures.py [--only NAME,...] [--out benchmarks/results]
 
@@ -53,7 +54,7 @@ def families(V: int) -> dict:
         "t5": ("T5ForConditionalGeneration", "T5Config", t5),
         "bart": ("BartForConditionalGeneration", "BartConfig", {**s2s, "max_position_embeddings": 256}),
         "whisper": ("WhisperForConditionalGeneration", "WhisperConfig", {**s2s, "num_mel_bins": 80,
-                                                                         "max_source_positions": 64,
+                                                                         "max_source_positions": 50,  # 1 s window
                                                                          "max_target_positions": 64}),
         "vit": ("ViTModel", "ViTConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                               num_attention_heads=4, image_size=32, patch_size=8)),
@@ -79,13 +80,26 @@ def make(name: str, spec, tok, folder: Path) -> None:
         rng = np.random.default_rng(0)
         for i in range(16):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+    elif model.main_input_name == "input_features":  # a speech model: its feature extractor, and audio clips
+        import numpy as np
+        import soundfile
+
+        tf.WhisperFeatureExtractor(feature_size=model.config.num_mel_bins, chunk_length=1).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        (folder / "audio").mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(8):
+            t = np.arange(16000) / 16000
+            x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 900) * t) + rng.normal(0, 0.05, t.size)
+            soundfile.write(folder / "audio" / f"{i}.wav", x.astype(np.float32), 16000)
     else:
         tok.save_pretrained(folder)
 
 
 def build(folder: Path, out: Path) -> dict:
     t0 = time.perf_counter()
-    calib = ["--calib", str(folder / "images")] if (folder / "images").is_dir() else []
+    media = [folder / m for m in ("images", "audio") if (folder / m).is_dir()]
+    calib = ["--calib", str(media[0])] if media else []
     res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(folder), "-o", str(out), "-q",
                           "--no-bench", "--samples", "8", "--seq-len", "48", *calib], capture_output=True, text=True)
     status = dict.fromkeys(STAGES, "-")

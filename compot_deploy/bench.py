@@ -28,6 +28,9 @@ def _feed(spec: dict, batch: int, seq: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     if spec.get("image"):  # an image model: `batch` images of the processor's size (seq: the tokens it makes)
         return {"pixel_values": rng.standard_normal((batch, *spec["image"])).astype(np.float32)}
+    if spec.get("audio"):  # a speech model: `batch` log-mel windows, then the decoder's first call
+        return {"input_features": rng.standard_normal((batch, *spec["audio"])).astype(np.float32),
+                "decoder_input_ids": np.full((batch, 1), spec["start"], np.int64)}
     ids = rng.integers(1000, min(spec["vocab"], 20000), (batch, seq), dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64)}
     if spec.get("start") is not None:  # an encoder-decoder: the encoder, then the decoder's first call
@@ -80,7 +83,10 @@ def _model_spec(path: Path, kind: str) -> dict:
         size = cfg["image_size"]
         h, w = (size, size) if isinstance(size, int) else size
         spec["image"] = (cfg["num_channels"], h, w)
-        spec["image_tokens"] = (h // cfg["patch_size"]) * (w // cfg["patch_size"]) + 1 if "patch_size" in cfg else 1
+        spec["encoder_positions"] = (h // cfg["patch_size"]) * (w // cfg["patch_size"]) + 1 if "patch_size" in cfg else 1
+    if seq2seq and "num_mel_bins" in cfg and "max_source_positions" in cfg:  # Whisper: a fixed 2 × positions frames
+        spec["audio"] = (cfg["num_mel_bins"], 2 * cfg["max_source_positions"])
+        spec["encoder_positions"] = cfg["max_source_positions"]
     return spec
 
 
@@ -129,8 +135,8 @@ def measure(job: dict) -> dict:
     spec = _model_spec(path, rt.kind)
     rows = []
     shapes = job["shapes"]
-    if spec.get("image"):  # one row per batch size, its sequence the patches (and class token) the model sees
-        shapes = sorted({(b, spec["image_tokens"]) for b, _ in shapes})
+    if spec.get("image") or spec.get("audio"):  # one row per batch size; seq: the encoder's positions
+        shapes = sorted({(b, spec["encoder_positions"]) for b, _ in shapes})
     for b, L in shapes:
         feed = _feed(spec, b, L)
         if spec["decoder"] and rt.kind == "ort" and spec["start"] is None:  # a prefill: positions 0…L-1, no cache

@@ -55,6 +55,7 @@ def model_class(config):
 
 
 IMAGES = "pixel_values"  # the main input of image models (ViT, DeiT, …): calibrated on a folder of images
+AUDIO = "input_features"  # of speech encoder-decoders (Whisper): calibrated on a folder of audio files
 
 
 def main_input(config) -> str:
@@ -68,13 +69,14 @@ def check_supported(config, calibration=None) -> None:
     cls = model_class(config)
     kind = f"{config.model_type} ({cls.__name__})"
     main = main_input(config)
-    if main not in ("input_ids", IMAGES):
-        raise CompotError(f"{kind} takes {main}: audio and other non-text, non-image models are not supported yet "
-                          "(text models, and image models calibrated on a folder of images, are)")
-    if main == IMAGES and calibration is not None:
-        from .calibrate.data import image_files
+    speech = main == AUDIO and getattr(config, "is_encoder_decoder", False)
+    if main not in ("input_ids", IMAGES) and not speech:
+        raise CompotError(f"{kind} takes {main}: this kind of model is not supported yet (text models, image models "
+                          "and speech encoder-decoders such as Whisper are)")
+    if calibration is not None and main != "input_ids":
+        from .calibrate.data import media_files
 
-        image_files(calibration.source, kind)
+        media_files(calibration.source, kind, main)
 
 
 def check_supported_dir(model_dir: str | os.PathLike, calibration=None) -> None:
@@ -142,7 +144,8 @@ def quiet_transformers() -> None:
 
 
 def load_tokenizer(model_dir):
-    """The model's tokenizer, or for an image model its image processor (what turns inputs into its main input)."""
+    """The model's tokenizer, or for an image model its image processor, for a speech model its feature extractor
+    (what turns inputs into its main input)."""
     import transformers
 
     model_dir = resolve_model_dir(model_dir)
@@ -150,9 +153,14 @@ def load_tokenizer(model_dir):
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         if main_input(config) == IMAGES:
             return transformers.AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        if main_input(config) == AUDIO:  # the processor (feature extractor + tokenizer), else the extractor alone
+            try:
+                return transformers.AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                return transformers.AutoFeatureExtractor.from_pretrained(model_dir, local_files_only=True)
         tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise CompotError(f"cannot load the tokenizer (or image processor) from {model_dir}: {str(e).splitlines()[0]}") from None
+        raise CompotError(f"cannot load the tokenizer (or image processor, feature extractor) from {model_dir}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -237,9 +245,10 @@ def final_hidden(model, batch: dict):
     ed = encoder_decoder(model)
     if ed is None:
         return getattr(model, "base_model", model)(**batch).last_hidden_state
-    enc = ed[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    enc_in = {k: v for k, v in batch.items() if not k.startswith("decoder_")}  # input_ids + mask, input_features
+    enc = ed[0](**enc_in).last_hidden_state
     return ed[1](input_ids=batch["decoder_input_ids"], attention_mask=batch.get("decoder_attention_mask"),
-                 encoder_hidden_states=enc, encoder_attention_mask=batch["attention_mask"]).last_hidden_state
+                 encoder_hidden_states=enc, encoder_attention_mask=batch.get("attention_mask")).last_hidden_state
 
 
 def is_dense_linear(mod) -> bool:

@@ -62,11 +62,11 @@ def quantize_onnx(name: str, src: Path, dst: Path) -> None:
 def make_peer(name: str, dense_export: Path, out: Path) -> None:
     """Write the peer `name` of the dense export folder `dense_export` into the (new, empty) folder `out` (each
     graph of an encoder-decoder quantized on its own)."""
-    from .exporters.onnx_export import MANIFEST, graph_files
+    from .exporters.onnx_export import MANIFEST, SHARED_DATA, graph_files
 
     files = graph_files(json.loads((dense_export / MANIFEST).read_text())["graph"])
-    for f in dense_export.iterdir():
-        if f.is_file() and not any(f.name.startswith(g) for g in files):
+    for f in dense_export.iterdir():  # the quantized graphs hold their own weights (no shared data file)
+        if f.is_file() and f.name != SHARED_DATA and not any(f.name.startswith(g) for g in files):
             shutil.copy2(f, out / f.name)
     for g in files:
         quantize_onnx(name, dense_export / g, out / g)

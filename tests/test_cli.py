@@ -190,7 +190,7 @@ def _bad_manifest(tiny_dirs, tmp_path) -> Path:
 
 
 def _tiny(kind: str, tmp_path: Path, tiny_dirs) -> Path:
-    """A tiny random Whisper (speech encoder-decoder) or ViT (image) folder."""
+    """A tiny random Whisper (speech encoder-decoder), wav2vec2 (audio encoder) or ViT (image) folder."""
     import transformers as tf
 
     folder = tmp_path / kind
@@ -200,6 +200,10 @@ def _tiny(kind: str, tmp_path: Path, tiny_dirs) -> Path:
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
             max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             decoder_start_token_id=1))
+    elif kind == "wav2vec2":
+        model = tf.Wav2Vec2Model(tf.Wav2Vec2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, conv_dim=(32, 32), conv_stride=(5, 2),
+                                                   conv_kernel=(10, 3), num_conv_pos_embeddings=16))
     else:
         model = tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, image_size=16, patch_size=8))
@@ -230,9 +234,10 @@ BAD_INPUTS = [
      2, "invalid options: need --min-layer-ratio <= --ratio <= --max-layer-ratio"),
     ("malformed manifest.json in verify", lambda d, t, o: ["verify", _bad_manifest(d, t)],
      3, "manifest.json is not a package manifest"),
-    ("an encoder-decoder (Whisper) needs audio", lambda d, t, o: ["build", _tiny("whisper", t, d), "-o", o],
-     2, "whisper (WhisperForConditionalGeneration) takes input_features: audio and other non-text, non-image models "
-     "are not supported yet"),
+    ("a speech model (Whisper) built without audio", lambda d, t, o: ["build", _tiny("whisper", t, d), "-o", o],
+     2, "whisper (WhisperForConditionalGeneration) is a speech model: give --calib a folder of audio files"),
+    ("an audio encoder (wav2vec2)", lambda d, t, o: ["compress", _tiny("wav2vec2", t, d), "-o", o],
+     2, "wav2vec2 (Wav2Vec2Model) takes input_values: this kind of model is not supported yet"),
     ("an image model (ViT) without images", lambda d, t, o: ["compress", _tiny("vit", t, d), "-o", o],
      2, "vit (ViTModel) is an image model: give --calib a folder of images"),
     ("an image model (ViT) built without images", lambda d, t, o: ["build", _tiny("vit", t, d), "-o", o],

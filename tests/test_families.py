@@ -72,6 +72,11 @@ def test_an_encoder_decoder_builds_into_two_graphs_that_generate_as_pytorch_does
     man = json.loads((pkg / "manifest.json").read_text())
     assert man["kind"] == "seq2seq" and {"encoder_model.onnx", "decoder_model.onnx"} <= set(man["files"])
     assert "model.onnx" not in man["files"]
+    # the embedding table both graphs read is stored once (external data both point at): the graphs' bytes are
+    # those of the compressed weights plus ONNX's overhead, not the table twice (1.98x before)
+    onnx_bytes = sum(m["bytes"] for f, m in man["files"].items() if ".onnx" in f)
+    weights = next(p for p in (out / ".cache").iterdir() if p.name.startswith("compress-")) / "model.safetensors"
+    assert "shared_weights.onnx.data" in man["files"] and onnx_bytes < 1.1 * weights.stat().st_size
     # Optimum's names: the encoder, and the decoder with its self-attention past (length 0 on the first call)
     enc, dec = (onnx.load(str(pkg / f), load_external_data=False).graph
                 for f in ("encoder_model.onnx", "decoder_model.onnx"))
@@ -91,7 +96,7 @@ def test_an_encoder_decoder_builds_into_two_graphs_that_generate_as_pytorch_does
     m = Model(pkg)
     text = "the quick brown fox jumps over the lazy dog"
     ids = np.asarray([m.tokenizer.encode(text).ids], np.int64)
-    ref, _, _ = torch_seq2seq(model, ids, np.ones_like(ids), 7)
+    ref, _, _ = torch_seq2seq(model, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, 7)
     assert m.generate_ids(text, 8) == ref[0].tolist()
     # a decoder whose output drifts fails the replay: its first weight matrix (not the shared embedding, not a
     # bias) scaled by 1.5
@@ -200,6 +205,95 @@ def test_an_image_model_without_images_or_with_a_broken_one_is_one_error(tmp_pat
     for source, message in ((None, "vit (ViTModel) is an image model: give --calib a folder of images"),
                             (str(images), "broken.png: not a readable image")):
         cfg = CompressConfig(calibration=CalibrationConfig(source=source, samples=8),
+                             allocation=AllocationConfig(budget=Budget(removed=0.3)))
+        with pytest.raises(CompotError, match=re.escape(message)):
+            compot_deploy.compress(src, tmp_path / "out", cfg, progress=False)
+        assert not (tmp_path / "out").exists()
+
+
+def _audio(folder, n: int, seed: int = 0):
+    """n short audio files: wav and flac, mono and stereo, at 8, 16, 22.05 and 44.1 kHz (resampled on reading)."""
+    import numpy as np
+    import soundfile
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        rate = (16000, 22050, 8000, 44100)[i % 4]
+        t = np.arange(int(rate * rng.uniform(0.3, 1.5))) / rate
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 900) * t) + rng.normal(0, 0.05, t.size)
+        soundfile.write(folder / f"{i}.{'flac' if i % 3 == 0 else 'wav'}",
+                        (np.stack([x, 0.5 * x], 1) if i % 2 else x).astype(np.float32), rate)
+    return folder
+
+
+def _tiny_whisper(folder, minilm_dir):
+    """A 2 + 2 block random Whisper with a one-second window (16 mel bins, 100 frames), MiniLM's tokenizer."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=160, decoder_ffn_dim=160, num_mel_bins=16,
+        max_source_positions=50, max_target_positions=64, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+        decoder_start_token_id=101)).save_pretrained(folder)
+    tf.WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_speech_model_calibrates_on_audio_files_and_its_package_transcribes(minilm_dir, tmp_path):
+    import numpy as np
+    import onnx
+
+    from compot_deploy.calibrate.data import read_audio
+    from compot_deploy.models import load_tokenizer
+    from compot_deploy.runtimes import torch_seq2seq
+    from compot_deploy.runtimes.loader import Model, log_mel, replay
+
+    src = _tiny_whisper(tmp_path / "whisper", minilm_dir)
+    audio = _audio(tmp_path / "audio", 8)
+    out = tmp_path / "b"
+    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3",
+                          "--calib", str(audio), "--seq-len", "24", "--no-bench", "-o", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    comp = next(p for p in (out / ".cache").iterdir() if p.name.startswith("compress-"))
+    report = json.loads((comp / "compression_report.json").read_text())
+    names = [lay["name"] for lay in report["layers"] if lay["method"] == "compot"]
+    assert any(".encoder.layers." in n for n in names) and any(".encoder_attn." in n for n in names)
+    pkg = out / "package"
+    man = json.loads((pkg / "manifest.json").read_text())
+    assert man["kind"] == "seq2seq" and {"encoder_model.onnx", "decoder_model.onnx", "tokenizer.json"} <= set(man["files"])
+    enc, dec = (onnx.load(str(pkg / f), load_external_data=False).graph
+                for f in ("encoder_model.onnx", "decoder_model.onnx"))
+    assert [i.name for i in enc.input] == ["input_features"]  # Optimum's Whisper names: no encoder mask
+    assert [i.name for i in dec.input][:3] == ["input_ids", "encoder_hidden_states", "past_key_values.0.decoder.key"]
+    val = json.loads((pkg / "validation.json").read_text())
+    assert val["passed"] and val["parity"]["tokens"]["mismatches"] == 0 and val["parity"]["tokens"]["total"] == 27
+    assert val["task"]["next_token_agreement"] > 0.5 and replay(pkg)["passed"]
+
+    # the package's loader: Whisper's log-mel in numpy (HF's extractor to 1e-5), the compressed model's tokens
+    processor = load_tokenizer(src)
+    wave = read_audio(audio / "1.wav", 16000, 16000)  # stereo at 22.05 kHz, mixed and resampled
+    want = processor(wave, sampling_rate=16000, return_tensors="np")["input_features"]
+    cfg = processor.feature_extractor.to_dict() if hasattr(processor, "feature_extractor") else processor.to_dict()
+    np.testing.assert_allclose(log_mel(wave, cfg)[None], want, atol=1e-5)
+    ref, _, _ = torch_seq2seq(compot_deploy.load(comp), {"input_features": want.astype(np.float32)}, 5)
+    assert Model(pkg).transcribe_ids(audio / "1.wav", 6) == ref[0].tolist()
+
+
+def test_a_speech_model_without_audio_or_with_a_broken_file_is_one_error(minilm_dir, tmp_path):
+    from compot_deploy.errors import CompotError
+
+    src = _tiny_whisper(tmp_path / "whisper", minilm_dir)
+    audio = _audio(tmp_path / "audio", 2)
+    (audio / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    for source, message in ((None, "whisper (WhisperForConditionalGeneration) is a speech model: give --calib a "
+                                   "folder of audio files"),
+                            (str(audio), "broken.wav: not a readable audio file")):
+        cfg = CompressConfig(calibration=CalibrationConfig(source=source, samples=8, seq_len=16),
                              allocation=AllocationConfig(budget=Budget(removed=0.3)))
         with pytest.raises(CompotError, match=re.escape(message)):
             compot_deploy.compress(src, tmp_path / "out", cfg, progress=False)

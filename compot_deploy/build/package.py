@@ -127,10 +127,12 @@ def _package_readme(graph: dict, summary: dict, rep: dict, target: str) -> str:
     quality = (f"mean embedding cosine {task['mean_cosine']:.4f} against the original" if "mean_cosine" in task else
                f"next-token agreement {task['next_token_agreement']:.4f} with the original"
                if "next_token_agreement" in task else "not measured")
+    kind = "speech" if graph["kind"] == "seq2seq" and graph["inputs"] == ["input_features"] else graph["kind"]
     use = {"encoder": 'm.embed(["a sentence", "another one"])',
            "seq2seq": 'm.generate("translate English to German: a house", 8)',
-           "image": 'm.image_features(["photo.jpg"])  # last_hidden_state; needs pillow too'}.get(graph["kind"],
-                                                                                'm.generate("Once upon a", 8)')
+           "image": 'm.image_features(["photo.jpg"])  # last_hidden_state; needs pillow too',
+           "speech": 'm.transcribe("speech.wav", 32)  # audio files need soundfile (and scipy to resample)'}.get(
+        kind, 'm.generate("Once upon a", 8)')
     return f"""# compot-deploy package
 
 A {graph['kind']} compressed with COMPOT: the target linears take {lin['file_bytes']:,} of {lin['dense_bytes']:,}

@@ -158,10 +158,13 @@ def max_positions(config) -> int | None:
 def calibration_batches(tokenizer, cfg, model) -> list[dict]:
     """The batches `cfg` (CalibrationConfig) asks for `model`. Decoders calibrate on packed full-length chunks;
     encoders (measured on MiniLM: +0.04 mean cosine at ratio 0.3) on one document per sample, as they are used."""
-    from ..models import IMAGES, encoder_decoder, is_causal_lm
+    from ..models import AUDIO, IMAGES, encoder_decoder, is_causal_lm
 
-    if getattr(model, "main_input_name", "input_ids") == IMAGES:
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == IMAGES:
         return image_batches(tokenizer, cfg, f"{model.config.model_type} ({type(model).__name__})")
+    if main == AUDIO:
+        return audio_batches(tokenizer, cfg, model)
     causal = is_causal_lm(model)
     limit = max_positions(model.config)
     if limit is not None and cfg.seq_len > limit:
@@ -176,17 +179,111 @@ def calibration_batches(tokenizer, cfg, model) -> list[dict]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def image_files(source, kind: str) -> list[Path]:
-    """The image files (sorted) of the calibration folder `source` of the image model `kind`; CompotError when
-    `source` is not a folder or holds no images."""
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def media_files(source, kind: str, main: str = "pixel_values") -> list[Path]:
+    """The image (main pixel_values) or audio (input_features) files, sorted, of the calibration folder `source`
+    of the model `kind`; CompotError when `source` is not a folder or holds none."""
+    model, what, suffixes = (("an image model", "images", IMAGE_SUFFIXES) if main == "pixel_values" else
+                             ("a speech model", "audio files", AUDIO_SUFFIXES))
     folder = Path(source) if source not in (None, BUILTIN) else None
     if folder is None or not folder.is_dir():
-        raise CompotError(f"{kind} is an image model: give --calib a folder of images "
-                          f"({', '.join(IMAGE_SUFFIXES)})")
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        raise CompotError(f"{kind} is {model}: give --calib a folder of {what} ({', '.join(suffixes)})")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in suffixes)
     if not files:
-        raise CompotError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise CompotError(f"calibration folder {folder} holds no {what} ({', '.join(suffixes)})")
     return files
+
+
+def read_audio(path: Path, sampling_rate: int, max_samples: int):
+    """The first `max_samples` samples of the audio file `path` as mono float32 at `sampling_rate` (resampled
+    with a polyphase filter where the file's rate differs); CompotError for an unreadable file."""
+    import math
+
+    import numpy as np
+    import soundfile
+    from scipy.signal import resample_poly
+
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise CompotError(f"{path}: not a readable audio file ({str(e).splitlines()[0]})") from None
+    x = data.mean(1)
+    if rate != sampling_rate:
+        g = math.gcd(rate, sampling_rate)
+        x = resample_poly(x, sampling_rate // g, rate // g).astype(np.float32)
+    if not x.size:
+        raise CompotError(f"{path}: no audio samples")
+    return x[:max_samples]
+
+
+def feature_extractor(processor):
+    """A speech model's feature extractor: the processor's, or the processor itself."""
+    return getattr(processor, "feature_extractor", processor)
+
+
+def audio_features(processor, clips, numpy: bool = False) -> dict:
+    """{input_features} of the mono clips (float32 arrays at the extractor's rate) through the model's feature
+    extractor (Whisper: log-mel, padded to its 30 s window); torch tensors, or numpy with `numpy`."""
+    extractor = feature_extractor(processor)
+    feats = extractor(clips, sampling_rate=extractor.sampling_rate, return_tensors="np")["input_features"]
+    import numpy as np
+
+    feats = np.asarray(feats, np.float32)
+    if numpy:
+        return {"input_features": feats}
+    import torch
+
+    return {"input_features": torch.from_numpy(feats)}
+
+
+def gate_audio(n: int, sampling_rate: int, seconds: float = 2.0, seed: int = 0) -> list:
+    """n deterministic mono clips for the gate of speech models (no held-out audio set ships): chirps with
+    harmonics and noise, float32 at `sampling_rate`. Parity inputs, not a quality benchmark."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sampling_rate)) / sampling_rate
+    out = []
+    for _ in range(n):
+        f0, f1 = rng.uniform(100, 400), rng.uniform(400, 2000)
+        phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))
+        x = sum(np.sin(k * phase) / k for k in (1, 2, 3)) * 0.2 + rng.normal(0, 0.02, t.size)
+        out.append(x.astype(np.float32))
+    return out
+
+
+def audio_batches(processor, cfg, model) -> list[dict]:
+    """Batches of cfg.samples (default 32) audio files from the folder cfg.source, drawn with cfg.seed, through
+    the model's feature extractor; the decoder reads the model's own greedy transcription of each clip
+    (decoder_input_ids from its start token, up to cfg.seq_len tokens and the model's target positions;
+    decoder_attention_mask ends after the first end-of-text token), as it does when deployed."""
+    import numpy as np
+    import torch
+
+    from ..runtimes import torch_seq2seq
+
+    kind = f"{model.config.model_type} ({type(model).__name__})"
+    files = media_files(cfg.source, kind, "input_features")
+    random.Random(cfg.seed).shuffle(files)
+    files = files[: cfg.samples or 32]
+    extractor = feature_extractor(processor)
+    rate, window = extractor.sampling_rate, extractor.n_samples
+    clips = [read_audio(f, rate, window) for f in files]
+    steps = min(cfg.seq_len, getattr(model.config, "max_target_positions", cfg.seq_len)) - 1
+    eos = model.config.eos_token_id
+    batches = []
+    for i in range(0, len(clips), cfg.batch_size):
+        feed = audio_features(extractor, clips[i : i + cfg.batch_size], numpy=True)
+        tokens, _, _ = torch_seq2seq(model, feed, steps - 1)
+        start = np.full((len(tokens), 1), model.config.decoder_start_token_id, np.int64)
+        dec = np.concatenate([start, tokens], 1)[:, :steps]
+        ended = np.cumsum(dec == eos, 1) - (dec == eos)  # end-of-text tokens before each position
+        batches.append({"input_features": torch.from_numpy(feed["input_features"]),
+                        "decoder_input_ids": torch.from_numpy(dec),
+                        "decoder_attention_mask": torch.from_numpy((ended == 0).astype(np.int64))})
+    return batches
 
 
 def image_batches(processor, cfg, kind: str) -> list[dict]:
@@ -194,7 +291,7 @@ def image_batches(processor, cfg, kind: str) -> list[dict]:
     through the model's own image processor."""
     from PIL import Image, UnidentifiedImageError
 
-    files = image_files(cfg.source, kind)
+    files = media_files(cfg.source, kind)
     random.Random(cfg.seed).shuffle(files)
     files = files[: cfg.samples or 128]
     images = []

@@ -178,7 +178,7 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
     ed = encoder_decoder(model)
     block_calls, encoded = _capture_block_calls(model, [s.blocks[j] for s, j in walk], {s.offset for s in stacks},
                                                 batches, ed[0] if ed and last >= stacks[1].offset else None)
-    enc_masks = [b["attention_mask"].bool() for b in batches] if ed else None
+    enc_masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches] if ed else None
     with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
         for i, (stack, j) in enumerate(walk):
             if j == 0:  # a stack's first block: its inputs as captured, its tokens' mask (b, t), the same in every block

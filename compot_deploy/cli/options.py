@@ -33,10 +33,13 @@ def calibration_options(fn):
         click.option("--calib", "calib", default=None,
                      help="Calibration text: a .txt/.jsonl file, a folder of .txt, or a `datasets` folder saved with "
                           "save_to_disk. Default: the built-in English corpus. Image models (ViT): a folder of "
-                          "images, fed through the model's own image processor."),
+                          "images, fed through the model's own image processor. Speech encoder-decoders (Whisper): a folder of "
+                          "audio files (wav, flac, ogg, mp3; mono-mixed, resampled to the model's rate, the first "
+                          "window of each), whose decoder reads the model's own greedy transcription."),
         click.option("--samples", type=int, default=None,
-                     help="Calibration samples [default: 128 documents for encoders, 32 packed chunks for decoders]."),
-        click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sample."),
+                     help="Calibration samples [default: 128 documents for encoders (and images), 32 packed chunks for "
+                          "decoders, 32 audio files]."),
+        click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sample (speech models: decoder tokens transcribed per clip)."),
         click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size."),
         click.option("--packing/--no-packing", default=None,
                      help="Pack documents into full-length chunks, or one document per sample (padding excluded) "

@@ -4,9 +4,10 @@ Encoders: input_ids, attention_mask[, token_type_ids] → last_hidden_state.
 Decoders: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value → logits, present.{i}.key/value;
 the first call passes past tensors of length 0. Batch and sequence axes are dynamic, named as Optimum names them.
 Image encoders (ViT): pixel_values (batch, channels, height, width at the processor's size) → last_hidden_state.
-Encoder-decoders (T5, BART) follow Optimum's split into two files: encoder_model.onnx (input_ids, attention_mask →
-last_hidden_state) and decoder_model.onnx (input_ids, encoder_attention_mask, encoder_hidden_states,
-past_key_values.{i}.decoder.key/value → logits, present.{i}.decoder.key/value; past of length 0 on the first call).
+Encoder-decoders (T5, BART, Whisper) follow Optimum's split into two files: encoder_model.onnx (input_ids,
+attention_mask, or Whisper's input_features → last_hidden_state) and decoder_model.onnx (input_ids,
+encoder_attention_mask (not Whisper's), encoder_hidden_states, past_key_values.{i}.decoder.key/value → logits,
+present.{i}.decoder.key/value; past of length 0 on the first call).
 The decoder recomputes the cross-attention keys and values from encoder_hidden_states at every call, where
 Optimum's decoder_with_past reads them from past_key_values.{i}.encoder.*: one graph instead of two copies of the
 decoder's weights, at the cost of the cross-attention projections per step.
@@ -94,8 +95,9 @@ def image_shape(config) -> tuple[int, int, int]:
     return config.num_channels, h, w
 
 
-def seq2seq_encoder_wrapper(model):
-    """An encoder-decoder's encoder as a module (input_ids, attention_mask) → last_hidden_state."""
+def seq2seq_encoder_wrapper(model, inputs: list[str]):
+    """An encoder-decoder's encoder as a module (*inputs: input_ids, attention_mask or Whisper's input_features)
+    → last_hidden_state."""
     import torch
 
     class Seq2SeqEncoderIO(torch.nn.Module):
@@ -103,8 +105,8 @@ def seq2seq_encoder_wrapper(model):
             super().__init__()
             self.encoder = model.get_encoder()
 
-        def forward(self, input_ids, attention_mask):
-            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        def forward(self, *args):
+            return self.encoder(**dict(zip(inputs, args, strict=True))).last_hidden_state
 
     return Seq2SeqEncoderIO()
 
@@ -124,9 +126,10 @@ def self_attention_past(cache) -> list:
     return [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
 
 
-def seq2seq_decoder_wrapper(model, n_layers: int):
-    """An encoder-decoder as a decoder step (input_ids, encoder_attention_mask, encoder_hidden_states, *past) →
-    (logits, *present): the self-attention cache goes through past/present, cross-attention is recomputed."""
+def seq2seq_decoder_wrapper(model, n_layers: int, masked: bool):
+    """An encoder-decoder as a decoder step (input_ids, [encoder_attention_mask,] encoder_hidden_states, *past) →
+    (logits, *present): the self-attention cache goes through past/present, cross-attention is recomputed.
+    Without `masked` (Whisper: every encoder position is real) there is no encoder_attention_mask."""
     import torch
 
     from ..models import cache_kwargs, output_cache
@@ -136,10 +139,10 @@ def seq2seq_decoder_wrapper(model, n_layers: int):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, encoder_attention_mask, encoder_hidden_states, *past):
-            out = self.model(decoder_input_ids=input_ids, attention_mask=encoder_attention_mask,
-                             encoder_outputs=(encoder_hidden_states,), use_cache=True,
-                             **cache_kwargs(self.model, seq2seq_cache(past, n_layers)))
+        def forward(self, input_ids, *rest):
+            mask, hidden, past = (rest[0], rest[1], rest[2:]) if masked else (None, rest[0], rest[1:])
+            out = self.model(decoder_input_ids=input_ids, attention_mask=mask, encoder_outputs=(hidden,),
+                             use_cache=True, **cache_kwargs(self.model, seq2seq_cache(past, n_layers)))
             return (out.logits, *self_attention_past(output_cache(out)))
 
     return Seq2SeqDecoderIO()
@@ -197,11 +200,16 @@ def io_spec(model) -> IOSpec:
     return IOSpec("decoder", ["input_ids", "attention_mask", "position_ids"] + past, ["logits"] + present, axes, n)
 
 
-def seq2seq_specs(n_layers: int) -> tuple[IOSpec, IOSpec]:
-    """Optimum's encoder_model / decoder_model I/O for an encoder-decoder with `n_layers` decoder blocks."""
-    enc_axes = {n: {0: "batch_size", 1: "encoder_sequence_length"}
-                for n in ("input_ids", "attention_mask", "last_hidden_state")}
-    encoder = IOSpec("encoder", ["input_ids", "attention_mask"], ["last_hidden_state"], enc_axes)
+def seq2seq_specs(n_layers: int, speech: bool = False) -> tuple[IOSpec, IOSpec]:
+    """Optimum's encoder_model / decoder_model I/O for an encoder-decoder with `n_layers` decoder blocks; a speech
+    model's (Whisper) encoder takes input_features (its frame count fixed) and its decoder no encoder mask."""
+    if speech:
+        encoder = IOSpec("encoder", ["input_features"], ["last_hidden_state"],
+                         {"input_features": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"}})
+    else:
+        encoder = IOSpec("encoder", ["input_ids", "attention_mask"], ["last_hidden_state"],
+                         {n: {0: "batch_size", 1: "encoder_sequence_length"}
+                          for n in ("input_ids", "attention_mask", "last_hidden_state")})
     past, present = seq2seq_past_names(n_layers), seq2seq_past_names(n_layers, "present")
     axes = {"input_ids": {0: "batch_size", 1: "decoder_sequence_length"},
             "encoder_attention_mask": {0: "batch_size", 1: "encoder_sequence_length"},
@@ -209,8 +217,12 @@ def seq2seq_specs(n_layers: int) -> tuple[IOSpec, IOSpec]:
             "logits": {0: "batch_size", 1: "decoder_sequence_length"}}
     axes.update({p: {0: "batch_size", 2: "past_decoder_sequence_length"} for p in past})
     axes.update({p: {0: "batch_size", 2: "past_decoder_sequence_length + decoder_sequence_length"} for p in present})
-    decoder = IOSpec("seq2seq-decoder", ["input_ids", "encoder_attention_mask", "encoder_hidden_states"] + past,
-                     ["logits"] + present, axes, n_layers)
+    mask = [] if speech else ["encoder_attention_mask"]
+    if speech:
+        del axes["encoder_attention_mask"]
+        axes["encoder_hidden_states"] = {0: "batch_size"}
+    decoder = IOSpec("seq2seq-decoder", ["input_ids", *mask, "encoder_hidden_states"] + past, ["logits"] + present,
+                     axes, n_layers)
     return encoder, decoder
 
 
@@ -230,7 +242,7 @@ def export_parts(model) -> list[Part]:
     3-token past and 4 new tokens (decoders; 2 past + 1 new token for an encoder-decoder's decoder)."""
     import torch
 
-    from ..models import IMAGES, encoder_decoder, find_stacks, main_input, output_cache
+    from ..models import AUDIO, IMAGES, encoder_decoder, find_stacks, main_input, output_cache
 
     g = torch.Generator().manual_seed(0)
     if main_input(model.config) == IMAGES:
@@ -244,16 +256,20 @@ def export_parts(model) -> list[Part]:
     mask[1, 4:] = 0
     if encoder_decoder(model) is not None:
         n = len(find_stacks(model)[1].blocks)
-        enc_spec, dec_spec = seq2seq_specs(n)
-        encoder = seq2seq_encoder_wrapper(model).eval()
+        speech = main_input(model.config) == AUDIO
+        enc_spec, dec_spec = seq2seq_specs(n, speech)
+        encoder = seq2seq_encoder_wrapper(model, enc_spec.inputs).eval()
+        enc_args = (torch.randn(2, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=g),) \
+            if speech else (ids, mask)
         with torch.no_grad():
-            hidden = encoder(ids, mask)
-            out = model(decoder_input_ids=torch.randint(5, vocab, (2, 2), generator=g), attention_mask=mask,
-                        encoder_outputs=(hidden,), use_cache=True)
+            hidden = encoder(*enc_args)
+            out = model(decoder_input_ids=torch.randint(5, vocab, (2, 2), generator=g),
+                        attention_mask=None if speech else mask, encoder_outputs=(hidden,), use_cache=True)
         past = self_attention_past(output_cache(out))
         step = torch.randint(5, vocab, (2, 1), generator=g)
-        return [Part(ENCODER_FILE, enc_spec, encoder, (ids, mask)),
-                Part(DECODER_FILE, dec_spec, seq2seq_decoder_wrapper(model, n).eval(), (step, mask, hidden, *past))]
+        dec_args = (step, hidden, *past) if speech else (step, mask, hidden, *past)
+        return [Part(ENCODER_FILE, enc_spec, encoder, enc_args),
+                Part(DECODER_FILE, dec_spec, seq2seq_decoder_wrapper(model, n, not speech).eval(), dec_args)]
     spec = io_spec(model)
     if spec.kind == "encoder":
         args = (ids, mask) + ((torch.zeros_like(ids),) if "token_type_ids" in spec.inputs else ())
@@ -501,9 +517,8 @@ def _trace(part: Part, path: Path, model, opset: int, fold: bool) -> object:
         return onnx.load(str(raw))
 
 
-def _finish(proto, path: Path, kind: str, opset: int, body: str, storage_dtype: str) -> dict:
-    """Our functions, deduplicated and narrowed initializers, metadata; write and check `path`. Returns what the
-    graph holds."""
+def _finish(proto, kind: str, opset: int, body: str, storage_dtype: str) -> dict:
+    """Our functions, deduplicated and narrowed initializers, metadata. Returns what the graph holds."""
     fn_names = _add_functions(proto, body, opset)
     n_dup = _dedupe_initializers(proto)
     n_low = _store_initializers(proto, storage_dtype)
@@ -513,10 +528,52 @@ def _finish(proto, path: Path, kind: str, opset: int, body: str, storage_dtype: 
     meta = {"compot.sparse_body": body, "compot.kind": kind, "compot.storage_dtype": storage_dtype}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
-    save_onnx(proto, path)
-    check_onnx(path)
     return {"functions": fn_names, "ops": sorted(f"{d or 'ai.onnx'}::{o}" for d, o in _used_ops(proto)),
             "initializers_at_storage_dtype": n_low, "initializers_deduplicated": n_dup, "ir_version": proto.ir_version}
+
+
+SHARED_DATA = "shared_weights.onnx.data"  # tensors two graphs of one export both hold, stored once
+SHARE_MIN_BYTES = 2**20
+
+
+def _share_initializers(protos, path: Path) -> int:
+    """Store once, in the external data file `path`, every initializer of at least SHARE_MIN_BYTES that several
+    graphs hold with equal dtype, shape and bytes (an encoder-decoder's embedding table, read by both graphs); each
+    graph points at the one copy (ONNX external data: location, offset, length). Returns the bytes written."""
+    import hashlib
+
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    def raw(init) -> bytes:
+        return init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
+
+    holders: dict[tuple, list] = {}
+    for proto in protos:
+        for init in proto.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            data = raw(init)
+            if len(data) >= SHARE_MIN_BYTES:
+                key = (init.data_type, tuple(init.dims), hashlib.sha1(data).hexdigest())
+                holders.setdefault(key, []).append((proto, init))
+    offset = 0
+    with open(path, "wb") as f:
+        for inits in holders.values():
+            if len({id(p) for p, _ in inits}) < 2:
+                continue
+            data = raw(inits[0][1])
+            offset = -(-offset // 65536) * 65536  # 64 KiB aligned, so ORT may map it rather than copy
+            f.seek(offset)
+            f.write(data)
+            for _, init in inits:
+                external_data_helper.set_external_data(init, path.name, offset, len(data))
+                init.data_location = onnx.TensorProto.EXTERNAL
+                init.ClearField("raw_data")
+            offset += len(data)
+    if offset == 0:
+        path.unlink()
+    return offset
 
 
 def export_model(model, folder: Path, *, opset: int = MIN_OPSET, body: str = "folded",
@@ -529,19 +586,25 @@ def export_model(model, folder: Path, *, opset: int = MIN_OPSET, body: str = "fo
     model.set_attn_implementation("eager")  # no data-dependent SDPA shortcuts baked into the trace
     parts = export_parts(model)
     fold = body == "folded"  # the other bodies exist to keep C out of memory
-    described = []
+    described, protos = [], []
     try:
         for part in parts:
-            proto = _trace(part, folder / part.file, model, opset, fold)
+            protos.append(_trace(part, folder / part.file, model, opset, fold))
             described.append({"file": part.file, "kind": part.spec.kind, "inputs": part.spec.inputs,
                               "outputs": part.spec.outputs, "dynamic_axes": part.spec.dynamic_axes,
                               "n_layers": part.spec.n_layers,
-                              **_finish(proto, folder / part.file, part.spec.kind, opset, body, storage_dtype)})
-            del proto
+                              **_finish(protos[-1], part.spec.kind, opset, body, storage_dtype)})
     finally:
         model.set_attn_implementation(attn)
         model.eval()
+    shared = _share_initializers(protos, folder / SHARED_DATA) if len(protos) > 1 else 0
+    for part, proto in zip(parts, protos, strict=True):
+        save_onnx(proto, folder / part.file)
+        check_onnx(folder / part.file)
+    del protos
     common = {"opset": opset, "sparse_body": body, "storage_dtype": storage_dtype, "files": [p.file for p in parts]}
+    if shared:
+        common["shared_data"] = {"file": SHARED_DATA, "bytes": shared}
     if len(described) == 1:
         return {**described[0], **common}
     enc, dec = described
@@ -609,7 +672,7 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
         shutil.copy(source / "config.json", tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         st = source / WEIGHTS
-        onnx_size = sum(p.stat().st_size for f in graph["files"] for p in tmp.glob(f + "*"))
+        onnx_size = sum(p.stat().st_size for p in tmp.glob("*.onnx*"))
         manifest = {
             "format": "compot-deploy-onnx", "format_version": 1, "source": str(source), "graph": graph,
             "bytes": {"onnx": onnx_size, "safetensors": st.stat().st_size if st.is_file() else None,

@@ -139,24 +139,40 @@ def torch_greedy(model, ids, steps: int):
     return greedy(torch_step(model), ids, steps)
 
 
+def seq2seq_feeds(model, processor, texts: list[str], shapes, seed: int = 0) -> list[dict]:
+    """Encoder inputs for an encoder-decoder's gate, one per (batch, length) of `shapes`: held-out text
+    (input_ids, attention_mask; short rows padded), or for a speech model (Whisper) `batch` generated clips
+    through its feature extractor (input_features)."""
+    from ..models import AUDIO, main_input
+
+    if main_input(model.config) != AUDIO:
+        return encoder_feeds(processor, texts, shapes, ["input_ids", "attention_mask"])
+    from ..calibrate.data import audio_features, feature_extractor, gate_audio
+
+    rate = feature_extractor(processor).sampling_rate
+    return [audio_features(processor, gate_audio(b, rate, seed=seed + i), numpy=True) for i, (b, _) in enumerate(shapes)]
+
+
 def seq2seq_parity(model, s2s, tokenizer, cfg, texts: list[str]) -> tuple[list, list, dict, dict]:
     """Greedy generation of the encoder-decoder `model` and of its export `s2s` (OrtSeq2Seq) on held-out inputs.
     Returns (cases, (reference, export) pairs, token counts, the first case for the replay sample)."""
+    import numpy as np
+
     from ..runtimes import torch_seq2seq
 
     cases, pairs, sample, mism, total = [], [], {}, 0, 0
-    for feed in encoder_feeds(tokenizer, texts, cfg.decoder_prompts, ["input_ids", "attention_mask"]):
-        ids, mask = feed["input_ids"], feed["attention_mask"]
-        t_ref, l_ref, h_ref = torch_seq2seq(model, ids, mask, cfg.decode_steps)
-        t_out, l_out, h_out = s2s.greedy(ids, mask, cfg.decode_steps)
-        real = mask.astype(bool)
+    for feed in seq2seq_feeds(model, tokenizer, texts, cfg.decoder_prompts):
+        t_ref, l_ref, h_ref = torch_seq2seq(model, feed, cfg.decode_steps)
+        t_out, l_out, h_out = s2s.greedy(feed, cfg.decode_steps)
+        real = feed["attention_mask"].astype(bool) if "attention_mask" in feed else np.ones(h_ref.shape[:2], bool)
         sample = sample or {**feed, "decode_steps": cfg.decode_steps, "tokens": t_ref, "first_logits": l_ref[0],
                             "encoder_hidden": h_ref}
         case = [(h_ref[real], h_out[real])] + list(zip(l_ref, l_out, strict=True))
         pairs += case
         m = int((t_ref != t_out).sum())
         mism, total = mism + m, total + t_ref.size
-        cases.append({"prompt": list(ids.shape), "decode_steps": cfg.decode_steps, "token_mismatches": m,
+        cases.append({"prompt": list(next(iter(feed.values())).shape), "decode_steps": cfg.decode_steps,
+                      "token_mismatches": m,
                       "tokens_pytorch": t_ref.tolist(), "tokens_ort": t_out.tolist(), **parity_stats(case)})
     return cases, pairs, {"mismatches": mism, "total": total}, sample
 
@@ -257,28 +273,40 @@ def task_level(reference, sess, tokenizer, kind: str, texts: list[str]) -> dict:
             "perplexity_original": float(np.exp(nll_ref / max(n, 1)))}
 
 
-def seq2seq_task_level(reference, s2s, tokenizer, texts: list[str]) -> dict:
-    """Teacher-forced reconstruction of each held-out text (the calibration's task: the text in, the same text
-    as the decoder's target) by the export `s2s` against the original PyTorch encoder-decoder."""
+def seq2seq_task_level(reference, s2s, processor, texts: list[str]) -> dict:
+    """The export `s2s` against the original PyTorch encoder-decoder, teacher-forced: text models reconstruct each
+    held-out text (the calibration's task: the text in, the same text as the decoder's target); speech models
+    (generated clips, one per text) score the original's own greedy transcription."""
     import numpy as np
     import torch
 
+    from ..models import AUDIO, main_input
+    from ..runtimes import torch_seq2seq
+
+    speech = main_input(reference.config) == AUDIO
+    feeds = seq2seq_feeds(reference, processor, texts, [(1, 0)] * len(texts), seed=1000) if speech else [
+        {"input_ids": (ids := np.asarray([processor(t, truncation=True, max_length=128)["input_ids"]], np.int64)),
+         "attention_mask": np.ones_like(ids)} for t in texts]
     nll_out = nll_ref = agree = n = 0
-    for text in texts:
-        ids = np.asarray([tokenizer(text, truncation=True, max_length=128)["input_ids"]], np.int64)
-        labels = torch.from_numpy(ids)
-        dec_in = reference.prepare_decoder_input_ids_from_labels(labels=labels).numpy()
-        mask = np.ones_like(ids)
-        lo, _ = s2s.stepper(s2s.encode(ids, mask), mask)(dec_in, None, None, None)
+    for feed in feeds:
+        if speech:  # the original's transcription, from after its start token
+            labels = torch_seq2seq(reference, feed, 31)[0]
+        else:
+            labels = feed["input_ids"]
+        start = np.full((1, 1), reference.config.decoder_start_token_id, np.int64)
+        dec_in = np.concatenate([start, labels[:, :-1]], 1)  # the labels shifted right
+        lo, _ = s2s.stepper(s2s.encode(feed), feed.get("attention_mask"))(dec_in, None, None, None)
         with torch.no_grad():
-            lr = reference(input_ids=labels, attention_mask=torch.from_numpy(mask),
+            lr = reference(**{k: torch.from_numpy(v) for k, v in feed.items()},
                            decoder_input_ids=torch.from_numpy(dec_in)).logits.numpy()
-        target = np.concatenate([dec_in[0, :1], ids[0]])  # next_token_metrics scores ids[1:] from logits[:-1]
+        target = np.concatenate([dec_in[0, :1], labels[0]])  # next_token_metrics scores ids[1:] from logits[:-1]
         pad = np.zeros((1, lo.shape[-1]))
         a, pa = next_token_metrics(np.concatenate([lo[0], pad]), target)
         b, pb = next_token_metrics(np.concatenate([lr[0], pad]), target)
-        nll_out, nll_ref, agree, n = nll_out + a, nll_ref + b, agree + int((pa == pb).sum()), n + ids.shape[1]
-    return {"metric": "teacher-forced reconstruction of the text vs original", "texts": len(texts), "tokens": n,
+        nll_out, nll_ref, agree, n = nll_out + a, nll_ref + b, agree + int((pa == pb).sum()), n + labels.shape[1]
+    metric = ("teacher-forced original's transcription of generated clips" if speech else
+              "teacher-forced reconstruction of the text") + " vs original"
+    return {"metric": metric, "texts": len(texts), "tokens": n,
             "next_token_agreement": agree / max(n, 1), "perplexity": float(np.exp(nll_out / max(n, 1))),
             "perplexity_original": float(np.exp(nll_ref / max(n, 1)))}
 

@@ -83,7 +83,7 @@ class TorchRuntime(Runtime):
         return t
 
     def decoder_step(self, feed: dict):
-        return torch_seq2seq_step(self.model, feed["input_ids"], feed["attention_mask"], self.device)[0]
+        return torch_seq2seq_step(self.model, encoder_feed(feed), self.device)[0]
 
     def describe(self) -> dict:
         import torch
@@ -113,7 +113,7 @@ class OrtRuntime(Runtime):
         self.io_binding = self.device == "cuda"  # outputs stay on the GPU, as a serving loop keeps them
 
     def decoder_step(self, feed: dict):
-        return self.s2s.stepper(self.s2s.encode(feed["input_ids"], feed["attention_mask"]), feed["attention_mask"])
+        return self.s2s.stepper(self.s2s.encode(encoder_feed(feed)), feed.get("attention_mask"))
 
     def run(self, feed: dict):
         if self.s2s is not None:  # the encoder, then the decoder's first call (numpy in and out, also on cuda)
@@ -136,6 +136,11 @@ class OrtRuntime(Runtime):
         return {"backend": "ort", "device": self.device, "onnxruntime": ort.__version__,
                 "providers": self.sess.get_providers(), "threads": so.intra_op_num_threads or "default (cores)",
                 "graph_optimization": self.opt_level, "io_binding": self.io_binding}
+
+
+def encoder_feed(feed: dict) -> dict:
+    """An encoder-decoder feed's encoder inputs (all but decoder_input_ids)."""
+    return {k: v for k, v in feed.items() if k != "decoder_input_ids"}
 
 
 def torch_step(model, device: str = "cpu"):
@@ -164,18 +169,20 @@ def runtime(path, backend: str | None = None, device: str = "cpu", threads: int 
     return (TorchRuntime if backend == "torch" else OrtRuntime)(path, device, threads)
 
 
-def torch_seq2seq_step(model, ids, attention_mask, device: str = "cpu"):
-    """Run an encoder-decoder's encoder on ids, attention_mask ((B, S) int64 numpy); return (a decoder step for
-    runtimes.loader.greedy — the model's EncoderDecoderCache keeps the cross-attention keys after the first call —,
-    the encoder's output (B, S, H) numpy)."""
+def torch_seq2seq_step(model, feed: dict, device: str = "cpu"):
+    """Run an encoder-decoder's encoder on `feed` (its inputs as int64/float32 numpy: input_ids and attention_mask,
+    or Whisper's input_features); return (a decoder step for runtimes.loader.greedy — the model's
+    EncoderDecoderCache keeps the cross-attention keys after the first call —, the encoder's output (B, S, H)
+    numpy)."""
     import torch
     from transformers import DynamicCache, EncoderDecoderCache
 
     from ..models import cache_kwargs
 
-    mask = torch.from_numpy(attention_mask).to(device)
+    kw = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
+    mask = kw.get("attention_mask")
     with torch.no_grad():
-        hidden = model.get_encoder()(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask).last_hidden_state
+        hidden = model.get_encoder()(**kw).last_hidden_state
 
     def step(dec_ids, _mask, _positions, past):
         past = EncoderDecoderCache(DynamicCache(), DynamicCache()) if past is None else past
@@ -187,15 +194,15 @@ def torch_seq2seq_step(model, ids, attention_mask, device: str = "cpu"):
     return step, hidden.float().cpu().numpy()
 
 
-def torch_seq2seq(model, ids, attention_mask, steps: int):
+def torch_seq2seq(model, feed: dict, steps: int):
     """PyTorch's greedy decoding of an encoder-decoder, the loop OrtSeq2Seq runs (runtimes.loader.greedy from the
-    decoder's start token). ids, attention_mask: (B, S) int64 numpy. Returns (tokens, every call's logits, the
-    encoder's output)."""
+    decoder's start token) on the encoder inputs `feed` (numpy). Returns (tokens (B, steps + 1), every call's
+    logits, the encoder's output)."""
     import numpy as np
 
     from .loader import greedy
 
-    step, hidden = torch_seq2seq_step(model, ids, attention_mask)
-    start = np.full((ids.shape[0], 1), model.config.decoder_start_token_id, np.int64)
+    step, hidden = torch_seq2seq_step(model, feed)
+    start = np.full((hidden.shape[0], 1), model.config.decoder_start_token_id, np.int64)
     tokens, logits = greedy(step, start, steps)
     return tokens, logits, hidden

@@ -8,6 +8,7 @@ loop and pooling, so the package and the tool run the same code.
     m.generate("Once upon", 8)        # decoders: the greedy continuation through the KV cache, as text
                                       # encoder-decoders (T5, BART): the greedy output for the input text
     m.image_features(["cat.png"])     # image models (ViT): last_hidden_state (n, tokens, hidden); needs pillow
+    m.transcribe("speech.wav", 32)    # speech models (Whisper): the greedy output as text; files need soundfile
 
     python loader.py [EXPORT_DIR]     # replays parity_sample.npz (written by the gate), exit 1 on mismatch
 """
@@ -83,30 +84,34 @@ class OrtSeq2Seq:
         self.past = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
         self.dtype = np.float16 if "float16" in (self.past[0].type if self.past else "") else np.float32
         self.outputs = [o.name for o in decoder.get_outputs()]
+        self.masked = "encoder_attention_mask" in [i.name for i in decoder.get_inputs()]  # Whisper's is not
 
-    def encode(self, ids, attention_mask):
-        """ids, attention_mask: (B, S) int64 → last_hidden_state (B, S, H)."""
-        return self.encoder.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": attention_mask})[0]
+    def encode(self, feed: dict):
+        """The encoder's inputs (input_ids and attention_mask (B, S), or input_features) → last_hidden_state."""
+        return self.encoder.run(["last_hidden_state"], feed)[0]
 
-    def stepper(self, hidden, attention_mask):
+    def stepper(self, hidden, attention_mask=None):
         """A step for greedy() over the encoder's output; greedy's decoder mask and positions are not inputs
         here (the decoder counts positions from its past)."""
+        fixed = {"encoder_hidden_states": hidden}
+        if self.masked:
+            fixed["encoder_attention_mask"] = attention_mask
+
         def step(ids, _mask, _positions, past):
             past = past or {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), self.dtype)
                             for i in self.past}
-            outs = self.decoder.run(None, {"input_ids": ids, "encoder_attention_mask": attention_mask,
-                                           "encoder_hidden_states": hidden, **past})
+            outs = self.decoder.run(None, {"input_ids": ids, **fixed, **past})
             present = dict(zip(self.outputs[1:], outs[1:], strict=True))
             return outs[0], {p.name: present[p.name.replace("past_key_values", "present")] for p in self.past}
 
         return step
 
-    def greedy(self, ids, attention_mask, steps: int):
-        """Greedy decoding for the inputs ids, attention_mask (B, S): the decoder starts from its start token.
-        Returns (tokens (B, steps + 1), every call's logits, the encoder's last_hidden_state)."""
-        hidden = self.encode(ids, attention_mask)
-        start = np.full((ids.shape[0], 1), self.start, np.int64)
-        tokens, logits = greedy(self.stepper(hidden, attention_mask), start, steps)
+    def greedy(self, feed: dict, steps: int):
+        """Greedy decoding for the encoder inputs `feed`: the decoder starts from its start token. Returns
+        (tokens (B, steps + 1), every call's logits, the encoder's last_hidden_state)."""
+        hidden = self.encode(feed)
+        start = np.full((hidden.shape[0], 1), self.start, np.int64)
+        tokens, logits = greedy(self.stepper(hidden, feed.get("attention_mask")), start, steps)
         return tokens, logits, hidden
 
 
@@ -154,17 +159,85 @@ def preprocess_images(images, cfg: dict):
     return np.stack(out).astype(np.float32)
 
 
+def _hz_to_mel(f):
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * 27.0 / np.log(6.4), 3.0 * f / 200.0)
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), 200.0 * m / 3.0)
+
+
+def mel_filters(n_fft: int, n_mels: int, sampling_rate: int, fmax: float = 8000.0):
+    """(1 + n_fft // 2, n_mels) triangular filters on Slaney's mel scale from 0 to fmax, area-normalized (Whisper's
+    feature extractor's)."""
+    fft_freqs = np.linspace(0, sampling_rate // 2, 1 + n_fft // 2)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(fmax), n_mels + 2))
+    slopes = edges[None] - fft_freqs[:, None]
+    rise, fall = -slopes[:, :-2] / np.diff(edges)[:-1], slopes[:, 2:] / np.diff(edges)[1:]
+    return np.maximum(0.0, np.minimum(rise, fall)) * (2.0 / (edges[2:] - edges[:-2]))[None]
+
+
+def log_mel(waveform, cfg: dict):
+    """Whisper's input_features (n_mels, frames) float32 of a mono waveform at cfg's sampling_rate: zero-padded or
+    cut to n_samples, a centred STFT (periodic Hann window of n_fft, hop_length), power through the mel filters,
+    log10, floored 8 below the maximum, scaled (x + 4) / 4. cfg: the feature extractor's configuration."""
+    n_fft, hop, n = cfg["n_fft"], cfg["hop_length"], cfg["n_samples"]
+    x = np.zeros(n, np.float64)
+    w = np.asarray(waveform, np.float64)[:n]
+    x[: w.size] = w
+    x = np.pad(x, n_fft // 2, mode="reflect")
+    frames = 1 + (x.size - n_fft) // hop
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    spec = np.abs(np.fft.rfft(x[np.arange(n_fft)[None] + hop * np.arange(frames)[:, None]] * window, axis=1)) ** 2
+    mel = np.log10(np.maximum(spec @ mel_filters(n_fft, cfg["feature_size"], cfg["sampling_rate"]), 1e-10)).T[:, :-1]
+    mel = np.maximum(mel, mel.max() - 8.0)
+    return ((mel + 4.0) / 4.0).astype(np.float32)
+
+
+def read_audio(path, sampling_rate: int):
+    """A mono float32 waveform of the audio file `path` at `sampling_rate` (needs soundfile; scipy where the
+    file's rate differs)."""
+    import math
+
+    import soundfile
+
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    x = data.mean(1)
+    if rate != sampling_rate:
+        from scipy.signal import resample_poly
+
+        g = math.gcd(rate, sampling_rate)
+        x = resample_poly(x, sampling_rate // g, rate // g)
+    return x.astype(np.float32)
+
+
+def _processor_config(folder: Path) -> dict:
+    """The image processor's or feature extractor's settings (preprocessor_config.json, or the section of a
+    processor's processor_config.json)."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "feature_extractor"),
+                      ("processor_config.json", "image_processor")):
+        if (folder / name).is_file():
+            cfg = json.loads((folder / name).read_text())
+            if key is None or key in cfg:
+                return cfg if key is None else cfg[key]
+    raise FileNotFoundError(f"{folder} has no preprocessor_config.json or processor_config.json")
+
+
 class Model:
     """A package folder: model.onnx (or encoder_model.onnx + decoder_model.onnx), config.json, and tokenizer.json
-    (text) or preprocessor_config.json (images)."""
+    (text), preprocessor_config.json (images) or both with the feature extractor's settings (speech)."""
 
     def __init__(self, folder=HERE, providers=("CPUExecutionProvider",)):
         folder = Path(folder)
         self.seq2seq = seq2seq(folder, providers) if (folder / "encoder_model.onnx").is_file() else None
         self.session = self.seq2seq.encoder if self.seq2seq else open_session(folder / "model.onnx", providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
-        if "pixel_values" in self.inputs:
-            self.processor = json.loads((folder / "preprocessor_config.json").read_text())
+        if "pixel_values" in self.inputs or "input_features" in self.inputs:
+            self.processor = _processor_config(folder)
+        if not (folder / "tokenizer.json").is_file():
             return
         from tokenizers import Tokenizer
 
@@ -192,6 +265,18 @@ class Model:
         pixels = preprocess_images(images, self.processor)
         return self.session.run(["last_hidden_state"], {"pixel_values": pixels})[0]
 
+    def transcribe(self, audio, max_new_tokens=32):
+        """The greedy output of a speech model (Whisper) for `audio` (a file path, or a mono float array at the
+        model's sampling rate), decoded to text."""
+        return self.tokenizer.decode(self.transcribe_ids(audio, max_new_tokens), skip_special_tokens=True)
+
+    def transcribe_ids(self, audio, max_new_tokens=32):
+        rate = self.processor["sampling_rate"]
+        wave = read_audio(audio, rate) if isinstance(audio, (str, Path)) else audio
+        feed = {"input_features": log_mel(wave, self.processor)[None]}
+        tokens, _, _ = self.seq2seq.greedy(feed, max_new_tokens - 1)
+        return tokens[0].tolist()
+
     def generate(self, text, max_new_tokens=16):
         """The greedy continuation of `text`, decoded to a string (decoders)."""
         return self.tokenizer.decode(self.generate_ids(text, max_new_tokens), skip_special_tokens=True)
@@ -202,7 +287,8 @@ class Model:
         self.tokenizer.no_truncation()
         ids = np.array([self.tokenizer.encode(text).ids], np.int64)
         if self.seq2seq:
-            tokens, _, _ = self.seq2seq.greedy(ids, np.ones_like(ids), max_new_tokens - 1)
+            tokens, _, _ = self.seq2seq.greedy({"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                                               max_new_tokens - 1)
         else:
             tokens, _ = OrtDecoder(self.session).greedy(ids, max_new_tokens - 1)
         return tokens[0].tolist()
@@ -213,9 +299,10 @@ def replay(folder: str | Path, tol: float = 1e-3) -> dict:
     folder = Path(folder)
     sample = dict(np.load(folder / SAMPLE))
     if "encoder_hidden" in sample:
-        tokens, logits, hidden = seq2seq(folder).greedy(sample["input_ids"], sample["attention_mask"],
-                                                         int(sample["decode_steps"]))
-        real = sample["attention_mask"].astype(bool)
+        s2s = seq2seq(folder)
+        feed = {i.name: sample[i.name] for i in s2s.encoder.get_inputs()}
+        tokens, logits, hidden = s2s.greedy(feed, int(sample["decode_steps"]))
+        real = sample["attention_mask"].astype(bool) if "attention_mask" in sample else np.ones(hidden.shape[:2], bool)
         err = max(float(np.abs(hidden[real] - sample["encoder_hidden"][real]).max()),
                   float(np.abs(logits[0] - sample["first_logits"]).max()))
         same = bool((tokens == sample["tokens"]).all())
