@@ -54,6 +54,14 @@ def test_an_encoder_decoder_compresses_both_stacks_and_its_folder_generates(kind
     assert gen.shape[0] == 2 and gen.shape[1] >= 2
 
 
+def _build(src, out, *args):
+    """`compot-deploy build SRC --ratio 0.3 --no-bench -o OUT ARGS` in its own process; OUT."""
+    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3", "--no-bench",
+                          "-o", str(out), *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 def test_an_encoder_decoder_builds_into_two_graphs_that_generate_as_pytorch_does(kind, minilm_dir, tmp_path):
     import numpy as np
@@ -63,11 +71,7 @@ def test_an_encoder_decoder_builds_into_two_graphs_that_generate_as_pytorch_does
     from compot_deploy.runtimes.loader import Model, replay
 
     src = build_tiny(kind, tmp_path / kind, minilm_dir)
-    out = tmp_path / "b"
-    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3",
-                          "--samples", "8", "--seq-len", "48", "--no-bench", "-o", str(out)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    out = _build(src, tmp_path / "b", "--samples", "8", "--seq-len", "48")
     pkg = out / "package"
     man = json.loads((pkg / "manifest.json").read_text())
     assert man["kind"] == "seq2seq" and {"encoder_model.onnx", "decoder_model.onnx"} <= set(man["files"])
@@ -167,11 +171,7 @@ def test_an_image_model_builds_and_its_package_reads_image_files(tmp_path):
 
     src = _tiny_vit(tmp_path / "vit")
     images = _images(tmp_path / "images", 12)
-    out = tmp_path / "b"
-    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3",
-                          "--calib", str(images), "--samples", "12", "--no-bench", "-o", str(out)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    out = _build(src, tmp_path / "b", "--calib", str(images), "--samples", "12")
     pkg = out / "package"
     man = json.loads((pkg / "manifest.json").read_text())
     assert man["kind"] == "image" and "preprocessor_config.json" in man["files"]
@@ -254,11 +254,7 @@ def test_a_speech_model_calibrates_on_audio_files_and_its_package_transcribes(mi
 
     src = _tiny_whisper(tmp_path / "whisper", minilm_dir)
     audio = _audio(tmp_path / "audio", 8)
-    out = tmp_path / "b"
-    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3",
-                          "--calib", str(audio), "--seq-len", "24", "--no-bench", "-o", str(out)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    out = _build(src, tmp_path / "b", "--calib", str(audio), "--seq-len", "24")
     comp = next(p for p in (out / ".cache").iterdir() if p.name.startswith("compress-"))
     report = json.loads((comp / "compression_report.json").read_text())
     names = [lay["name"] for lay in report["layers"] if lay["method"] == "compot"]

@@ -181,6 +181,13 @@ def seq2seq_past_names(n_layers: int, prefix: str = "past_key_values") -> list[s
     return [f"{prefix}.{i}.decoder.{kv}" for i in range(n_layers) for kv in ("key", "value")]
 
 
+def _cache_axes(past: list[str], present: list[str], past_len: str, new_len: str) -> dict:
+    """Dynamic axes of KV-cache tensors (batch, heads, length, head_dim): past of `past_len`, present one call
+    longer."""
+    return {**{p: {0: "batch_size", 2: past_len} for p in past},
+            **{p: {0: "batch_size", 2: f"{past_len} + {new_len}"} for p in present}}
+
+
 def io_spec(model) -> IOSpec:
     """The I/O of a one-graph export (encoders and decoders)."""
     from ..models import is_causal_lm
@@ -195,8 +202,7 @@ def io_spec(model) -> IOSpec:
             "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},
             "position_ids": {0: "batch_size", 1: "sequence_length"},
             "logits": {0: "batch_size", 1: "sequence_length"}}
-    axes.update({p: {0: "batch_size", 2: "past_sequence_length"} for p in past})
-    axes.update({p: {0: "batch_size", 2: "past_sequence_length + sequence_length"} for p in present})
+    axes.update(_cache_axes(past, present, "past_sequence_length", "sequence_length"))
     return IOSpec("decoder", ["input_ids", "attention_mask", "position_ids"] + past, ["logits"] + present, axes, n)
 
 
@@ -215,8 +221,7 @@ def seq2seq_specs(n_layers: int, speech: bool = False) -> tuple[IOSpec, IOSpec]:
             "encoder_attention_mask": {0: "batch_size", 1: "encoder_sequence_length"},
             "encoder_hidden_states": {0: "batch_size", 1: "encoder_sequence_length"},
             "logits": {0: "batch_size", 1: "decoder_sequence_length"}}
-    axes.update({p: {0: "batch_size", 2: "past_decoder_sequence_length"} for p in past})
-    axes.update({p: {0: "batch_size", 2: "past_decoder_sequence_length + decoder_sequence_length"} for p in present})
+    axes.update(_cache_axes(past, present, "past_decoder_sequence_length", "decoder_sequence_length"))
     mask = [] if speech else ["encoder_attention_mask"]
     if speech:
         del axes["encoder_attention_mask"]
