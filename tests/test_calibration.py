@@ -137,3 +137,14 @@ def test_the_walk_sees_what_the_whole_model_sees(kind, tiny_dirs, minilm_dir, tm
     for t in targets:
         scale = float(ref[t.name].abs().max())
         torch.testing.assert_close(walk[t.name].G, ref[t.name], rtol=1e-5, atol=1e-6 * scale, msg=t.name)
+    # linears fed the very same tensor share one Gram, accumulated once; the others each have their own
+    shared = {"llama": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")],
+              "bart": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                       ("encoder_attn.k_proj", "encoder_attn.v_proj")]}.get(kind, [])
+    for group in shared:
+        first = min(t.block for t in targets if t.name.endswith(group))
+        members = [t.name for t in targets if t.name.endswith(group) and t.block == first]
+        assert len(members) == len(group) and all(walk[m] is walk[members[0]] for m in members), members
+    n_distinct = len({id(g) for g in walk.values()})
+    assert n_distinct == len(walk) - sum(len(g) - 1 for g in shared) * len({t.block for t in targets}) \
+        if kind == "llama" else n_distinct <= len(walk)

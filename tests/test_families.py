@@ -113,6 +113,17 @@ def test_an_encoder_decoder_builds_into_two_graphs_that_generate_as_pytorch_does
     assert not replay(pkg)["passed"]
 
 
+def test_an_encoder_decoder_mobile_package_has_both_graphs_in_ort_format(minilm_dir, tmp_path):
+    import onnxruntime as ort
+
+    src = build_tiny("t5", tmp_path / "t5", minilm_dir)
+    pkg = _build(src, tmp_path / "b", "--samples", "8", "--seq-len", "48", "--target", "mobile") / "package"
+    for name, first in (("encoder_model.ort", "input_ids"), ("decoder_model.ort", "input_ids")):
+        sess = ort.InferenceSession(str(pkg / name), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()[0].name == first
+    assert (pkg / "required_operators.config").is_file()
+
+
 def _images(folder, n: int, size: int = 24, seed: int = 0):
     """n random RGB PNG files (smooth gradients plus noise, so patches differ) in `folder`."""
     import numpy as np

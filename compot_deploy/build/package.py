@@ -104,10 +104,13 @@ def _to_ort_format(folder: Path, files: list[str]) -> None:
     import subprocess
     import sys
 
+    from ..exporters.onnx_export import SHARED_DATA
+
     work = folder / ".ort-work"
     work.mkdir()
-    for f in files:
-        shutil.copy2(folder / f, work / f)
+    for f in [*files, SHARED_DATA]:  # the graphs, and the tensors they share (encoder-decoders)
+        if (folder / f).is_file():
+            shutil.copy2(folder / f, work / f)
     res = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
                           "--optimization_style", "Fixed"], capture_output=True, text=True)
     if res.returncode != 0:

@@ -121,6 +121,9 @@ def _accumulate(gram: Gram, x, mask) -> None:
 
 @dataclass
 class _GramHooks:
+    """Forward pre-hooks accumulating the Gram of each target's inputs over the block's calls. Targets fed the very
+    same tensor (q/k/v; gate/up) share one Gram object, accumulated once: set new_call() before each call."""
+
     block: Any
     prefix: str
     targets: list[Target]
@@ -130,19 +133,33 @@ class _GramHooks:
     encoded_mask: Any = None
 
     def __enter__(self):
-        import torch
-
-        self._handles = []
+        self._handles, self._seen, self._calls, self._alias = [], [], 0, {}
         for t in self.targets:
             mod = self.block.get_submodule(t.name[len(self.prefix) + 1 :])
-            self.grams[t.name] = Gram(G=torch.zeros(t.d_in, t.d_in, dtype=torch.float64), n=0)
-
-            def hook(_m, args, name=t.name):
-                cross = self.encoded is not None and args[0] is self.encoded
-                _accumulate(self.grams[name], args[0], self.encoded_mask if cross else self.mask)
-
-            self._handles.append(mod.register_forward_pre_hook(hook))
+            self._handles.append(mod.register_forward_pre_hook(lambda _m, args, t=t: self._hook(t, args[0])))
         return self
+
+    def new_call(self, mask) -> None:
+        self.mask, self._seen = mask, []
+        self._calls += 1
+
+    def _hook(self, t: Target, x) -> None:
+        import torch
+
+        owner = next((name for seen, name in self._seen if seen is x), None)
+        if t.name in self._alias:  # its owner accumulated this very input already
+            if owner != self._alias[t.name]:
+                raise CompotError(f"{t.name} read {self._alias[t.name]}'s input on the first call, not on a later one")
+            return
+        if owner is not None and self._calls == 1 and t.name not in self.grams:
+            self._alias[t.name] = owner  # first call: the owner's Gram is this target's from now on
+            self.grams[t.name] = self.grams[owner]
+            return
+        if t.name not in self.grams:
+            self.grams[t.name] = Gram(G=torch.zeros(t.d_in, t.d_in, dtype=torch.float64), n=0)
+        self._seen.append((x, t.name))
+        cross = self.encoded is not None and x is self.encoded
+        _accumulate(self.grams[t.name], x, self.encoded_mask if cross else self.mask)
 
     def __exit__(self, *exc):
         for h in self._handles:
@@ -190,7 +207,7 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
             with _GramHooks(block, f"{stack.prefix}.{j}" if stack.prefix else str(j), by_block.get(i, [])) as hooks:
                 outs = []
                 for k, (c, h, m) in enumerate(zip(calls, hidden, masks)):
-                    hooks.mask = m
+                    hooks.new_call(m)
                     if stack.offset:  # a decoder's block
                         hooks.encoded, hooks.encoded_mask = encoded[k], enc_masks[k]
                     outs.append(_run_block(block, c, h))
