@@ -63,13 +63,17 @@ class OrtDecoder:
     def empty_past(self, batch: int) -> dict:
         return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), self.dtype) for i in self.past}
 
+    def call(self, feed: dict, past: dict | None):
+        """One run on `feed` (input_ids and the graph's other inputs) and `past` (None: an empty cache). Returns
+        (logits (B, L, V), next past dict)."""
+        past = self.empty_past(feed["input_ids"].shape[0]) if past is None else past
+        outs = self.sess.run(None, {**feed, **past})
+        present = dict(zip(self.outputs[1:], outs[1:], strict=True))
+        return outs[0], {p.name: present[p.name.replace("past_key_values", "present")] for p in self.past}
+
     def step(self, ids, attention_mask, position_ids, past: dict | None):
         """One call (past None: an empty cache). Returns (logits (B, L, V), next past dict)."""
-        past = self.empty_past(ids.shape[0]) if past is None else past
-        outs = self.sess.run(None, {"input_ids": ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                                    **past})
-        present = dict(zip(self.outputs[1:], outs[1:]))
-        return outs[0], {p.name: present[p.name.replace("past_key_values", "present")] for p in self.past}
+        return self.call({"input_ids": ids, "attention_mask": attention_mask, "position_ids": position_ids}, past)
 
     def greedy(self, ids, steps: int):
         return greedy(self.step, ids, steps)
@@ -81,9 +85,7 @@ class OrtSeq2Seq:
 
     def __init__(self, encoder, decoder, start_token: int):
         self.encoder, self.decoder, self.start = encoder, decoder, int(start_token)
-        self.past = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
-        self.dtype = np.float16 if "float16" in (self.past[0].type if self.past else "") else np.float32
-        self.outputs = [o.name for o in decoder.get_outputs()]
+        self.calls = OrtDecoder(decoder)
         self.masked = "encoder_attention_mask" in [i.name for i in decoder.get_inputs()]  # Whisper's is not
 
     def encode(self, feed: dict):
@@ -98,11 +100,7 @@ class OrtSeq2Seq:
             fixed["encoder_attention_mask"] = attention_mask
 
         def step(ids, _mask, _positions, past):
-            past = past or {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), self.dtype)
-                            for i in self.past}
-            outs = self.decoder.run(None, {"input_ids": ids, **fixed, **past})
-            present = dict(zip(self.outputs[1:], outs[1:], strict=True))
-            return outs[0], {p.name: present[p.name.replace("past_key_values", "present")] for p in self.past}
+            return self.calls.call({"input_ids": ids, **fixed}, past)
 
         return step
 
