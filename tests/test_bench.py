@@ -45,3 +45,31 @@ def test_bench_refuses_bad_targets(tmp_path):
         res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", *args], capture_output=True, text=True)
         assert res.returncode == 2, (args, res.stderr)
         assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # suite time: the family builds in CI skip bench
+def test_bench_on_encoder_decoder_image_and_speech_exports(minilm_dir, tmp_path):
+    """T5 and Whisper: the encoder plus the decoder's first call, then decode steps; ViT: one row per batch size,
+    its sequence the tokens the model makes (16 patches + class token). PyTorch and ORT on each."""
+    from conftest import build_tiny
+    from test_families import _tiny_vit, _tiny_whisper
+
+    srcs = {"t5": build_tiny("t5", tmp_path / "t5", minilm_dir), "vit": _tiny_vit(tmp_path / "vit"),
+            "whisper": _tiny_whisper(tmp_path / "whisper", minilm_dir)}
+    targets = []
+    for name, src in srcs.items():
+        export_dir(src, tmp_path / f"{name}-ort", ExportConfig())
+        targets += [f"{name}-pt={src}", f"{name}-ort={tmp_path / f'{name}-ort'}"]
+    res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "bench", *targets, "--shapes", "1x8,2x8",
+                          "--warmup", "1", "--repeat", "2", "--rounds", "1", "--decode-steps", "2",
+                          "-o", str(tmp_path / "rep")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = summary_rows(json.loads((tmp_path / "rep" / "bench.json").read_text()))
+    by = {}
+    for r in rows:
+        by.setdefault(r["label"], []).append(r)
+    assert {(r["batch"], r["seq"]) for r in by["vit-ort"]} == {(1, 17), (2, 17)} == \
+        {(r["batch"], r["seq"]) for r in by["vit-pt"]}
+    assert {(r["batch"], r["seq"]) for r in by["whisper-ort"]} == {(1, 50), (2, 50)}
+    for label in ("t5-pt", "t5-ort", "whisper-pt", "whisper-ort"):
+        assert all(r["p50_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in by[label]), label

@@ -118,13 +118,15 @@ def test_build_output_policy(tiny_dirs, tmp_path):
     """OUT holds one build of one model: another model's build is refused unless --overwrite, which replaces the
     folder whole; the input model is never OUT; after a build only its own stage caches remain."""
     out = tmp_path / "out"
-    assert _build(str(tiny_dirs["bert"]), *TINY, "--no-bench", "-q", "-o", str(out)).returncode == 0
+    (tmp_path / "gate.yaml").write_text(yaml.safe_dump({"gate": {"eval_texts": 0}}))  # the task-level check: off
+    quick = [*TINY, "--no-bench", "-q", "--config", str(tmp_path / "gate.yaml")]
+    assert _build(str(tiny_dirs["bert"]), *quick, "-o", str(out)).returncode == 0
     shas = _shas(out / "package")
-    res = _build(str(tiny_dirs["llama"]), *TINY, "--no-bench", "-q", "-o", str(out))
+    res = _build(str(tiny_dirs["llama"]), *quick, "-o", str(out))
     assert res.returncode == 2 and "holds the build of another model" in res.stderr, res.stderr
     assert _shas(out / "package") == shas
     (out / "mine.txt").write_text("x")
-    res = _build(str(tiny_dirs["llama"]), *TINY, "--no-bench", "-q", "-o", str(out), "--overwrite")
+    res = _build(str(tiny_dirs["llama"]), *quick, "-o", str(out), "--overwrite")
     assert res.returncode == 0, res.stderr
     assert not (out / "mine.txt").exists() and _shas(out / "package") != shas
     assert json.loads((out / "package" / "config.json").read_text())["model_type"] == "llama"

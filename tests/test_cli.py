@@ -238,8 +238,6 @@ BAD_INPUTS = [
      2, "whisper (WhisperForConditionalGeneration) is a speech model: give --calib a folder of audio files"),
     ("an audio encoder (wav2vec2)", lambda d, t, o: ["compress", _tiny("wav2vec2", t, d), "-o", o],
      2, "wav2vec2 (Wav2Vec2Model) takes input_values: this kind of model is not supported yet"),
-    ("an image model (ViT) without images", lambda d, t, o: ["compress", _tiny("vit", t, d), "-o", o],
-     2, "vit (ViTModel) is an image model: give --calib a folder of images"),
     ("an image model (ViT) built without images", lambda d, t, o: ["build", _tiny("vit", t, d), "-o", o],
      2, "vit (ViTModel) is an image model: give --calib a folder of images"),
     ("output is the input model", lambda d, t, o: ["compress", d["bert"], "-o", d["bert"], "--overwrite"],

@@ -55,9 +55,14 @@ def test_an_encoder_decoder_compresses_both_stacks_and_its_folder_generates(kind
 
 
 def _build(src, out, *args):
-    """`compot-deploy build SRC --ratio 0.3 --no-bench -o OUT ARGS` in its own process; OUT."""
+    """`compot-deploy build SRC --ratio 0.3 --no-bench -o OUT ARGS` in its own process, the gate's task-level check
+    on 8 held-out inputs; OUT."""
+    import yaml
+
+    cfg = out.with_name(out.name + ".yaml")
+    cfg.write_text(yaml.safe_dump({"gate": {"eval_texts": 8}}))
     res = subprocess.run([sys.executable, "-m", "compot_deploy.cli", "build", str(src), "--ratio", "0.3", "--no-bench",
-                          "-o", str(out), *args], capture_output=True, text=True)
+                          "--config", str(cfg), "-o", str(out), *args], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
