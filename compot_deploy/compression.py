@@ -91,7 +91,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
     result = _compress_linears(model, tokenizer, cfg, progress)
     if bits:
         with result.stage("embeddings"):
-            batches = calibration_batches(tokenizer, cfg.calibration, model) if e.method == "gptq" else None
+            batches = calibration_batches(tokenizer, cfg.calibration, model, progress) if e.method == "gptq" else None
             result.embeddings = quantize_embeddings(model, bits, e.group, cfg.factorize.dtype, e.method, batches,
                                                     progress)
     return result
@@ -110,7 +110,7 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
         from .prune import prune_model
 
         with result.stage("prune"):
-            batches = calibration_batches(tokenizer, cfg.calibration, model)
+            batches = calibration_batches(tokenizer, cfg.calibration, model, progress)
             result.pruned = prune_model(model, batches, cfg.prune, progress)
     targets = result.targets = find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     if cfg.allocation.strategy == "joint":
@@ -127,7 +127,7 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
             return result
 
     with result.stage("calibrate"):
-        batches = batches or calibration_batches(tokenizer, cfg.calibration, model)
+        batches = batches or calibration_batches(tokenizer, cfg.calibration, model, progress)
         grams = calibrate(model, batches, targets, progress=progress)
         result.calibration = check_token_count(batches, targets, grams)
     with result.stage("allocate"):
@@ -240,7 +240,7 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
     e = embeddings or EmbeddingConfig()
     bits = resolve_bits(model, e.bits, e.group)  # fails before any work
     with result.stage("quantize"):
-        batches = calibration_batches(tokenizer, calib or CalibrationConfig(), model)
+        batches = calibration_batches(tokenizer, calib or CalibrationConfig(), model, progress)
         quantize_model(model, targets, batches, records, stats, q, FactorizeConfig(dtype=dtype), progress)
     if bits:
         with result.stage("embeddings"):

@@ -306,3 +306,27 @@ def test_a_speech_model_without_audio_or_with_a_broken_file_is_one_error(minilm_
         with pytest.raises(CompotError, match=re.escape(message)):
             compot_deploy.compress(src, tmp_path / "out", cfg, progress=False)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_speech_models_decoder_calibrates_on_its_own_transcription(minilm_dir, tmp_path):
+    import numpy as np
+
+    from compot_deploy.calibrate.data import calibration_batches
+    from compot_deploy.runtimes import torch_seq2seq
+
+    src = _tiny_whisper(tmp_path / "whisper", minilm_dir)
+    model, processor = load_model(src)
+    cfg = CalibrationConfig(source=str(_audio(tmp_path / "audio", 3)), samples=3, seq_len=12, batch_size=2)
+    batches = calibration_batches(processor, cfg, model, progress=False)
+    assert [tuple(b["decoder_input_ids"].shape) for b in batches] == [(2, 12), (1, 12)]
+    assert tuple(batches[0]["input_features"].shape) == (2, 16, 100) and "attention_mask" not in batches[0]
+    b = batches[0]
+    tokens, _, _ = torch_seq2seq(model, {"input_features": b["input_features"].numpy()}, 10)
+    assert (b["decoder_input_ids"][:, 0] == 101).all()  # the start token, then the greedy transcription
+    np.testing.assert_array_equal(b["decoder_input_ids"][:, 1:].numpy(), tokens)
+    # the mask ends after the first end-of-text token: made the token the first clip's transcription has 4th
+    model.config.eos_token_id = int(tokens[0, 3])
+    b = calibration_batches(processor, cfg, model, progress=False)[0]
+    first = int(np.argmax(tokens[0] == tokens[0, 3])) + 1  # its first position in decoder_input_ids
+    mask = b["decoder_attention_mask"].numpy()
+    assert mask[0, : first + 1].all() and not mask[0, first + 1 :].any() and first + 1 < 12

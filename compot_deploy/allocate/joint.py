@@ -199,7 +199,7 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     t0 = time.perf_counter()
     a, f = cfg.allocation, cfg.factorize
     targets = targets or find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
-    batches = calibration_batches(tokenizer, cfg.calibration, model)
+    batches = calibration_batches(tokenizer, cfg.calibration, model, progress)
     grams = calibrate(model, batches, targets, progress=progress)
     calibration = check_token_count(batches, targets, grams)
     cands = measure(model, targets, grams, a.joint, f, progress)
