@@ -93,6 +93,22 @@ def test_the_walk_reruns_a_block_its_step_changed(tiny_dirs):
     assert not any(torch.allclose(base[n].G, seq[n].G) for n in b1)
 
 
+def test_the_walk_stops_after_the_last_block_holding_a_target(tiny_dirs):
+    """--include on the first blocks: the blocks after them are never run (a model far bigger than its first
+    blocks can be compressed block-wise and timed per block)."""
+    model, tok = load_model(tiny_dirs["llama"])
+    batches = make_batches(make_samples(tok, load_texts(None), 4, 32, seed=0), 2, tok.pad_token_id)
+    targets = find_targets(model, include=["model.layers.0.*"])
+    assert {t.block for t in targets} == {0}
+    calls = []
+    handle = model.model.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        grams = calibrate(model, batches, targets, progress=False)
+    finally:
+        handle.remove()
+    assert calls == [] and set(grams) == {t.name for t in targets}
+
+
 def _full_forward_grams(model, batches, targets) -> dict:
     """Grams of every target's inputs hooked during ordinary forward passes of the whole model (the reference the
     block-by-block walk must reproduce)."""
