@@ -247,8 +247,9 @@ def export(model_dir, out, quiet, overwrite, opset, sparse_body, no_validate, **
 
     COMPOT layers become ai.compot ops defined as ONNX functions inside the model, quantized dictionaries
     com.microsoft::MatMulNBits, so stock onnxruntime runs OUT/model.onnx with no extra library. Inputs and outputs
-    follow Optimum's names; an encoder-decoder (T5, BART) becomes OUT/encoder_model.onnx and OUT/decoder_model.onnx,
-    gated on greedy generation. Exit 3 when the gate fails (OUT stays, marked invalid in export.json).
+    follow Optimum's names; an encoder-decoder (T5, BART, Whisper) becomes OUT/encoder_model.onnx and
+    OUT/decoder_model.onnx (tensors both read, such as the embedding, stored once in OUT/shared_weights.onnx.data),
+    gated on greedy generation; an image model (ViT) takes pixel_values. Exit 3 when the gate fails (OUT stays, marked invalid in export.json).
     """
     from ..config import ExportConfig, build_config
     from ..exporters.onnx_export import export_dir
