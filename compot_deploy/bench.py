@@ -77,7 +77,7 @@ def _model_spec(path: Path, kind: str) -> dict:
         decoder = seq2seq or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) \
             or bool(cfg.get("is_decoder"))
         token_types = cfg.get("type_vocab_size", 0) > 0 and not decoder
-    start = start_token(path) if seq2seq else None
+    start = start_token(cfg) if seq2seq else None
     spec = {"vocab": text.get("vocab_size", 30000), "decoder": decoder, "token_type_ids": token_types, "start": start}
     if "image_size" in cfg and "num_channels" in cfg:
         size = cfg["image_size"]

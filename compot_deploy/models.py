@@ -150,10 +150,10 @@ def load_tokenizer(model_dir):
 
     model_dir = resolve_model_dir(model_dir)
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        if main_input(config) == IMAGES:
+        main = main_input(transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True))
+        if main == IMAGES:
             return transformers.AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-        if main_input(config) == AUDIO:  # the processor (feature extractor + tokenizer), else the extractor alone
+        if main == AUDIO:  # the processor (feature extractor + tokenizer), else the extractor alone
             try:
                 return transformers.AutoProcessor.from_pretrained(model_dir, local_files_only=True)
             except (OSError, ValueError, KeyError, TypeError):
@@ -239,14 +239,19 @@ def output_mask(batch: dict):
     return None if mask is None else mask.bool()
 
 
+def encoder_inputs(batch: dict) -> dict:
+    """An encoder-decoder batch's encoder inputs (input_ids and attention_mask, or input_features): all but the
+    decoder_* entries."""
+    return {k: v for k, v in batch.items() if not k.startswith("decoder_")}
+
+
 def final_hidden(model, batch: dict):
     """The last hidden states (b, t, hidden) of `model` on `batch`, without the vocabulary-sized logits: the
     decoder's, fed the encoder's, for an encoder-decoder."""
     ed = encoder_decoder(model)
     if ed is None:
         return getattr(model, "base_model", model)(**batch).last_hidden_state
-    enc_in = {k: v for k, v in batch.items() if not k.startswith("decoder_")}  # input_ids + mask, input_features
-    enc = ed[0](**enc_in).last_hidden_state
+    enc = ed[0](**encoder_inputs(batch)).last_hidden_state
     return ed[1](input_ids=batch["decoder_input_ids"], attention_mask=batch.get("decoder_attention_mask"),
                  encoder_hidden_states=enc, encoder_attention_mask=batch.get("attention_mask")).last_hidden_state
 

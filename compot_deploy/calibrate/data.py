@@ -197,22 +197,16 @@ def media_files(source, kind: str, main: str = "pixel_values") -> list[Path]:
 
 
 def read_audio(path: Path, sampling_rate: int, max_samples: int):
-    """The first `max_samples` samples of the audio file `path` as mono float32 at `sampling_rate` (resampled
-    with a polyphase filter where the file's rate differs); CompotError for an unreadable file."""
-    import math
-
-    import numpy as np
+    """The first `max_samples` samples of the audio file `path` as mono float32 at `sampling_rate`, read as the
+    package's loader reads it (runtimes.loader.read_audio); CompotError for an unreadable or empty file."""
     import soundfile
-    from scipy.signal import resample_poly
+
+    from ..runtimes.loader import read_audio as load
 
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        x = load(path, sampling_rate)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise CompotError(f"{path}: not a readable audio file ({str(e).splitlines()[0]})") from None
-    x = data.mean(1)
-    if rate != sampling_rate:
-        g = math.gcd(rate, sampling_rate)
-        x = resample_poly(x, sampling_rate // g, rate // g).astype(np.float32)
     if not x.size:
         raise CompotError(f"{path}: no audio samples")
     return x[:max_samples]
@@ -264,6 +258,7 @@ def audio_batches(processor, cfg, model, progress: bool = True) -> list[dict]:
 
     from ..progress import bar
     from ..runtimes import torch_seq2seq
+    from ..runtimes.loader import start_token
 
     kind = f"{model.config.model_type} ({type(model).__name__})"
     files = media_files(cfg.source, kind, "input_features")
@@ -279,7 +274,7 @@ def audio_batches(processor, cfg, model, progress: bool = True) -> list[dict]:
     for i in bar(starts, desc="transcribe calibration clips", unit="batch", progress=progress):
         feed = audio_features(extractor, clips[i : i + cfg.batch_size], numpy=True)
         tokens, _, _ = torch_seq2seq(model, feed, length - 2)  # (b, length - 1) after the start token
-        start = np.full((len(tokens), 1), model.config.decoder_start_token_id, np.int64)
+        start = np.full((len(tokens), 1), start_token(model.config.to_dict()), np.int64)
         dec = np.concatenate([start, tokens], 1)
         ended = np.cumsum(dec == eos, 1) - (dec == eos)  # end-of-text tokens before each position
         batches.append({"input_features": torch.from_numpy(feed["input_features"]),

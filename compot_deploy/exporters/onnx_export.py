@@ -28,7 +28,6 @@ from ..errors import CompotError
 from . import ops
 
 ONNX_FILE = "model.onnx"
-ENCODER_FILE, DECODER_FILE = "encoder_model.onnx", "decoder_model.onnx"  # an encoder-decoder's two graphs
 MIN_OPSET = 18  # BitwiseAnd and the function bodies need 18
 TORCH_MAX_OPSET = 20  # the TorchScript exporter's ceiling
 TWO_GB = 2**31
@@ -248,6 +247,7 @@ def export_parts(model) -> list[Part]:
     import torch
 
     from ..models import AUDIO, IMAGES, encoder_decoder, find_stacks, main_input, output_cache
+    from ..runtimes.loader import DECODER_FILE, ENCODER_FILE  # the names the package's loader opens
 
     g = torch.Generator().manual_seed(0)
     if main_input(model.config) == IMAGES:

@@ -282,6 +282,7 @@ def seq2seq_task_level(reference, s2s, processor, texts: list[str]) -> dict:
 
     from ..models import AUDIO, main_input
     from ..runtimes import torch_seq2seq
+    from ..runtimes.loader import start_token
 
     speech = main_input(reference.config) == AUDIO
     feeds = seq2seq_feeds(reference, processor, texts, [(1, 0)] * len(texts), seed=1000) if speech else [
@@ -293,7 +294,7 @@ def seq2seq_task_level(reference, s2s, processor, texts: list[str]) -> dict:
             labels = torch_seq2seq(reference, feed, 31)[0]
         else:
             labels = feed["input_ids"]
-        start = np.full((1, 1), reference.config.decoder_start_token_id, np.int64)
+        start = np.full((1, 1), start_token(reference.config.to_dict()), np.int64)
         dec_in = np.concatenate([start, labels[:, :-1]], 1)  # the labels shifted right
         lo, _ = s2s.stepper(s2s.encode(feed), feed.get("attention_mask"))(dec_in, None, None, None)
         with torch.no_grad():

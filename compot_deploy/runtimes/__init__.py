@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import CompotError
+from ..models import encoder_inputs
 
 def target_kind(path: str | os.PathLike) -> str:
     """'ort' for a folder written by `export`, 'torch' for a model folder."""
@@ -83,7 +84,7 @@ class TorchRuntime(Runtime):
         return t
 
     def decoder_step(self, feed: dict):
-        return torch_seq2seq_step(self.model, encoder_feed(feed), self.device)[0]
+        return torch_seq2seq_step(self.model, encoder_inputs(feed), self.device)[0]
 
     def describe(self) -> dict:
         import torch
@@ -102,18 +103,17 @@ class OrtRuntime(Runtime):
         self.opt_level = opt_level
 
     def load(self) -> None:
+        from .loader import OrtSeq2Seq
         from .ort import export_session
 
-        self.s2s = export_session(self.path, self.device, self.threads, self.opt_level)
-        if hasattr(self.s2s, "decoder"):
-            self.sess = self.s2s.decoder
-        else:
-            self.sess, self.s2s = self.s2s, None
+        loaded = export_session(self.path, self.device, self.threads, self.opt_level)
+        self.s2s = loaded if isinstance(loaded, OrtSeq2Seq) else None
+        self.sess = loaded.decoder if self.s2s else loaded
         self.outputs = [o.name for o in self.sess.get_outputs()][:1]
         self.io_binding = self.device == "cuda"  # outputs stay on the GPU, as a serving loop keeps them
 
     def decoder_step(self, feed: dict):
-        return self.s2s.stepper(self.s2s.encode(encoder_feed(feed)), feed.get("attention_mask"))
+        return self.s2s.stepper(self.s2s.encode(encoder_inputs(feed)), feed.get("attention_mask"))
 
     def run(self, feed: dict):
         if self.s2s is not None:  # the encoder, then the decoder's first call (numpy in and out, also on cuda)
@@ -136,11 +136,6 @@ class OrtRuntime(Runtime):
         return {"backend": "ort", "device": self.device, "onnxruntime": ort.__version__,
                 "providers": self.sess.get_providers(), "threads": so.intra_op_num_threads or "default (cores)",
                 "graph_optimization": self.opt_level, "io_binding": self.io_binding}
-
-
-def encoder_feed(feed: dict) -> dict:
-    """An encoder-decoder feed's encoder inputs (all but decoder_input_ids)."""
-    return {k: v for k, v in feed.items() if k != "decoder_input_ids"}
 
 
 def torch_step(model, device: str = "cpu"):
@@ -200,9 +195,9 @@ def torch_seq2seq(model, feed: dict, steps: int):
     logits, the encoder's output)."""
     import numpy as np
 
-    from .loader import greedy
+    from .loader import greedy, start_token
 
     step, hidden = torch_seq2seq_step(model, feed)
-    start = np.full((hidden.shape[0], 1), model.config.decoder_start_token_id, np.int64)
+    start = np.full((hidden.shape[0], 1), start_token(model.config.to_dict()), np.int64)
     tokens, logits = greedy(step, start, steps)
     return tokens, logits, hidden

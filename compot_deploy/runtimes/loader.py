@@ -121,18 +121,27 @@ def open_session(model, providers=("CPUExecutionProvider",)):
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
 
 
-def start_token(folder) -> int:
-    """The token an encoder-decoder's decoder starts from (config.json's decoder_start_token_id, else its pad)."""
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    start = cfg.get("decoder_start_token_id")
-    return cfg.get("pad_token_id") or 0 if start is None else start
+ENCODER_FILE, DECODER_FILE = "encoder_model.onnx", "decoder_model.onnx"  # an encoder-decoder's two graphs
 
 
-def seq2seq(folder, providers=("CPUExecutionProvider",)):
-    """OrtSeq2Seq over an export or package folder with encoder_model.onnx and decoder_model.onnx."""
+def start_token(config: dict) -> int:
+    """The token an encoder-decoder's decoder starts from: config's decoder_start_token_id, else its pad."""
+    start = config.get("decoder_start_token_id")
+    return config.get("pad_token_id") or 0 if start is None else start
+
+
+def is_seq2seq(folder) -> bool:
+    """Whether an export or package folder holds an encoder-decoder's two graphs."""
+    return (Path(folder) / ENCODER_FILE).is_file()
+
+
+def seq2seq(folder, providers=("CPUExecutionProvider",), opener=None):
+    """OrtSeq2Seq over an export or package folder with encoder_model.onnx and decoder_model.onnx; `opener(path)`
+    makes each session (default: open_session on `providers`)."""
     folder = Path(folder)
-    return OrtSeq2Seq(open_session(folder / "encoder_model.onnx", providers),
-                      open_session(folder / "decoder_model.onnx", providers), start_token(folder))
+    opener = opener or (lambda path: open_session(path, providers))
+    config = json.loads((folder / "config.json").read_text())
+    return OrtSeq2Seq(opener(folder / ENCODER_FILE), opener(folder / DECODER_FILE), start_token(config))
 
 
 def preprocess_images(images, cfg: dict):
@@ -230,7 +239,7 @@ class Model:
 
     def __init__(self, folder=HERE, providers=("CPUExecutionProvider",)):
         folder = Path(folder)
-        self.seq2seq = seq2seq(folder, providers) if (folder / "encoder_model.onnx").is_file() else None
+        self.seq2seq = seq2seq(folder, providers) if is_seq2seq(folder) else None
         self.session = self.seq2seq.encoder if self.seq2seq else open_session(folder / "model.onnx", providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         if "pixel_values" in self.inputs or "input_features" in self.inputs:

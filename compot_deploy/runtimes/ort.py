@@ -43,13 +43,11 @@ def export_session(folder: str | os.PathLike, device: str = "cpu", threads: int 
     OrtSeq2Seq over both."""
     from pathlib import Path
 
-    from .loader import OrtSeq2Seq, start_token
+    from .loader import is_seq2seq, seq2seq
 
-    folder = Path(folder)
-    if not (folder / "encoder_model.onnx").is_file():
-        return session(folder / "model.onnx", device, threads, opt_level)
-    return OrtSeq2Seq(*(session(folder / f, device, threads, opt_level)
-                        for f in ("encoder_model.onnx", "decoder_model.onnx")), start_token(folder))
+    if not is_seq2seq(folder):
+        return session(Path(folder) / "model.onnx", device, threads, opt_level)
+    return seq2seq(folder, opener=lambda path: session(path, device, threads, opt_level))
 
 
 def release_free_heap() -> bool:
