@@ -10,7 +10,7 @@ from .errors import CompotError
 from .storage.budget import Budget
 from .storage.record import STORAGE
 
-Method = Literal["compot", "svd-llm", "cospadi"]
+Method = Literal["compot", "svd-llm", "cospadi", "rocket"]
 Allocation = Literal["uniform", "spectral", "dynamic", "mckp", "joint"]
 JointMethod = Literal["dense", "compot", "svd-llm"]
 StorageDtype = Literal["float16", "float32", "bfloat16"]
@@ -78,6 +78,10 @@ class AllocationConfig(_Strict):
     mckp_ratios: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     mckp_k_over_s: tuple[float, ...] = (1.5, 2.0, 3.0)
     mckp_profile_iters: int = Field(3, ge=0)
+    max_layer_error: float | None = Field(
+        None, gt=0.0, description="dynamic/mckp: drop a layer's candidates whose estimated relative squared whitened "
+                                  "error exceeds this (ROCKET's per-layer error cap; the least-error one is always "
+                                  "kept); None = no cap")
 
     def layer_ratio_cap(self, decoder: bool = False) -> float:
         """The largest fraction removed from one layer. A decoder tolerates heavy compression of some layers
@@ -108,13 +112,15 @@ class FactorizeConfig(_Strict):
     """Per-layer factorization method and its knobs."""
 
     method: Method = "compot"
-    k_over_s: float = Field(2.0, ge=1.0, description="atoms per non-zero of a code column (COMPOT, CoSpaDi)")
+    k_over_s: float = Field(2.0, ge=1.0, description="atoms per non-zero of a code column (COMPOT, CoSpaDi, "
+                                                      "ROCKET)")
     iters: int = Field(8, ge=0, description="COMPOT alternations (8 + refit: below 20 alternations' error on MiniLM "
                                             "and Gemma-3-270M layers, in less time; benchmarks/results/iterations_*)")
     tol: float = Field(1e-4, ge=0.0)
     refit: bool = Field(True, description="close COMPOT with a least-squares refit of the dictionary, then of each "
                                            "column's values on its support (ROCKET)")
-    cospadi_iters: int = Field(3, ge=1, description="K-SVD iterations for CoSpaDi")
+    cospadi_iters: int = Field(60, ge=1, description="K-SVD iterations for CoSpaDi (60: its paper's T, accuracy "
+                                                     "stable after about 50; fewer is a documented departure)")
     eps: float = Field(1e-6, gt=0.0, description="initial Gram damping, as a fraction of mean(diag G)")
     dtype: StorageDtype = Field("float16", description="storage dtype of every saved floating tensor")
     seed: int = 0

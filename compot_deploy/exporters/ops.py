@@ -16,6 +16,10 @@ SparseCodesMatMul(z, values, indices; k) -> y
     Measured on ONNX Runtime's CPU EP (MiniLM, ratio 0.3, benchmarks/results/sparse_body.md): folded is the
     fastest at every batch × sequence shape, so it is the default; the Gather/ReduceSum kernels make "gather"
     several times slower even at one token.
+SparseCodesExtraMatMul(z, values, indices, extra_values, extra_rows, extra_cols; k) -> y
+    SparseCodesMatMul plus ROCKET's re-activated codes: extra_values: V (e,) at rows extra_rows and columns
+    extra_cols (uint8/uint16/int32, (e,)) of C, none on the fixed-s support; written into the same scattered block
+    (ScatterND), so the "folded" body folds them at load too ("gather" builds the block per call, as "dense").
 ColumnMaskToIndices(planes; s) -> indices
     planes: uint8 (B, d_out), B = ⌈k/8⌉, the column bitmask in bit planes: row r of C is bit r // B of byte
     [r % B, j] (`torch_ops.bit_planes` writes it from the stored mask; same bytes) · attribute s: the non-zeros
@@ -54,10 +58,11 @@ def _gather_body(z: str, values: str, idx: str, y: str) -> list:
     ]
 
 
-def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str) -> list:
+def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str, extra: bool = False) -> list:
     """C = the codes scattered into zeros (k, d_out) at the values' dtype, widened to z's, then y = z C. k_from
     "input": k read from z at run time (C rebuilt per call); "attribute": k from the op's attribute, every input
-    constant, so ORT folds C at load."""
+    constant, so ORT folds C at load. extra: the inputs extra_values/extra_rows/extra_cols (coordinate codes) are
+    written into C too (ScatterND at (row, col) pairs)."""
     if k_from == "input":
         k_nodes = [h.make_node("Shape", [z], ["zshape"]), _c("last", [-1]),
                    h.make_node("Gather", ["zshape", "last"], ["k"], axis=0)]
@@ -71,10 +76,37 @@ def _scatter_body(z: str, values: str, idx: str, y: str, k_from: str) -> list:
         h.make_node("Constant", [], ["zero"], value=h.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
         h.make_node("CastLike", ["zero", values], ["zeroT"]),
         h.make_node("Expand", ["zeroT", "cshape"], ["zeros"]),
-        h.make_node("ScatterElements", ["zeros", idx, values], ["Cv"], axis=0),
+        h.make_node("ScatterElements", ["zeros", idx, values], ["Cs" if extra else "Cv"], axis=0),
+    ] + (_coordinate_nodes("Cs", "Cv") if extra else []) + [
         h.make_node("CastLike", ["Cv", z], ["C"]),
         h.make_node("MatMul", [z, "C"], [y]),
     ]
+
+
+def _coordinate_nodes(C: str, out: str) -> list:
+    """out = C with extra_values written at (extra_rows[i], extra_cols[i])."""
+    return [
+        h.make_node("Cast", ["extra_rows"], ["er64"], to=TensorProto.INT64),
+        h.make_node("Cast", ["extra_cols"], ["ec64"], to=TensorProto.INT64),
+        _c("lastaxis", [-1]),
+        h.make_node("Unsqueeze", ["er64", "lastaxis"], ["er2"]),
+        h.make_node("Unsqueeze", ["ec64", "lastaxis"], ["ec2"]),
+        h.make_node("Concat", ["er2", "ec2"], ["pairs"], axis=-1),  # (e, 2)
+        h.make_node("ScatterND", [C, "pairs", "extra_values"], [out]),
+    ]
+
+
+def sparse_codes_extra_matmul(body: str) -> onnx.FunctionProto:
+    """SparseCodesExtraMatMul(z, values, indices, extra_values, extra_rows, extra_cols; k) -> y: SparseCodesMatMul
+    with ROCKET's re-activated codes (coordinate form) added to C. The "gather" body builds C per call as "dense"
+    does (a coordinate list has no fixed count per column to gather by)."""
+    if body not in BODIES:
+        raise ValueError(f"body must be one of {BODIES}, got {body!r}")
+    nodes = [h.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT64)]
+    nodes += _scatter_body("z", "values", "idx", "y", "attribute" if body == "folded" else "input", extra=True)
+    return h.make_function(DOMAIN, "SparseCodesExtraMatMul",
+                           ["z", "values", "indices", "extra_values", "extra_rows", "extra_cols"], ["y"], nodes,
+                           opset_imports=[h.make_opsetid("", 18)], attributes=["k"], doc_string=f"body={body}")
 
 
 def sparse_codes_matmul(body: str) -> onnx.FunctionProto:
@@ -246,7 +278,7 @@ def dequantize_blocks(sym: bool, any_width: bool = False) -> onnx.FunctionProto:
 
 def functions(body: str, opset: int = 18) -> dict[str, onnx.FunctionProto]:
     """Every op of the domain, by name, with the chosen SparseCodesMatMul body; bodies import the model's opset."""
-    fs = [sparse_codes_matmul(body), column_mask_to_indices(), dequantize_blocks(False), dequantize_blocks(True),
+    fs = [sparse_codes_matmul(body), sparse_codes_extra_matmul(body), column_mask_to_indices(), dequantize_blocks(False), dequantize_blocks(True),
           dequantize_blocks(False, True), dequantize_blocks(True, True)]
     for f in fs:
         del f.opset_import[:]

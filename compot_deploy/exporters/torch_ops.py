@@ -11,8 +11,8 @@ import contextlib
 
 import torch
 
-from ..storage.modules import (CompotLinear, LowRankLinear, QuantEmbedding, QuantLinear, TiedQuantHead,
-                               sparse_codes_matmul)
+from ..storage.modules import (CompotLinear, LowRankLinear, QuantEmbedding, QuantLinear, RocketLinear,
+                               TiedQuantHead, sparse_codes_matmul)
 from ..storage.budget import BITMASK, padded_group
 from ..storage.packing import PackedMeta, QuantTensor, dequantize_packed, pack_bits, unpack_bits
 from .ops import DOMAIN
@@ -34,6 +34,23 @@ class SparseCodesMatMul(torch.autograd.Function):
     @staticmethod
     def symbolic(g, z, values, indices, k):
         out = g.op(f"{DOMAIN}::SparseCodesMatMul", z, values, indices, k_i=k)
+        sizes = z.type().varyingSizes()
+        return out.setType(z.type().with_sizes(sizes[:-1] + [values.type().varyingSizes()[-1]]))
+
+
+class SparseCodesExtraMatMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, values, indices, extra_values, extra_rows, extra_cols, k: int):
+        lead = z.shape[:-1]
+        z2 = z.reshape(-1, z.shape[-1])
+        y = sparse_codes_matmul(z2, values, indices.long())
+        y = y.index_add(1, extra_cols.long(), z2[:, extra_rows.long()] * extra_values.to(z2.dtype))
+        return y.reshape(*lead, values.shape[1])
+
+    @staticmethod
+    def symbolic(g, z, values, indices, extra_values, extra_rows, extra_cols, k):
+        out = g.op(f"{DOMAIN}::SparseCodesExtraMatMul", z, values, indices, extra_values, extra_rows, extra_cols,
+                   k_i=k)
         sizes = z.type().varyingSizes()
         return out.setType(z.type().with_sizes(sizes[:-1] + [values.type().varyingSizes()[-1]]))
 
@@ -167,11 +184,18 @@ def _compot_forward(self: CompotLinear, x, fold_product: bool):
         idx = ColumnMaskToIndices.apply(self.mask_planes, self)
     else:
         idx = self.indices
+    if isinstance(self, RocketLinear):
+        def codes(z):
+            return SparseCodesExtraMatMul.apply(z, as_matrix(self.values), idx, self.extra_values, self.extra_rows,
+                                                self.extra_cols, self.k)
+    else:
+        def codes(z):
+            return SparseCodesMatMul.apply(z, as_matrix(self.values), idx, self.k)
     if fold_product and product_is_cheaper(self.in_features, self.out_features, self.k, self.A):
         # W = A C through our op, so torch's exporter cannot fold it into a stored dense initializer
-        y = x @ SparseCodesMatMul.apply(self.A, as_matrix(self.values), idx, self.k)
+        y = x @ codes(self.A)
     else:
-        y = SparseCodesMatMul.apply(matmul(x, self.A), as_matrix(self.values), idx, self.k)
+        y = codes(matmul(x, self.A))
     return y + self.bias if self.bias is not None else y
 
 
@@ -196,7 +220,7 @@ def _head_forward(self: TiedQuantHead, x, fold_product: bool):
     return matmul(x, self.table)
 
 
-_FORWARDS = {CompotLinear: _compot_forward, LowRankLinear: _lowrank_forward, QuantLinear: _quant_forward,
+_FORWARDS = {CompotLinear: _compot_forward, RocketLinear: _compot_forward, LowRankLinear: _lowrank_forward, QuantLinear: _quant_forward,
              QuantEmbedding: _embedding_forward, TiedQuantHead: _head_forward}
 
 

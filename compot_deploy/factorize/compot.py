@@ -70,20 +70,32 @@ def refit_support(M: torch.Tensor, D: torch.Tensor, values: torch.Tensor, indice
     """
     k, d_out = D.shape[1], M.shape[1]
     C = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, values)
+    mask = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, 1.0)
+    D, C = refit_masked(M, C, mask, ridge, rtol, steps=indices.shape[0])
+    return D, C.gather(0, indices)
+
+
+def refit_masked(M: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, ridge: float = 1e-10, rtol: float = 1e-6,
+                 steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dictionary D = argmin ‖M − D C‖ (ridge-damped normal equations), then C re-solved on its support.
+
+    M: (d_in, d_out), C: (k, d_out) zero off the support, mask: (k, d_out) 1 on it (any count per column) →
+    D: (d_in, k), C: (k, d_out). `steps`: conjugate-gradient steps, at most the largest column count.
+    """
     # D = argmin ‖M − D C‖: D (C Cᵀ) = M Cᵀ
     CCt = C @ C.T
     CCt.diagonal().add_(ridge * float(CCt.diagonal().mean()) + 1e-300)
     D = torch.linalg.solve(CCt, (M @ C.T).T).T
-    # values: per column j, min ‖m_j − D c‖ over c supported on indices[:, j]. Conjugate gradients on the masked
-    # normal equations, all columns at once from the current values: each step lowers every column's error, and
-    # no (d_out, s, s) normal matrices are formed (D is near-orthogonal, so few steps reach the solution).
-    mask = torch.zeros(k, d_out, dtype=M.dtype).scatter_(0, indices, 1.0)
+    # values: per column j, min ‖m_j − D c‖ over c on its support. Conjugate gradients on the masked normal
+    # equations, all columns at once from the current values: each step lowers every column's error, and no
+    # per-column normal matrices are formed (D is near-orthogonal, so few steps reach the solution).
+    C = C.clone()
     G = D.T @ D
     r = (D.T @ M - G @ C) * mask
     p = r.clone()
     rr = (r * r).sum(0)
     stop = rtol * rtol * float(((D.T @ M) ** 2).sum())
-    for _ in range(indices.shape[0]):
+    for _ in range(steps if steps is not None else int(mask.sum(0).max())):
         if float(rr.sum()) <= stop:
             break
         Ap = (G @ p) * mask
@@ -93,7 +105,7 @@ def refit_support(M: torch.Tensor, D: torch.Tensor, values: torch.Tensor, indice
         rr_new = (r * r).sum(0)
         p = r + (rr_new / rr.clamp_min(1e-300)) * p
         rr = rr_new
-    return D, C.gather(0, indices)
+    return D, C
 
 
 def compot(

@@ -39,6 +39,12 @@ INDEX_BYTES = {"uint8": 1, "uint16": 2, "int32": 4}
 BITMASK = "bitmask"
 
 
+def coordinate_bytes(n: int, k: int, d_out: int, vbytes: int) -> int:
+    """Bytes of n code entries stored in coordinate form (ROCKET's re-activated codes): each its value, its row
+    (index_dtype(k)) and its column (index_dtype(d_out))."""
+    return n * (vbytes + INDEX_BYTES[index_dtype(k)] + INDEX_BYTES[index_dtype(d_out)])
+
+
 def position_bytes(d_out: int, k: int, s: int, fmt: str) -> int:
     """Bytes that say where the s non-zeros of each of d_out code columns sit: s indices per column, or a k-bit
     mask per column (values then stored in ascending row order)."""

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from .budget import BITMASK, position_format
+from .budget import BITMASK, index_dtype, position_format
 from .packing import QuantTensor, pack_bits, unpack_bits
 
 _INDEX_TORCH = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
@@ -125,6 +125,50 @@ class CompotLinear(LinearView, nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, k={self.k}, s={self.s}, positions={self.position}, "
                 f"bias={self.bias is not None}")
+
+
+class RocketLinear(CompotLinear):
+    """ROCKET's layer: CompotLinear's y = (x A) C + b, C holding s codes per column plus `extra` more, stored in
+    coordinate form: `extra_values` (e,), `extra_rows` (e,, the smallest dtype fitting k), `extra_cols` (e,, the
+    smallest fitting d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, k: int, s: int, bias: bool, dtype: torch.dtype = torch.float32,
+                 position: str | None = None, extra: int = 0):
+        super().__init__(d_in, d_out, k, s, bias, dtype, position)
+        self.extra = extra
+        self.extra_values = nn.Parameter(torch.zeros(extra, dtype=dtype), requires_grad=False)
+        self.register_buffer("extra_rows", torch.zeros(extra, dtype=_INDEX_TORCH[index_dtype(k)]))
+        self.register_buffer("extra_cols", torch.zeros(extra, dtype=_INDEX_TORCH[index_dtype(d_out)]))
+
+    @classmethod
+    def from_factors(cls, A, values, indices, bias, dtype: torch.dtype = torch.float32, extra=None) -> "RocketLinear":
+        """As CompotLinear.from_factors; extra: (values, rows, cols) of the re-activated codes, each (e,)."""
+        base = CompotLinear.from_factors(A, values, indices, bias, dtype)
+        ev, rows, cols = extra
+        m = cls(base.in_features, base.out_features, base.k, base.s, bias is not None, dtype, base.position, len(ev))
+        m.load_state_dict(base.state_dict(), strict=False)
+        order = (cols.long() * base.k + rows.long()).argsort()  # column-major: each column's extras together
+        m.extra_values.data.copy_(ev[order])
+        m.extra_rows.copy_(rows[order].to(m.extra_rows.dtype))
+        m.extra_cols.copy_(cols[order].to(m.extra_cols.dtype))
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        z = x.reshape(-1, self.in_features) @ matrix(self.A)
+        y = sparse_codes_matmul(z, matrix(self.values), self.code_indices())
+        y = y.index_add(1, self.extra_cols.long(), z[:, self.extra_rows.long()] * self.extra_values)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape, self.out_features)
+
+    def reconstruct(self) -> torch.Tensor:
+        W = super().reconstruct()
+        A = matrix(self.A).double()
+        return W.index_add(1, self.extra_cols.long(), A[:, self.extra_rows.long()] * self.extra_values.double())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", extra={self.extra}"
 
 
 class LowRankLinear(LinearView, nn.Module):

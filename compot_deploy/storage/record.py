@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from . import budget
 from .budget import value_bytes
 
-StorageName = Literal["dense", "compot", "cospadi", "svd-llm"]
+StorageName = Literal["dense", "compot", "cospadi", "svd-llm", "rocket"]
 Dtype = Literal["float16", "float32", "bfloat16"]
 
 
@@ -40,7 +40,8 @@ class QuantSpec(BaseModel):
 
 
 class LayerRecord(BaseModel):
-    """How one linear y = x W (W: (d_in, d_out)) is stored. k, s and position for sparse codes, r for low rank."""
+    """How one linear y = x W (W: (d_in, d_out)) is stored. k, s and position for sparse codes, r for low rank,
+    extra for ROCKET's re-activated codes (stored as (value, row, column) beyond the s per column)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,6 +54,7 @@ class LayerRecord(BaseModel):
     s: int = 0
     r: int = 0
     position: str = ""
+    extra: int = 0
     quant: QuantSpec | None = None
 
     @property
@@ -93,7 +95,7 @@ class LayerRecord(BaseModel):
     def paper_params(self) -> int:
         """Values the papers count (COMPOT d_in·k + s·d_out, SVD-LLM r·(d_in + d_out), dense d_in·d_out): no
         positions, scales, bias or bits. For comparing with published tables only; budgets are in bytes."""
-        return sum(K * N for K, N in self.slots().values())
+        return sum(K * N for K, N in self.slots().values()) + self.extra
 
     def with_quant(self, quant: QuantSpec | None) -> "LayerRecord":
         return self.model_copy(update={"quant": quant})
@@ -303,6 +305,46 @@ class LowRank(Storage):
         return estimate.lowrank(rec.r)
 
 
+class RocketCodes(SparseCodes):
+    """ROCKET: COMPOT's layout (A, s codes per column) plus rec.extra re-activated codes anywhere in C, each stored
+    as its value, row (index_dtype(k)) and column (index_dtype(d_out)). The allocators' s is the average count:
+    fit keeps s − ⌈REACTIVATE·s⌉ per column and spends the bytes freed on extras."""
+
+    REACTIVATE = 0.005  # ROCKET's over-sparsification, re-activated globally
+
+    def __init__(self):
+        from ..factorize.rocket import rocket
+
+        super().__init__("rocket", lambda W, L, rec, cfg: rocket(W, L, rec.k, rec.s, rec.extra)[0], False)
+
+    def extra_bytes(self, rec):
+        return super().extra_bytes(rec) + budget.coordinate_bytes(rec.extra, rec.k, rec.d_out, rec.vbytes)
+
+    def shape_label(self, rec):
+        return f"k={rec.k} s={rec.s}+{rec.extra}"
+
+    def fit(self, d_in, d_out, bias, nbytes, dtype, k_over_s):
+        avg = super().fit(d_in, d_out, bias, nbytes, dtype, k_over_s)
+        if avg is None:
+            return None
+        s = max(1, avg.s - max(1, round(self.REACTIVATE * avg.s)))
+        base = avg.model_copy(update={"s": s, "position": budget.position_format(avg.k, s)})
+        per = budget.coordinate_bytes(1, base.k, d_out, base.vbytes)
+        extra = min((avg.s - s) * d_out, (avg.k - s) * d_out, max(0, int((nbytes - base.bytes) // per)))
+        return base.model_copy(update={"extra": extra})
+
+    def empty_module(self, rec):
+        from .modules import RocketLinear
+
+        return RocketLinear(rec.d_in, rec.d_out, rec.k, rec.s, rec.bias, position=rec.position, extra=rec.extra)
+
+    def module(self, factors, bias):
+        from .modules import RocketLinear
+
+        return RocketLinear.from_factors(factors.A, factors.values, factors.indices, bias, extra=(
+            factors.extra_values, factors.extra_rows, factors.extra_cols))
+
+
 def _compot(W, L, rec, cfg):
     from ..factorize import compot
 
@@ -317,7 +359,8 @@ def _cospadi(W, L, rec, cfg):
 
 # CoSpaDi's K-SVD is too slow to build at every candidate size of the joint allocator
 STORAGE: dict[str, Storage] = {s.name: s for s in (Dense(), SparseCodes("compot", _compot, True),
-                                                   SparseCodes("cospadi", _cospadi, False), LowRank())}
+                                                   SparseCodes("cospadi", _cospadi, False), LowRank(),
+                                                   RocketCodes())}
 
 
 def dense_record(d_in: int, d_out: int, bias: bool, dtype: str) -> LayerRecord:
