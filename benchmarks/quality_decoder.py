@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,8 @@ STUDY = {
     "calib prose 32 x 128": ["--calib", "{prose}"],
     "calib prose 160 x 128": ["--calib", "{prose}", "--samples", "160"],
     "calib prose 40 x 512": ["--calib", "{prose}", "--samples", "40", "--seq-len", "512"],
+    "samples 32": ["--samples", "32"],
+    "samples 64": ["--samples", "64"],
     # the refit became the default after the "refit" row: each row below says whether it refits
     "iters 20": ["--iters", "20", "--no-refit"],
     "refit": ["--refit"],
@@ -99,7 +102,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="dense,factorize,quantize,joint")
     ap.add_argument("--ratios", default="0.2,0.3,0.4")
-    ap.add_argument("--methods", default="compot,svd-llm,cospadi")
+    ap.add_argument("--methods", default="compot,svd-llm,cospadi,rocket")
+    ap.add_argument("--allocations", default="dynamic,spectral", help="allocations of the factorize rows")
+    ap.add_argument("--cospadi-iters", type=int, default=None,
+                    help="K-SVD iterations of the CoSpaDi rows [default: CoSpaDi's published 60]; rows say T=N")
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--targets", default="0.1,0.15,0.2,0.3")
     ap.add_argument("--study", default=",".join(STUDY), help=f"study rows to run, of: {', '.join(STUDY)}")
@@ -198,6 +204,8 @@ def main(argv=None) -> int:
         q = next_token_stats(model, windows, ref["top1"])
         qg = next_token_stats(model, generic, ref_generic["top1"])
         del model
+        if rep.get("calibration"):
+            row["calib_tokens"] = rep["calibration"]["tokens"]
         row.update({"file_ratio": rep["linears"]["file_ratio"], "kept_fraction": 1 - rep["linears"]["file_ratio"],
                     "model_file_ratio": rep["model_file"]["ratio"], "perplexity": q["perplexity"],
                     "top1_agreement": q["top1_agreement"],
@@ -217,9 +225,15 @@ def main(argv=None) -> int:
         save()
     if "factorize" in sections:
         for r in map(float, args.ratios.split(",")):
-            for m in args.methods.split(","):
-                measure({"section": "factorize", "label": f"{m} {r}", "method": m, "ratio": r},
-                        ["compress", args.model, "--ratio", str(r), "--method", m])
+            for alloc in args.allocations.split(","):
+                for m in args.methods.split(","):
+                    cli = ["compress", args.model, "--ratio", str(r), "--method", m, "--allocation", alloc]
+                    label = f"{m} {r}" if alloc == "dynamic" else f"{m} {alloc} {r}"
+                    if m == "cospadi" and args.cospadi_iters:  # a departure from CoSpaDi's T = 60: labelled
+                        cli += ["--cospadi-iters", str(args.cospadi_iters)]
+                        label = f"cospadi T={args.cospadi_iters} {r}" + ("" if alloc == "dynamic" else f" {alloc}")
+                    measure({"section": "factorize", "label": label, "method": m, "ratio": r, "allocation": alloc},
+                            cli)
     if "quantize" in sections:
         for b in args.bits.split(","):
             for qm in ("gptq", "rtn"):
@@ -370,14 +384,19 @@ def markdown(result: dict) -> str:
     lines += [("`generic ppl`: perplexity on the built-in calibration text (short mixed-topic paragraphs): *in-sample* "
               "for every row calibrated on it (all but the `calib prose` rows), out of domain for the `calib prose` "
               "rows. It only separates the effect of the calibration text's domain; the held-out column is the "
-              "measure."), "",
-              ("| section | configuration | removed | perplexity | top-1 | generic ppl | wall s | calibrate s | "
-              "allocate s | factorize s | peak RSS MiB |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "measure. `calib tokens`: the calibration tokens of the row (from its report); the default is 32 × 128 = "
+              "4,096 tokens of the built-in mixed paragraphs (the `samples 64` row adds 27 Bible chunks to them; "
+              "`calib prose` rows: the held-out text's continuation). Compare rows only within one calibration."), "",
+              ("| section | configuration | removed | perplexity | top-1 | generic ppl | calib tokens | wall s | "
+               "calibrate s | allocate s | factorize s | peak RSS MiB |"),
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["section"] == "dense":
             continue
+        calib = f"{r['calib_tokens']:,}" if "calib_tokens" in r else "—"
         lines.append(f"| {r['section']} | {r['label']} | {r['file_ratio']:.4f} | {r['perplexity']:.3f} | "
-                     f"{r['top1_agreement']:.4f} | {r.get('perplexity_generic', float('nan')):.3f} | {r.get('wall_s', 0):.0f} | {_s(r, 'calibrate_s')} | "
+                     f"{r['top1_agreement']:.4f} | {r.get('perplexity_generic', float('nan')):.3f} | {calib} | "
+                     f"{r.get('wall_s', 0):.0f} | {_s(r, 'calibrate_s')} | "
                      f"{_s(r, 'allocate_s')} | {_s(r, 'factorize_s')} | {_s(r, 'peak_rss_mib')} |")
     joint_rows = sorted((r for r in rows if r["section"] == "joint" and "choices" in r), key=lambda r: r["kept_fraction"])
     if joint_rows:
@@ -406,15 +425,49 @@ def markdown(result: dict) -> str:
         for r in sorted(whole, key=lambda r: -r["model_file_ratio"]):
             lines.append(f"| {r['label']} | {1 - r['model_file_ratio']:.4f} | {r['perplexity']:.3f} | "
                          f"{r['perplexity'] / dense['perplexity']:.3f} |")
-    by = {(r.get("method"), r.get("ratio")): r for r in rows if r["section"] == "factorize"}
-    pairs = [(r, by[("compot", r)], by[("svd-llm", r)]) for (m, r) in by if m == "compot" and ("svd-llm", r) in by]
-    if pairs:
-        lines += ["", "## COMPOT vs SVD-LLM at equal bytes", "", "| removed | COMPOT ppl | SVD-LLM ppl | COMPOT lower |",
-                  "|---:|---:|---:|---|"]
-        for r, c, s in sorted(pairs, key=lambda t: t[0]):
-            lines.append(f"| {r} | {c['perplexity']:.3f} | {s['perplexity']:.3f} | "
-                         f"{'yes' if c['perplexity'] < s['perplexity'] else '**no**'} |")
+    lines += method_table(rows, dense)
     return "\n".join(lines) + "\n"
+
+
+METHODS = ("compot", "svd-llm", "cospadi", "rocket")
+
+
+def method_table(rows: list[dict], dense: dict | None) -> list[str]:
+    """Every factorization at equal bytes, per (removed, allocation), on the current calibration only (rows with
+    calib_tokens): perplexity (× dense), wall time against SVD-LLM's, and whether a baseline beats COMPOT."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        if r["section"] == "factorize" and "calib_tokens" in r and r.get("method") in METHODS:
+            cells[(r["ratio"], r.get("allocation", "dynamic"), r["method"])] = r
+    keys = sorted({(ratio, alloc) for ratio, alloc, _ in cells})
+    if not keys:
+        return []
+    out = ["", "## Every method at equal bytes", "",
+           "Perplexity on the held-out prose (× the dense model's), the process's wall time as a multiple of SVD-LLM's "
+           "in the same configuration; **bold**: beats COMPOT at the same bytes and allocation.", "",
+           "| removed | allocation | " + " | ".join(METHODS) + " | COMPOT ≤ ½ SVD-LLM |",
+           "|---:|---|" + "---:|" * len(METHODS) + "---|"]
+    for ratio, alloc in keys:
+        c = cells.get((ratio, alloc, "compot"))
+        s = cells.get((ratio, alloc, "svd-llm"))
+        row = []
+        for m in METHODS:
+            r = cells.get((ratio, alloc, m))
+            if r is None:
+                row.append("—")
+                continue
+            iters = re.search(r"T=\d+", r["label"])  # CoSpaDi short of its published T = 60
+            txt = f"{r['perplexity']:.1f}" + (f" ({iters.group()})" if iters else "")
+            if dense:
+                txt += f" ({r['perplexity'] / dense['perplexity']:.1f}×)"
+            if s and "wall_s" in r and "wall_s" in s:
+                txt += f", {r['wall_s'] / s['wall_s']:.2f}× time"
+            if m != "compot" and c and r["perplexity"] < c["perplexity"]:
+                txt = f"**{txt}**"
+            row.append(txt)
+        half = "yes" if c and s and c["perplexity"] <= s["perplexity"] / 2 else ("**no**" if c and s else "—")
+        out.append(f"| {ratio} | {alloc} | " + " | ".join(row) + f" | {half} |")
+    return out
 
 
 def _s(r: dict, key: str) -> str:

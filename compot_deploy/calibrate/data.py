@@ -227,11 +227,14 @@ def max_positions(config) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
-def default_samples(model, packing: bool, seq_len: int) -> int:
-    """Samples when --samples is not given: one document each for encoders (128); packed chunks for decoders,
-    enough for DEFAULT_TOKENS_PER_DIM tokens per dimension of the model's widest linear input, and at least 32."""
+def default_samples(model, packing: bool, seq_len: int, builtin: bool = False) -> int:
+    """Samples when --samples is not given: one document each for encoders (128); for decoders packed chunks:
+    BUILTIN_DECODER_SAMPLES of the built-in corpus (`builtin`), or of a user's text enough for
+    DEFAULT_TOKENS_PER_DIM tokens per dimension of the model's widest linear input, and at least 32."""
     if not packing:
         return 128
+    if builtin:
+        return BUILTIN_DECODER_SAMPLES
     from ..models import find_targets
 
     widest = max((t.d_in for t in find_targets(model)), default=0)
@@ -253,8 +256,9 @@ def calibration_batches(tokenizer, cfg, model, progress: bool = True) -> list[di
     if limit is not None and cfg.seq_len > limit:
         raise CompotError(f"--seq-len {cfg.seq_len} is longer than the {limit} positions the model embeds")
     packing = causal if cfg.packing is None else cfg.packing
-    n = cfg.samples or default_samples(model, packing, cfg.seq_len)
-    if packing and cfg.source in (None, BUILTIN):
+    builtin = cfg.source in (None, BUILTIN)
+    n = cfg.samples or default_samples(model, packing, cfg.seq_len, builtin)
+    if packing and builtin:
         samples = builtin_packed(tokenizer, n, cfg.seq_len, cfg.seed)
     else:  # a user's text smaller than the scaled default gives what it has, down to the old default of 32
         samples = make_samples(tokenizer, load_texts(cfg.source), n, cfg.seq_len, cfg.seed, packing,
@@ -421,9 +425,14 @@ def with_decoder_inputs(model, batch: dict) -> dict:
 # Below ~4 tokens per input dimension a Gram's small eigenvalues are mostly noise; below 1 it is singular and
 # damping, not data, sets the whitening of the directions the text never reached.
 TOKENS_PER_DIM = 4
-# What decoders calibrate on by default: 8 tokens per dimension of the widest input (Gemma-3-270M, 2,048: 128
-# chunks of 128 tokens; an 8B Llama, 14,336: ≈ 115K tokens, which the built-in corpus holds ≈ 8 times over).
+# What decoders calibrate on by default from a user's --calib text: 8 tokens per dimension of the widest input
+# (Gemma-3-270M, 2,048: 128 chunks of 128 tokens; an 8B Llama, 14,336: ≈ 115K tokens).
 DEFAULT_TOKENS_PER_DIM = 8
+# ... and from the built-in corpus: 32 chunks of its mixed paragraphs. Measured on Gemma-3-270M at 0.3 removed
+# (benchmarks/quality_decoder.py, held-out perplexity): 32 chunks 110.9; 64 (the paragraphs' 37 + 27 of the Bible)
+# 138.8; 128 (37 + 91) 143.7. More tokens from another domain cost more than the damped Gram's noise; the Bible
+# serves a --samples beyond the paragraphs.
+BUILTIN_DECODER_SAMPLES = 32
 
 
 def check_token_count(batches: list[dict], targets, grams: dict) -> dict:

@@ -39,9 +39,12 @@ def calibration_options(fn):
                           "window of each), whose decoder reads the model's own greedy transcription."),
         click.option("--samples", type=int, default=None,
                      help="Calibration samples [default: 128 documents for encoders (and images), 32 audio files; for "
-                          "decoders packed chunks of --seq-len tokens, 8 tokens per dimension of the widest linear "
-                          "input and at least 32 (Gemma-3-270M: 128), all a smaller --calib text holds]. Fewer than "
-                          "4 tokens per dimension draws a warning: the Grams are then noisy and the damping sets them."),
+                          "decoders packed chunks of --seq-len tokens: of a --calib text 8 tokens per dimension of the "
+                          "widest linear input and at least 32 (Gemma-3-270M: 128), all a smaller text holds; of the "
+                          "built-in corpus 32 chunks of its mixed paragraphs (on Gemma-3-270M, filling 8 per "
+                          "dimension with Bible chunks raised held-out perplexity at 0.3 removed from 110.9 to "
+                          "143.7), the Bible serving a larger --samples]. Fewer than 4 tokens per dimension draws a "
+                          "warning: the Grams are then noisy and the damping sets them: give text like your use."),
         click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sample (speech models: decoder tokens transcribed per clip)."),
         click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size."),
         click.option("--packing/--no-packing", default=None,
