@@ -12,6 +12,8 @@ least-squares refit, dynamic allocation.
 Section `allocation` (not in the default run): --methods (COMPOT and SVD-LLM) with --allocations spectral (COMPOT
 paper) and dynamic (whitened-SVD knapsack), each with every per-layer cap of --caps: `default` (ratio + 0.1), `+x`
 (ratio + x) or an absolute fraction.
+Section `errorcap` (not in the default run): --methods with the knapsack allocations of --allocations (dynamic,
+mckp) and each ROCKET-style per-layer error cap of --error-caps (--max-layer-error).
 Section `quantize`: RTN vs GPTQ at 4 and 8 bits on the dense model and on COMPOT factors (ratio 0.3, dynamic), and
 COMPOT at every ratio + GPTQ-4bit. Section `lowbit` (not in the default run): dense GPTQ at 2 bits, groups 32/128.
 
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
                     help="K-SVD iterations of the CoSpaDi rows [default: CoSpaDi's published 60]; rows say T=N")
     ap.add_argument("--sections", default="factorize,quantize")
     ap.add_argument("--caps", default="default,0.9", help="per-layer caps of the allocation section")
+    ap.add_argument("--error-caps", default="0.02,0.05",
+                    help="--max-layer-error values of the errorcap section (relative squared whitened error)")
     ap.add_argument("--model", default=None, help="model folder (default: the packaged all-MiniLM-L6-v2)")
     ap.add_argument("--heldout", default=None, help="held-out text file [default: the packaged held-out sentences]")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -125,6 +129,17 @@ def main(argv=None) -> int:
                         measure({"section": "allocation", "ratio": r, "allocation": alloc, "method": method,
                                  "max_layer_ratio": cap,
                                  "label": f"{method} {alloc} {r} cap {cap or f'{r + 0.1:.1f}'}"},
+                                lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    if "errorcap" in sections:  # ROCKET's per-layer error cap on the knapsack allocators (issue 17)
+        for r in ratios:
+            for alloc in (a for a in args.allocations.split(",") if a in ("dynamic", "mckp")):
+                for cap in map(float, args.error_caps.split(",")):
+                    for method in args.methods.split(","):
+                        cfg = CompressConfig(allocation=AllocationConfig(strategy=alloc, budget=Budget(removed=r),
+                                                                         max_layer_error=cap),
+                                             factorize=FactorizeConfig(method=method))
+                        measure({"section": "errorcap", "ratio": r, "allocation": alloc, "method": method,
+                                 "max_layer_error": cap, "label": f"{method} {alloc} {r} error cap {cap:g}"},
                                 lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
     if "quantize" in sections:
         for bits in (4, 8):
@@ -245,6 +260,18 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['ratio']:.2f} | {r['allocation']} | {cap:.1f} | {r['method']} | {r['file_ratio']:.4f} | "
                          f"{r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['pairwise_spearman']:.4f} | "
                          f"{r['wall_s']:.1f} | {r['allocate_s']:.1f} |")
+    ec = [r for r in res["rows"] if r.get("section") == "errorcap"]
+    if ec:
+        lines += ["", "## ROCKET's per-layer error cap on the knapsack (--max-layer-error)", "",
+                  "Beside each row, the same method and allocation without a cap (section factorize, where measured).",
+                  "", "| ratio | allocation | method | error cap | file ratio | mean cos | uncapped mean cos | wall s |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|"]
+        base = {(r["ratio"], r["allocation"], r["method"]): r for r in res["rows"] if r.get("section") == "factorize"}
+        for r in sorted(ec, key=lambda r: (r["ratio"], r["allocation"], r["method"], r["max_layer_error"])):
+            b = base.get((r["ratio"], r["allocation"], r["method"]))
+            lines.append(f"| {r['ratio']:.2f} | {r['allocation']} | {r['method']} | {r['max_layer_error']:g} | "
+                         f"{r['file_ratio']:.4f} | {r['mean_cosine']:.4f} | "
+                         f"{'—' if b is None else format(b['mean_cosine'], '.4f')} | {r['wall_s']:.1f} |")
     lines += ["", "## COMPOT vs SVD-LLM (and the other methods) at equal bytes", "",
               "Other methods: mean cosine, wall time over SVD-LLM's; **bold** where it beats COMPOT at the same bytes "
               "and allocation. `cospadi` is CoSpaDi at its published T = 60 K-SVD iterations, `cospadi T=3` three.",
