@@ -56,6 +56,13 @@ def test_ratio_outside_unit_interval(ratio, tiny_dirs, tmp_path):
     assert_clean_failure(run("compress", tiny_dirs["bert"], "--ratio", ratio, "-o", out), out, "ratio")
 
 
+def test_an_error_cap_the_budget_cannot_meet(tiny_dirs, tmp_path):
+    """--max-layer-error below what any layer can reach at the budget: one error line naming the option."""
+    out = tmp_path / "out"
+    res = run("compress", tiny_dirs["bert"], "--ratio", "0.5", "--max-layer-error", "1e-9", "-o", out)
+    assert_clean_failure(res, out, "--max-layer-error 1e-09 leaves no cheap enough candidate")
+
+
 def test_calibration_text_too_short(tiny_dirs, tmp_path):
     calib = tmp_path / "short.txt"
     calib.write_text("just a few words\n")

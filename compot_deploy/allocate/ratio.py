@@ -83,7 +83,9 @@ def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = Fa
     try:
         picks = mckp(cands, total)
     except ValueError as e:
-        raise CompotError(f"{a.strategy} allocation: {e}") from None
+        hint = (f" (--max-layer-error {a.max_layer_error:g} leaves no cheap enough candidate in some layers: raise it)"
+                if a.max_layer_error is not None else "")
+        raise CompotError(f"{a.strategy} allocation: {e}{hint}") from None
     return {t.name: cs[j].record for t, cs, j in zip(targets, cands, picks)}
 
 
