@@ -1,11 +1,11 @@
 """Quality vs bytes on all-MiniLM-L6-v2: every method × allocation at several ratios, in one run.
 
-    python benchmarks/quality.py [--ratios 0.2,0.3,0.4,0.5] [--methods compot,svd-llm,cospadi,rocket]
+    python benchmarks/quality.py [--ratios 0.2,0.3,0.4,0.5] [--methods compot,svd-llm,rocket[,cospadi]]
                                  [--allocations uniform,dynamic,spectral,mckp] [--sections factorize,quantize]
                                  [--cospadi-iters N] [--out benchmarks/results]
 
-Section `factorize`: COMPOT, SVD-LLM and ROCKET × every allocation at every ratio; CoSpaDi (K-SVD + OMP) with the
-dynamic allocation only (its mckp profile would be COMPOT's anyway): at its published T = 60 more than 31 min per
+Section `factorize`: COMPOT, SVD-LLM and ROCKET × every allocation at every ratio; CoSpaDi (K-SVD + OMP, when
+--methods names it) with the dynamic allocation only (its mckp profile would be COMPOT's anyway): at its published T = 60 more than 31 min per
 configuration on 2 cores (T = 3: 95–170 s), so `--cospadi-iters 3` rows (labelled T=3) stand in for it.
 Section `iters` (not in the default run): COMPOT with 8 / 20 alternations, each with and without the closing
 least-squares refit, dynamic allocation.
@@ -41,7 +41,8 @@ HERE = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.2,0.3,0.4,0.5")
-    ap.add_argument("--methods", default="compot,svd-llm,cospadi,rocket")
+    ap.add_argument("--methods", default="compot,svd-llm,rocket",
+                    help="factorizations; add cospadi (with --cospadi-iters: its published 60 takes hours here)")
     ap.add_argument("--allocations", default="uniform,dynamic,spectral,mckp")
     ap.add_argument("--cospadi-iters", type=int, default=None,
                     help="K-SVD iterations of the CoSpaDi rows [default: CoSpaDi's published 60]; rows say T=N")

@@ -2,7 +2,7 @@
 agreement with the original on held-out prose, for every method at equal stored bytes of the block linears.
 
     python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study,prune,whole]
-                                         [--ratios 0.2,0.3,0.4] [--methods compot,svd-llm,cospadi]
+                                         [--ratios 0.2,0.3,0.4] [--methods compot,svd-llm,cospadi,rocket]
                                          [--bits 2,3,4,8] [--targets 0.1,0.15,0.2,0.3] [--study NAME,...]
                                          [--study-ratios 0.3] [--prune 2,4 --prune-ratios 0.3]
                                          [--model PATH] [--eval-windows 16 --seq-len 512] [--out DIR]
@@ -15,8 +15,9 @@ not the licence texts reserved for independent checks. Rows accumulate in qualit
 section and only its rows are replaced. Writes quality_decoder.json, .md and .png.
 
 Sections: `dense` (the original), `whole` (dense GPTQ of the linears plus the embedding table quantized: the
-whole file in the budget, --whole), `factorize` (COMPOT, SVD-LLM, CoSpaDi × removed 0.2/0.3/0.4, dynamic
-allocation), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator's frontier: candidates
+whole file in the budget, --whole), `factorize` (--methods COMPOT, SVD-LLM, ROCKET, and CoSpaDi when
+named, × removed 0.2/0.3/0.4 × --allocations dynamic,spectral; CoSpaDi's published T = 60 takes hours per row here:
+--cospadi-iters), `quantize` (dense GPTQ and RTN, g128, at --bits), `joint` (the joint allocator's frontier: candidates
 measured once, built at each --targets fraction of the linears' float16 bytes kept, with every family and with dense
 GPTQ only, and at each dense row's bytes), `study` (COMPOT at --study-ratios, 0.3 by default, with one setting
 changed: what each buys), `prune` (ReplaceMe: --prune blocks removed alone, with and without the map, beside COMPOT
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="dense,factorize,quantize,joint")
     ap.add_argument("--ratios", default="0.2,0.3,0.4")
-    ap.add_argument("--methods", default="compot,svd-llm,cospadi,rocket")
+    ap.add_argument("--methods", default="compot,svd-llm,rocket",
+                    help="factorizations; add cospadi (with --cospadi-iters: its published 60 takes hours here)")
     ap.add_argument("--allocations", default="dynamic,spectral", help="allocations of the factorize rows")
     ap.add_argument("--cospadi-iters", type=int, default=None,
                     help="K-SVD iterations of the CoSpaDi rows [default: CoSpaDi's published 60]; rows say T=N")
