@@ -102,11 +102,9 @@ def main(argv=None) -> int:
                 for method in args.methods.split(","):
                     if method == "cospadi" and alloc != "dynamic":
                         continue
-                    fc = FactorizeConfig(method=method)
-                    label = f"{method} {alloc} {r}"
-                    if method == "cospadi" and args.cospadi_iters:  # a departure from CoSpaDi's T = 60: labelled
-                        fc = FactorizeConfig(method=method, cospadi_iters=args.cospadi_iters)
-                        label = f"cospadi T={args.cospadi_iters} {alloc} {r}"
+                    short = method == "cospadi" and args.cospadi_iters  # a departure from CoSpaDi's T = 60
+                    fc = FactorizeConfig(method=method, **({"cospadi_iters": args.cospadi_iters} if short else {}))
+                    label = f"{f'cospadi T={args.cospadi_iters}' if short else method} {alloc} {r}"
                     cfg = CompressConfig(allocation=AllocationConfig(strategy=alloc, budget=Budget(removed=r)),
                                          factorize=fc)
                     measure({"section": "factorize", "label": label, "ratio": r, "allocation": alloc,

@@ -230,10 +230,11 @@ def main(argv=None) -> int:
             for alloc in args.allocations.split(","):
                 for m in args.methods.split(","):
                     cli = ["compress", args.model, "--ratio", str(r), "--method", m, "--allocation", alloc]
-                    label = f"{m} {r}" if alloc == "dynamic" else f"{m} {alloc} {r}"
+                    name = m
                     if m == "cospadi" and args.cospadi_iters:  # a departure from CoSpaDi's T = 60: labelled
                         cli += ["--cospadi-iters", str(args.cospadi_iters)]
-                        label = f"cospadi T={args.cospadi_iters} {r}" + ("" if alloc == "dynamic" else f" {alloc}")
+                        name = f"cospadi T={args.cospadi_iters}"
+                    label = f"{name} {r}" if alloc == "dynamic" else f"{name} {alloc} {r}"
                     measure({"section": "factorize", "label": label, "method": m, "ratio": r, "allocation": alloc},
                             cli)
     if "quantize" in sections:
@@ -435,11 +436,11 @@ METHODS = ("compot", "svd-llm", "cospadi", "rocket")
 
 
 def method_table(rows: list[dict], dense: dict | None) -> list[str]:
-    """Every factorization at equal bytes, per (removed, allocation), on the current calibration only (rows with
-    calib_tokens): perplexity (× dense), wall time against SVD-LLM's, and whether a baseline beats COMPOT."""
+    """Every factorization at equal bytes, per (removed, allocation): perplexity (× dense), wall time against
+    SVD-LLM's, and whether a baseline beats COMPOT."""
     cells: dict[tuple, dict] = {}
     for r in rows:
-        if r["section"] == "factorize" and "calib_tokens" in r and r.get("method") in METHODS:
+        if r["section"] == "factorize" and r.get("method") in METHODS:
             cells[(r["ratio"], r.get("allocation", "dynamic"), r["method"])] = r
     keys = sorted({(ratio, alloc) for ratio, alloc, _ in cells})
     if not keys:
