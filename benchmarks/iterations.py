@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     model, tok = load_model(model_dir)
     targets = [t for t in find_targets(model) if args.layers is None or re.search(args.layers, t.name)]
     batches = calibration_batches(tok, cfg.calibration, model)
-    calibration = check_token_count(batches, targets)
     grams = calibrate(model, batches, targets, progress=True)
+    calibration = check_token_count(batches, targets, {n: g.n for n, g in grams.items()})
     refit_at = [int(x) for x in args.refit_at.split(",")]
     layers = []
     for t in bar(targets, desc="layers", unit="layer", progress=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from .config import CalibrationConfig, CompressConfig, EmbeddingConfig, FactorizeConfig, QuantizeConfig
 from .errors import CompotError
 from .layers import build_layer, factor_layer, round_other_params
-from .models import Target, find_targets, load_model, targets_named
+from .models import Target, block_module, dense_weight, find_targets, is_causal_lm, load_model, targets_named
 from .storage.artifact import REPORT, check_output_dir
 from .storage.budget import (dense_model_bytes, fits, linears_dense_bytes, removed_after_pruning, removed_fraction,
                              value_bytes)
@@ -82,15 +83,16 @@ def quantize_model(model, targets: list[Target], batches: list[dict], records: d
 def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True) -> Compressed:
     """Prune (optionally), then compress (and optionally quantize) `model` in place by `cfg`; then, with
     --embedding-bits, quantize its token embedding table."""
-    from .quantize.embeddings import quantize_embeddings, resolve_bits
-
     from .calibrate.data import calibration_batches
+    from .quantize.embeddings import quantize_embeddings, resolve_bits
+    from .streaming import load_rest
 
     e = cfg.embeddings
     bits = resolve_bits(model, e.bits, e.group)  # fails before any work
     result = _compress_linears(model, tokenizer, cfg, progress)
     if bits:
         with result.stage("embeddings"):
+            load_rest(model)
             batches = calibration_batches(tokenizer, cfg.calibration, model, progress) if e.method == "gptq" else None
             result.embeddings = quantize_embeddings(model, bits, e.group, cfg.factorize.dtype, e.method, batches,
                                                     progress)
@@ -99,10 +101,9 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
 
 def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> Compressed:
     from .allocate import joint
-    from .allocate.ratio import allocate
-    from .calibrate.data import calibration_batches, check_token_count
-    from .calibrate.runner import calibrate, run_blocks
-    from .progress import bar
+    from .allocate.ratio import allocate_profiles
+    from .calibrate.data import calibration_batches
+    from .calibrate.runner import GramStore
 
     result = Compressed([], {}, {})
     batches = None
@@ -126,14 +127,64 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
             round_other_params(model, set(), dtype)
             return result
 
-    with result.stage("calibrate"):
-        batches = batches or calibration_batches(tokenizer, cfg.calibration, model, progress)
-        grams = calibrate(model, batches, targets, progress=progress)
-        result.calibration = check_token_count(batches, targets, grams)
-    with result.stage("allocate"):
-        records = result.records = allocate(model, targets, grams, cfg, progress)
-    f = cfg.factorize
-    stats = result.stats
+    with tempfile.TemporaryDirectory(prefix="compot-grams-") as tmp:
+        grams = GramStore(tmp)
+        with result.stage("calibrate"):
+            batches = batches or calibration_batches(tokenizer, cfg.calibration, model, progress)
+            profiles = _calibrate_and_profile(model, batches, targets, cfg, grams, result, progress)
+        with result.stage("allocate"):
+            records = result.records = allocate_profiles(targets, profiles, cfg, is_causal_lm(model))
+        profiled = result.timings.pop("profiles")  # computed during the walk, counted as allocation
+        result.timings["calibrate"] -= profiled
+        result.timings["allocate"] += profiled
+        _factorize(model, batches, targets, records, grams, cfg, result, progress)
+    if cfg.quantize is not None:
+        with result.stage("quantize"):
+            quantize_model(model, targets, batches, records, result.stats, cfg.quantize, cfg.factorize, progress)
+    return result
+
+
+def _calibrate_and_profile(model, batches: list[dict], targets: list[Target], cfg: CompressConfig,
+                           grams: "GramStore", result: Compressed, progress: bool) -> list | None:  # noqa: F821
+    """One walk over the unchanged model: each block's Grams go to `grams` (on disk) and, as soon as they exist,
+    its layers' allocation profiles are computed (their seconds counted as result.timings["profiles"]). Returns
+    the profiles in target order (None for an allocation that needs none)."""
+    from .allocate.ratio import layer_profile, needs_profiles
+    from .calibrate.data import check_token_count
+    from .calibrate.runner import run_blocks
+
+    by_name = {t.name: t for t in targets}
+    decoder, profiles, profile, counts = is_causal_lm(model), {}, needs_profiles(cfg), {}
+    result.timings["profiles"] = 0.0
+
+    def keep(_i, block_grams):
+        t0 = time.perf_counter()
+        if not cfg.calibration.sequential:  # a sequential factorization walks again for its own Grams
+            grams.put(block_grams)
+        for name, g in block_grams.items():
+            counts[name] = g.n
+            if profile:
+                W = dense_weight(model.get_submodule(name))
+                profiles[name] = layer_profile(by_name[name], W, g, cfg, decoder)
+        result.timings["profiles"] += time.perf_counter() - t0
+        return False
+
+    run_blocks(model, batches, targets, keep, f"calibrate + {cfg.allocation.strategy} profiles" if profile
+               else "calibrate", progress)
+    result.calibration = check_token_count(batches, targets, counts)
+    return [profiles[t.name] for t in targets] if profile else None
+
+
+def _factorize(model, batches: list[dict], targets: list[Target], records: dict[str, LayerRecord],
+               grams: "GramStore", cfg: CompressConfig, result: Compressed, progress: bool) -> None:  # noqa: F821
+    """Store each target as its record: on the Grams of the walk before (one layer at a time, each block read
+    into memory while its layers are factored), or, with --sequential, on Grams of a new walk through the blocks
+    compressed so far."""
+    from .calibrate.runner import run_blocks
+    from .progress import bar
+    from .streaming import resident
+
+    f, stats = cfg.factorize, result.stats
     with result.stage("factorize"):
         if cfg.calibration.sequential:
             def step(_i, block_grams):
@@ -141,16 +192,15 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
                     stats[name] = factor_layer(model, name, records[name], g, f)
                 return True
 
-            del grams
             run_blocks(model, batches, targets, step, f"factorize ({f.method}, sequential)", progress)
         else:
-            for t in bar(targets, desc=f"factorize ({f.method})", unit="layer", progress=progress):
-                stats[t.name] = factor_layer(model, t.name, records[t.name], grams[t.name], f)  # independent
+            with bar(total=len(targets), desc=f"factorize ({f.method})", unit="layer", progress=progress) as b:
+                for i in sorted({t.block for t in targets}):
+                    with resident(model, *reversed(block_module(model, i))):
+                        for t in (t for t in targets if t.block == i):  # independent of each other
+                            stats[t.name] = factor_layer(model, t.name, records[t.name], grams.get(t.name), f)
+                            b.update()
         round_other_params(model, {n for n, r in records.items() if r.factored}, f.dtype)
-    if cfg.quantize is not None:
-        with result.stage("quantize"):
-            quantize_model(model, targets, batches, records, stats, cfg.quantize, f, progress)
-    return result
 
 
 def build_joint(model, prof: "JointProfile", budget: float, cfg: CompressConfig, progress: bool = True,  # noqa: F821
@@ -188,7 +238,8 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
     """Load `model_dir`, compress it by `cfg`, write the compact model to `out` atomically; return the report."""
     t_start = time.perf_counter()
     check_output_dir(out, overwrite, [model_dir])  # fail before the slow stages
-    model, tokenizer = load_model(model_dir)
+    # the ratio allocators walk block by block: the blocks stay in the checkpoint until the walk reads them
+    model, tokenizer = load_model(model_dir, lazy=cfg.allocation.strategy != "joint" and not cfg.prune.blocks)
     loaded, load_peak = time.perf_counter() - t_start, peak_rss_mib()
     dense_model = dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
     result = compress_model(model, tokenizer, cfg, progress)
@@ -261,8 +312,9 @@ def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, de
          source: str, t_start: float, overwrite: bool) -> dict:
     """Write the compressed folder atomically and return its report. model_dir: the input folder; source: the
     original (uncompressed) model directory."""
-    from .version import __version__
     from .storage.artifact import FORMAT_VERSION, WEIGHTS, atomic_dir, save_compressed, write_json_atomic
+    from .streaming import load_rest
+    from .version import __version__
 
     names = [t.name for t in result.targets]
     section = {
@@ -278,6 +330,7 @@ def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, de
         section["embeddings"] = result.embeddings
     with atomic_dir(out, overwrite) as tmp:
         with result.stage("save"):
+            load_rest(model)  # a lazily loaded model's parameters not walked (nor released ones) from its checkpoint
             save_compressed(model, tokenizer, tmp, section, dtype)
         rep = report(model_dir, tmp / WEIGHTS, section, result)
         rep["seconds"] = time.perf_counter() - t_start

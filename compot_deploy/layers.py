@@ -29,13 +29,22 @@ def round_params(module, dtype: str) -> None:
 
 
 def round_other_params(model, skip: set[str], dtype: str) -> None:
-    """Everything outside the layers named in `skip` is stored at the storage dtype too: round it the same way."""
+    """Everything outside the layers named in `skip` is stored at the storage dtype too: round it the same way
+    (what a lazily loaded model reads from its checkpoint from now on, too)."""
     import torch
 
+    from .streaming import weights_of
+
+    if weights_of(model) is not None:
+        weights_of(model).round_dtype = dtype
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.is_floating_point() and not any(name.startswith(n + ".") for n in skip):
-                p.data = round_to(p.data, dtype)
+            if p.is_floating_point() and p.device.type != "meta" and not any(name.startswith(n + ".") for n in skip):
+                if not p.data.is_contiguous():
+                    p.data = round_to(p.data, dtype)
+                    continue
+                for chunk in p.data.view(-1).split(1 << 22):  # in place, a chunk at a time: no full-size copies
+                    chunk.copy_(round_to(chunk, dtype))
 
 
 def factor_layer(model, name: str, rec: LayerRecord, gram, f) -> LayerStats:

@@ -91,9 +91,10 @@ def check_supported_dir(model_dir: str | os.PathLike, calibration=None) -> None:
     check_supported(config, calibration)
 
 
-def load_model(model_dir: str | os.PathLike):
+def load_model(model_dir: str | os.PathLike, lazy: bool = False):
     """Load a local model directory (or a .gguf file, see gguf.py) in float32 eval mode, plus its tokenizer. No
-    network access.
+    network access. lazy: leave the transformer blocks in the checkpoint, read one at a time by the block walk
+    (streaming.py), where the model allows it (one stack, safetensors whose names match); else load it whole.
 
     Returns (model, tokenizer). Raises CompotError for missing/invalid directories or non-finite weights.
     """
@@ -101,16 +102,20 @@ def load_model(model_dir: str | os.PathLike):
     import transformers
     from safetensors import SafetensorError
 
+    from .streaming import load_lazy
+
     read_hf_config(model_dir)
     model_dir = resolve_model_dir(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         check_supported(config)
-        model = model_class(config).from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        model = load_lazy(model_dir, config, model_class(config)) if lazy else None
+        if model is None:
+            model = model_class(config).from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+            model.eval()
+            check_finite(model)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CompotError(f"cannot load a transformer from {model_dir}: {str(e).splitlines()[0]}") from None
-    model.eval()
-    check_finite(model)
     return model, load_tokenizer(model_dir)
 
 
@@ -314,6 +319,15 @@ def targets_named(model, layers: dict) -> list[Target]:
         raise CompotError(f"layer {name} is in no block of {type(model).__name__}")
 
     return [Target(n, block(n), r.d_in, r.d_out, r.bias) for n, r in layers.items()]
+
+
+def block_module(model, i: int) -> tuple[str, Any]:
+    """(qualified name, module) of block i of `model`, counted over its stacks in walk order."""
+    for s in reversed(find_stacks(model)):
+        if i >= s.offset:
+            j = i - s.offset
+            return (f"{s.prefix}.{j}" if s.prefix else str(j)), s.blocks[j]
+    raise CompotError(f"{type(model).__name__} has no block {i}")
 
 
 def set_module(model, name: str, new) -> None:

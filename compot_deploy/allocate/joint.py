@@ -201,7 +201,7 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     targets = targets or find_targets(model, list(cfg.include) or None, list(cfg.exclude) or None)
     batches = calibration_batches(tokenizer, cfg.calibration, model, progress)
     grams = calibrate(model, batches, targets, progress=progress)
-    calibration = check_token_count(batches, targets, grams)
+    calibration = check_token_count(batches, targets, {n: g.n for n, g in grams.items()})
     cands = measure(model, targets, grams, a.joint, f, progress)
     weights = [1.0] * len(targets)
     if a.joint.sensitivity:

@@ -4,11 +4,15 @@ uniform: every layer keeps the same fraction. spectral: the COMPOT paper's split
 pooled, normalised singular values of the unwhitened weights (`spectral_cut`). dynamic: one SVD of each whitened
 weight estimates its error at every budget of a fine grid (METHOD §5). mckp: COMPOT itself is run on a coarser
 (ratio × k/s) grid (ROCKET-style profiles). Both then split the global budget with the knapsack.
+
+Each layer's profile (`layer_profile`: its spectrum, or its candidates) needs only its own weight and Gram, so a
+block-by-block walk computes it as soon as the block's Grams exist; `allocate_profiles` then splits the budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,38 +23,39 @@ from ..storage.record import STORAGE, LayerRecord, plan
 from .knapsack import Candidate, mckp
 
 
-def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = False) -> dict[str, LayerRecord]:
-    """name → record of every target, whose total stored bytes fit the budget of `cfg` (CompressConfig; the
-    budget is a fraction removed)."""
-    import torch
+@dataclass
+class LayerProfile:
+    """What the budget split needs of one layer: spectral: its normalised singular values (n,); dynamic/mckp:
+    its candidates (bytes, estimated error, record). Small next to the layer's Gram."""
 
-    from ..progress import bar
+    spectrum: np.ndarray | None = None
+    candidates: list[Candidate] | None = None
+
+
+def _fit(t: Target, removed: float, f, k_over_s: float | None = None) -> LayerRecord:
+    """t's record of f.method at `removed` of its dense bytes (at f.dtype)."""
+    dense = LayerRecord(method="dense", d_in=t.d_in, d_out=t.d_out, bias=t.bias, dtype=f.dtype).bytes
+    return plan(f.method, t.d_in, t.d_out, t.bias, budget_bytes(dense, removed=removed), f.dtype,
+                f.k_over_s if k_over_s is None else k_over_s)
+
+
+def needs_profiles(cfg) -> bool:
+    """Whether cfg's allocation reads per-layer profiles (all but uniform)."""
+    return cfg.allocation.strategy != "uniform"
+
+
+def layer_profile(t: Target, W, gram, cfg, decoder: bool) -> LayerProfile:
+    """Layer t's profile for cfg's allocation. W: (d_in, d_out) its dense weight; gram: its inputs' Gram (unused
+    by spectral)."""
+    import torch
 
     from ..factorize import SpectralErrorEstimate, compot_whitened, damped_cholesky, whiten
 
     a, f = cfg.allocation, cfg.factorize
-    removed = a.budget.removed
-    cap = a.layer_ratio_cap(decoder=is_causal_lm(model))
-
-    def fit(t: Target, nbytes: float, k_over_s: float = f.k_over_s) -> LayerRecord:
-        return plan(f.method, t.d_in, t.d_out, t.bias, nbytes, f.dtype, k_over_s)
-
-    def dense(t: Target) -> int:
-        return LayerRecord(method="dense", d_in=t.d_in, d_out=t.d_out, bias=t.bias, dtype=f.dtype).bytes
-
-    if a.strategy == "uniform":
-        return {t.name: fit(t, budget_bytes(dense(t), removed=removed)) for t in targets}
-
-    total = linear_budget(a.budget, linears_dense_bytes(targets, value_bytes(f.dtype)))
     if a.strategy == "spectral":
-        spectra = []
-        for t in bar(targets, desc="spectra", unit="layer", progress=progress):
-            W = dense_weight(model.get_submodule(t.name)).detach().double()
-            spectra.append((torch.linalg.svdvals(W) / torch.linalg.matrix_norm(W).clamp_min(1e-300)).numpy())
-        ratios = spectral_cut(spectra, lambda i, r: fit(targets[i], budget_bytes(dense(targets[i]), removed=r)).bytes,
-                              total, a.min_layer_ratio, cap)
-        return {t.name: fit(t, budget_bytes(dense(t), removed=r)) for t, r in zip(targets, ratios, strict=True)}
-
+        W = W.detach().double()
+        return LayerProfile(spectrum=(torch.linalg.svdvals(W) / torch.linalg.matrix_norm(W).clamp_min(1e-300)).numpy())
+    cap = a.layer_ratio_cap(decoder=decoder)
     if a.strategy == "dynamic":
         ratios = [round(x, 4) for x in np.arange(0.0, cap + 1e-9, 0.02)]
         k_over_s_grid = (f.k_over_s,)
@@ -58,28 +63,54 @@ def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = Fa
         ratios, k_over_s_grid = list(a.mckp_ratios), a.mckp_k_over_s
     if not STORAGE[f.method].sparse_codes:
         k_over_s_grid = (1.0,)
-    cands: list[list[Candidate]] = []
-    for t in bar(targets, desc=f"{a.strategy} profiles", unit="layer", progress=progress):
-        W = dense_weight(model.get_submodule(t.name)).detach()
-        M = whiten(W, damped_cholesky(grams[t.name].G, f.eps, t.name))
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        estimate = SpectralErrorEstimate(S, Vh)
-        layer: dict[LayerRecord, Candidate] = {}
-        for r in ratios:
-            if not (a.min_layer_ratio <= r <= cap or r == 0.0 and a.min_layer_ratio == 0.0):
+    M = whiten(W.detach(), damped_cholesky(gram.G, f.eps, t.name))
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    estimate = SpectralErrorEstimate(S, Vh)
+    layer: dict[LayerRecord, Candidate] = {}
+    for r in ratios:
+        if not (a.min_layer_ratio <= r <= cap or r == 0.0 and a.min_layer_ratio == 0.0):
+            continue
+        for ks in k_over_s_grid:
+            rec = _fit(t, r, f, ks)
+            if rec in layer:
                 continue
-            for ks in k_over_s_grid:
-                rec = fit(t, budget_bytes(dense(t), removed=r), ks)
-                if rec in layer:
-                    continue
-                if a.strategy == "dynamic" or not rec.storage.sparse_codes:
-                    err = rec.storage.spectral_error(estimate, rec)
-                else:  # sparse codes (CoSpaDi too) are profiled with COMPOT: K-SVD over the grid would take hours
-                    err = compot_whitened(M, rec.k, rec.s, a.mckp_profile_iters, 0.0, U=U)[3][-1] ** 2
-                layer[rec] = Candidate(rec.bytes, err, rec)
-        if not layer:
-            raise CompotError(f"{t.name}: no allocation candidate inside the layer ratio range")
-        cands.append(error_capped(list(layer.values()), a.max_layer_error))
+            if a.strategy == "dynamic" or not rec.storage.sparse_codes:
+                err = rec.storage.spectral_error(estimate, rec)
+            else:  # sparse codes (CoSpaDi too) are profiled with COMPOT: K-SVD over the grid would take hours
+                err = compot_whitened(M, rec.k, rec.s, a.mckp_profile_iters, 0.0, U=U)[3][-1] ** 2
+            layer[rec] = Candidate(rec.bytes, err, rec)
+    if not layer:
+        raise CompotError(f"{t.name}: no allocation candidate inside the layer ratio range")
+    return LayerProfile(candidates=error_capped(list(layer.values()), a.max_layer_error))
+
+
+def allocate(model, targets: list[Target], grams: dict, cfg, progress: bool = False) -> dict[str, LayerRecord]:
+    """name → record of every target, whose total stored bytes fit the budget of `cfg` (CompressConfig; the
+    budget is a fraction removed)."""
+    from ..progress import bar
+
+    decoder = is_causal_lm(model)
+    profiles = None
+    if needs_profiles(cfg):
+        profiles = [layer_profile(t, dense_weight(model.get_submodule(t.name)), grams.get(t.name), cfg, decoder)
+                    for t in bar(targets, desc=f"{cfg.allocation.strategy} profiles", unit="layer",
+                                 progress=progress)]
+    return allocate_profiles(targets, profiles, cfg, decoder)
+
+
+def allocate_profiles(targets: list[Target], profiles: list[LayerProfile] | None, cfg,
+                      decoder: bool) -> dict[str, LayerRecord]:
+    """Split cfg's budget across `targets` given their profiles (layer_profile; None for uniform)."""
+    a, f = cfg.allocation, cfg.factorize
+    removed = a.budget.removed
+    if a.strategy == "uniform":
+        return {t.name: _fit(t, removed, f) for t in targets}
+    total = linear_budget(a.budget, linears_dense_bytes(targets, value_bytes(f.dtype)))
+    if a.strategy == "spectral":
+        ratios = spectral_cut([p.spectrum for p in profiles], lambda i, r: _fit(targets[i], r, f).bytes,
+                              total, a.min_layer_ratio, a.layer_ratio_cap(decoder=decoder))
+        return {t.name: _fit(t, r, f) for t, r in zip(targets, ratios, strict=True)}
+    cands = [p.candidates for p in profiles]
     try:
         picks = mckp(cands, total)
     except ValueError as e:

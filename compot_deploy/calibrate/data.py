@@ -435,15 +435,15 @@ DEFAULT_TOKENS_PER_DIM = 8
 BUILTIN_DECODER_SAMPLES = 32
 
 
-def check_token_count(batches: list[dict], targets, grams: dict) -> dict:
-    """How many real (unpadded) tokens `batches` hold (images: the rows the Grams `grams` saw) against the widest
-    input (d_in) of `targets`; logs a warning when fewer than that width (a singular Gram). Returns the calibration
+def check_token_count(batches: list[dict], targets, rows: dict[str, int]) -> dict:
+    """How many real (unpadded) tokens `batches` hold (images: the rows the Grams saw, `rows`: name → count)
+    against the widest input (d_in) of `targets`; logs a warning when fewer than that width (a singular Gram). Returns the calibration
     section of the report, `enough` meaning at least TOKENS_PER_DIM × the width."""
     widest = max(t.d_in for t in targets)
     if all("attention_mask" in b for b in batches):
         tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     else:
-        tokens = max(g.n for g in grams.values())
+        tokens = max(rows.values())
     if tokens < widest:
         log.warning("calibration holds %s tokens for inputs %s wide: their Grams are singular and damping, not data, "
                     "sets the whitening; give more text with --calib and --samples (%d tokens per dimension or more)",

@@ -3,7 +3,8 @@ step run on each block once its Grams are known.
 
 Only one block's input activations (and its outputs) are held at a time: the inputs of block 0, and how the
 stack calls every block (masks, position embeddings and biases, which may differ per block), are captured once
-in forward passes that stop at the last block needed; then each block is run on its inputs, its linears' Grams
+in forward passes that stop at the last block needed (a lazily loaded model's blocks stay in its checkpoint
+meanwhile and are read one at a time as the walk reaches them, see streaming.py); then each block is run on its inputs, its linears' Grams
 accumulated by forward hooks, the step runs, and the block's outputs (recomputed when the step replaced its
 modules) become the inputs of the next block. An encoder-decoder's walk goes through its encoder's blocks, then
 its decoder's, whose first block's inputs and cross-attention inputs are the captured ones: a sequential walk
@@ -27,6 +28,41 @@ class Gram:
     n: int
 
 
+class GramStore:
+    """Grams kept on disk (raw float64 files in `folder`) from the walk that accumulates them to the stage that
+    reads them, so no Gram outlives its block in memory. Targets that share one Gram object (q/k/v) share a file."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.files: dict[str, tuple] = {}  # name → (path, d_in, n)
+        self._by_object: dict[int, tuple] = {}
+
+    def put(self, block_grams: dict[str, Gram]) -> None:
+        """Write one block's Grams (name → Gram)."""
+        self._by_object.clear()  # ids are only unique among live objects: one block at a time
+        for name, g in block_grams.items():
+            if id(g) not in self._by_object:
+                path = self.folder / f"{len(self.files):05d}.f64"
+                g.G.contiguous().numpy().tofile(path)
+                self._by_object[id(g)] = (path, g.G.shape[0], g.n)
+            self.files[name] = self._by_object[id(g)]
+
+    def get(self, name: str) -> Gram:
+        """Read target `name`'s Gram back (no memory map: its pages would count as resident on top of the copy)."""
+        import numpy as np
+        import torch
+
+        path, d, n = self.files[name]
+        return Gram(G=torch.from_numpy(np.fromfile(path, dtype=np.float64).reshape(d, d)), n=n)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """name → tokens its Gram summed over."""
+        return {name: n for name, (_, _, n) in self.files.items()}
+
+
 @dataclass
 class _BlockCall:
     args: tuple
@@ -37,14 +73,29 @@ class _Captured(Exception):
     pass
 
 
-def _capture_block_calls(model, blocks: list, firsts: set[int], batches, encoder=None) -> tuple[list, list]:
+def _passthrough(*args, **kwargs):
+    """A block's forward during the capture of a lazily loaded model: its hidden states, unchanged."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _capture_block_calls(model, blocks: list, names: list[str], firsts: set[int], batches,
+                         encoder=None) -> tuple[list, list]:
     """calls[i][j]: how its stack calls blocks[i] on batch j, hooked in forward passes of the model that stop at
     the last of `blocks`. What a stack passes besides the hidden states may differ per block (Gemma2/3 give sliding
     and global blocks different masks; T5's first block computes the relative position bias that the others reuse;
     a decoder's blocks get the encoder's outputs), so each block gets its own call; the tensors blocks share stay
     shared. Only the first block of each stack (`firsts`) keeps its hidden states: the walk computes the others.
-    Also returns, per batch, the output of the module `encoder` when given (the tensor cross-attention reads)."""
+    Also returns, per batch, the output of the module `encoder` when given (the tensor cross-attention reads).
+
+    A lazily loaded model (streaming.py) keeps its blocks (named `names`) in the checkpoint meanwhile when its first
+    block returns bare hidden states: then every block passes its inputs through unchanged, the stack computing
+    nothing else from them; otherwise (blocks that hand the next one more than hidden states) the blocks walked are
+    read for the capture."""
+    import contextlib
+
     import torch
+
+    from ..streaming import resident, weights_of
 
     last = len(blocks) - 1
     calls: list[list[_BlockCall]] = [[] for _ in blocks]
@@ -65,19 +116,52 @@ def _capture_block_calls(model, blocks: list, firsts: set[int], batches, encoder
     def keep_encoded(_mod, _args, out):
         encoded.append(out[0])
 
-    handles = [blocks[i].register_forward_pre_hook(hook_of(i), with_kwargs=True) for i in range(last + 1)]
-    if encoder is not None:
-        handles.append(encoder.register_forward_hook(keep_encoded))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                _forward_until_captured(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    lazy = weights_of(model) is not None
+    stand_in = lazy and _returns_bare_hidden(model, blocks[0], names[0], batches[0])
+    with contextlib.ExitStack() as resident_blocks:
+        for block, name in zip(blocks, names, strict=True):
+            if stand_in:
+                block.forward = _passthrough
+            elif lazy:
+                resident_blocks.enter_context(resident(model, block, name))
+        handles = [blocks[i].register_forward_pre_hook(hook_of(i), with_kwargs=True) for i in range(last + 1)]
+        if encoder is not None:
+            handles.append(encoder.register_forward_hook(keep_encoded))
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    _forward_until_captured(model, b)
+        finally:
+            for h in handles:
+                h.remove()
+            if stand_in:
+                for block in blocks:
+                    del block.forward
     if any(len(c) != len(batches) for c in calls):
         raise CompotError("could not capture the inputs of every transformer block")
     return calls, encoded
+
+
+def _returns_bare_hidden(model, block, name: str, batch: dict) -> bool:
+    """Whether `block` (read into memory for the probe) returns a bare tensor, in a forward pass on `batch` that
+    stops after it."""
+    import torch
+
+    from ..streaming import resident
+
+    kinds = []
+
+    def hook(_mod, _args, out):
+        kinds.append(isinstance(out, torch.Tensor))
+        raise _Captured
+
+    with resident(model, block, name), torch.no_grad():
+        handle = block.register_forward_hook(hook)
+        try:
+            _forward_until_captured(model, batch)
+        finally:
+            handle.remove()
+    return bool(kinds) and kinds[0]
 
 
 def _forward_until_captured(model, batch: dict) -> None:
@@ -161,9 +245,13 @@ class _GramHooks:
         cross = self.encoded is not None and x is self.encoded
         _accumulate(self.grams[t.name], x, self.encoded_mask if cross else self.mask)
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
         for h in self._handles:
             h.remove()
+        self._handles = []
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 BlockStep = Callable[[int, dict[str, "Gram"]], bool]
@@ -183,6 +271,7 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
     import torch
 
     from ..progress import bar as progress_bar
+    from ..streaming import resident
 
     stacks = find_stacks(model)
     if observe is not None and len(stacks) > 1:
@@ -193,8 +282,9 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
     last = max(by_block) if last is None else last
     walk = [(s, j) for s in stacks for j in range(len(s.blocks))][: last + 1]  # (stack, index in it), in order
     ed = encoder_decoder(model)
-    block_calls, encoded = _capture_block_calls(model, [s.blocks[j] for s, j in walk], {s.offset for s in stacks},
-                                                batches, ed[0] if ed and last >= stacks[1].offset else None)
+    block_calls, encoded = _capture_block_calls(model, [s.blocks[j] for s, j in walk],
+                                                [f"{s.prefix}.{j}" if s.prefix else str(j) for s, j in walk],
+                                                {s.offset for s in stacks}, batches, ed[0] if ed and last >= stacks[1].offset else None)
     enc_masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches] if ed else None
     with torch.no_grad(), progress_bar(total=last + 1, desc=desc, unit="block", progress=progress) as bar:
         for i, (stack, j) in enumerate(walk):
@@ -204,15 +294,17 @@ def run_blocks(model, batches: list[dict], targets: list[Target], step: BlockSte
             if observe is not None:
                 observe(i, hidden, masks)
             block, calls = stack.blocks[j], block_calls[i]
-            with _GramHooks(block, f"{stack.prefix}.{j}" if stack.prefix else str(j), by_block.get(i, [])) as hooks:
+            prefix = f"{stack.prefix}.{j}" if stack.prefix else str(j)
+            with resident(model, block, prefix), _GramHooks(block, prefix, by_block.get(i, [])) as hooks:
                 outs = []
                 for k, (c, h, m) in enumerate(zip(calls, hidden, masks)):
                     hooks.new_call(m)
                     if stack.offset:  # a decoder's block
                         hooks.encoded, hooks.encoded_mask = encoded[k], enc_masks[k]
                     outs.append(_run_block(block, c, h))
-            if hooks.grams and step(i, hooks.grams) and i < last:
-                outs = [_run_block(block, c, h) for c, h in zip(calls, hidden)]
+                hooks.close()
+                if hooks.grams and step(i, hooks.grams) and i < last:
+                    outs = [_run_block(block, c, h) for c, h in zip(calls, hidden)]
             hidden = outs
             bar.update()
     if observe is not None:
