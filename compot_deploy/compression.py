@@ -234,12 +234,14 @@ def _budget_after_pruning(cfg: CompressConfig, targets: list[Target], pruned) ->
 
 
 def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: CompressConfig, overwrite: bool = False,
-             progress: bool = True) -> dict:
-    """Load `model_dir`, compress it by `cfg`, write the compact model to `out` atomically; return the report."""
+             progress: bool = True, stream: bool = True) -> dict:
+    """Load `model_dir`, compress it by `cfg`, write the compact model to `out` atomically; return the report.
+    stream: the ratio allocators read the blocks from the checkpoint one at a time (streaming.py) where the
+    model allows; False loads it whole first (same files, more memory)."""
     t_start = time.perf_counter()
     check_output_dir(out, overwrite, [model_dir])  # fail before the slow stages
     # the ratio allocators walk block by block: the blocks stay in the checkpoint until the walk reads them
-    model, tokenizer = load_model(model_dir, lazy=cfg.allocation.strategy != "joint" and not cfg.prune.blocks)
+    model, tokenizer = load_model(model_dir, lazy=stream and cfg.allocation.strategy != "joint" and not cfg.prune.blocks)
     loaded, load_peak = time.perf_counter() - t_start, peak_rss_mib()
     dense_model = dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
     result = compress_model(model, tokenizer, cfg, progress)

@@ -29,8 +29,6 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float
 def checkpoint_files(model_dir: Path) -> dict[str, Path] | None:
     """Tensor name → the safetensors file holding it (one model.safetensors, or the shards of an index); None
     when the folder has neither."""
-    from .storage.artifact import safetensors_header
-
     index = model_dir / INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -38,22 +36,44 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path] | None:
     single = model_dir / "model.safetensors"
     if not single.is_file():
         return None
-    return {k: single for k in safetensors_header(single)}
+    return {k: single for k in read_header(single)[1] if k != "__metadata__"}
+
+
+def check_sizes(files: dict[str, Path]) -> None:
+    """Fail now, not blocks later, when a checkpoint file is shorter than its header says."""
+    for path in set(files.values()):
+        start, header = read_header(path)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if start + end > path.stat().st_size:
+            raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated "
+                              f"({path.stat().st_size:,} of {start + end:,} bytes)")
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, header) of a safetensors file; a clear error for one that is not."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return 8 + n, json.loads(f.read(n))
+    except (struct.error, ValueError, OSError) as e:
+        raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is not a safetensors file "
+                          f"({str(e).splitlines()[0]})") from None
 
 
 def read_tensor(path: Path, key: str, headers: dict):
     """Tensor `key` of the safetensors file `path`, read straight into memory (no memory map: a mapped file's
     touched pages would count in the process's resident memory on top of the copy), in float32."""
-    import struct
 
     import torch
 
     if path not in headers:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            headers[path] = (8 + n, json.loads(f.read(n)))
+        headers[path] = read_header(path)
     start, header = headers[path]
     info = header[key]
+    if start + info["data_offsets"][1] > path.stat().st_size:
+        raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated at {key}")
     if info["dtype"] not in _DTYPES:
         raise CompotError(f"{key}: tensors of dtype {info['dtype']} cannot be read block by block")
     lo, hi = info["data_offsets"]
@@ -61,7 +81,7 @@ def read_tensor(path: Path, key: str, headers: dict):
     with open(path, "rb") as f:
         f.seek(start + lo)
         if f.readinto(raw.numpy()) != hi - lo:
-            raise CompotError(f"{path} is truncated at {key}")
+            raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated at {key}")
     return raw.view(getattr(torch, _DTYPES[info["dtype"]])).reshape(info["shape"]).to(torch.float32)
 
 
@@ -108,11 +128,12 @@ class BlockWeights:
             t = round_to(t, self.round_dtype)
         return t
 
-    def load(self, module, prefix: str, recurse: bool = True) -> None:
+    def load(self, module, prefix: str, recurse: bool = True) -> int:
         """Read every parameter of `module` (named `prefix`.…; its submodules' too unless `recurse` is False) that
-        is still on meta."""
+        is still on meta; returns how many."""
         from torch import nn
 
+        count = 0
         for name, sub in module.named_modules() if recurse else [("", module)]:
             for pname, p in list(sub._parameters.items()):
                 if p is None or p.device.type != "meta":
@@ -124,6 +145,8 @@ class BlockWeights:
                 new = nn.Parameter(self._tensor(key), requires_grad=False)
                 sub._parameters[pname] = new
                 self._read[id(new)] = weakref.ref(new)
+                count += 1
+        return count
 
     def release(self, module) -> None:
         """Put back on meta every parameter of `module` that was read from the checkpoint and is still there."""
@@ -141,8 +164,8 @@ class BlockWeights:
 
     def load_rest(self) -> None:
         """Read every parameter of the model still on meta (tied ones once, through the module that owns them)."""
-        self.load(self.model, "")
-        self.model.tie_weights()
+        if self.load(self.model, ""):
+            self.model.tie_weights()
 
 
 def weights_of(model) -> BlockWeights | None:
@@ -184,6 +207,7 @@ def load_lazy(model_dir: str | os.PathLike, config, model_cls):
     files = checkpoint_files(model_dir)
     if files is None:
         return None
+    check_sizes(files)
     with _parameters_on_meta():
         model = model_cls._from_config(config, dtype=torch.float32)
     model.eval()
