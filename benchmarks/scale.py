@@ -98,7 +98,7 @@ def run_one(model_dir: str, blocks: int, ratio: float, lazy: bool, out: str | No
     if blocks:  # the first blocks only: stages timed in memory, nothing saved
         model, tok = load_model(model_dir, lazy=lazy)
         prefix, all_blocks = find_blocks(model)
-        cfg = CompressConfig.model_validate({"ratio": ratio,
+        cfg = CompressConfig.model_validate({"allocation": {"budget": {"removed": ratio}},
                                              "include": [f"{prefix}.{i}.*" for i in range(blocks)]})
         loaded = time.perf_counter() - t0
         from compot_deploy.compression import peak_rss_mib
@@ -108,7 +108,7 @@ def run_one(model_dir: str, blocks: int, ratio: float, lazy: bool, out: str | No
         timings, peaks = {"load": loaded, **r.timings}, {"load": load_peak, **r.peak_rss_mib}
         total_blocks = len(all_blocks)
     else:
-        cfg = CompressConfig.model_validate({"ratio": ratio})
+        cfg = CompressConfig.model_validate({"allocation": {"budget": {"removed": ratio}}})
         rep = compress(model_dir, out, cfg, overwrite=True, progress=True, stream=lazy)
         timings, peaks = rep["timings"], rep["peak_rss_mib"]
         total_blocks = blocks
