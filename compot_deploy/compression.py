@@ -248,7 +248,7 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
     result.timings = {"load": loaded, **result.timings}
     result.peak_rss_mib = {"load": load_peak, **result.peak_rss_mib}
     return save(model, tokenizer, out, result, cfg.model_dump(mode="json"), cfg.factorize.dtype, dense_model,
-                model_dir, str(model_dir), t_start, overwrite)
+                model_dir, str(model_dir), t_start, overwrite, keep_model=False)
 
 
 def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: QuantizeConfig,
@@ -298,7 +298,8 @@ def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: Quanti
     if bits:
         with result.stage("embeddings"):
             result.embeddings = quantize_embeddings(model, bits, e.group, dtype, e.method, batches, progress)
-    return save(model, tokenizer, out, result, config, dtype, dense_model, model_dir, source, t_start, overwrite)
+    return save(model, tokenizer, out, result, config, dtype, dense_model, model_dir, source, t_start, overwrite,
+                keep_model=False)
 
 
 def _earlier_stats(folder: Path) -> dict[str, LayerStats]:
@@ -311,9 +312,10 @@ def _earlier_stats(folder: Path) -> dict[str, LayerStats]:
 
 
 def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, dense_model: int, model_dir,
-         source: str, t_start: float, overwrite: bool) -> dict:
+         source: str, t_start: float, overwrite: bool, keep_model: bool = True) -> dict:
     """Write the compressed folder atomically and return its report. model_dir: the input folder; source: the
-    original (uncompressed) model directory."""
+    original (uncompressed) model directory. keep_model=False: the model is not used after, so its parameters are
+    cast to the storage dtype in place (no second copy while writing)."""
     from .storage.artifact import FORMAT_VERSION, WEIGHTS, atomic_dir, save_compressed, write_json_atomic
     from .streaming import load_rest
     from .version import __version__
@@ -332,8 +334,8 @@ def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, de
         section["embeddings"] = result.embeddings
     with atomic_dir(out, overwrite) as tmp:
         with result.stage("save"):
-            load_rest(model)  # a lazily loaded model's parameters not walked (nor released ones) from its checkpoint
-            save_compressed(model, tokenizer, tmp, section, dtype)
+            load_rest(model, dtype)  # what a lazily loaded model left in its checkpoint, read as stored
+            save_compressed(model, tokenizer, tmp, section, dtype, restore=keep_model)
         rep = report(model_dir, tmp / WEIGHTS, section, result)
         rep["seconds"] = time.perf_counter() - t_start
         write_json_atomic(tmp / REPORT, rep)

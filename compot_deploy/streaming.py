@@ -1,11 +1,12 @@
 """A model whose transformer blocks stay in their checkpoint until the block-by-block walk needs them.
 
-`load_lazy` builds the model with every parameter on the meta device (no memory), then reads from the
-checkpoint's safetensors (memory-mapped) only what lies outside the blocks and is used before them (embeddings,
-norms); an LM head that is not tied stays on meta too. The walk (calibrate/runner.py) brings one block at a
-time into float32 memory (`BlockWeights.load`) and hands it back (`release`) when done with it: a release drops
-what was read from the checkpoint, so a compressed module the walk put in its place stays. `load_rest` reads
-everything still on meta, for the stages that need the whole model (saving, the joint allocator).
+`load_lazy` builds the model with every parameter on the meta device (no memory). The walk
+(calibrate/runner.py) reads what lies outside the blocks (embeddings, norms; float32 tables memory-mapped, so
+only the rows looked up count; an untied LM head never) for the forward passes that capture how blocks are
+called (`outside_blocks`), then brings one block at a time into float32 memory (`resident`) and hands it back
+when done with it: a release drops what was read from the checkpoint, so a compressed module the walk put in its
+place stays. `load_rest` reads everything still on meta, for the stages that need the whole model (saving reads
+it straight into the storage dtype).
 
 Buffers (rotary frequencies, embedding scales) are built as usual: only parameters go to meta.
 """
@@ -62,27 +63,50 @@ def read_header(path: Path) -> tuple[int, dict]:
                           f"({str(e).splitlines()[0]})") from None
 
 
-def read_tensor(path: Path, key: str, headers: dict):
-    """Tensor `key` of the safetensors file `path`, read straight into memory (no memory map: a mapped file's
-    touched pages would count in the process's resident memory on top of the copy), in float32."""
+def read_tensor(path: Path, key: str, headers: dict, dtype: str = "float32", round_dtype: str | None = None,
+                mmap: bool = False):
+    """Tensor `key` of the safetensors file `path` as `dtype` (through `round_dtype` first, when given; layers.round_to).
 
+    Read a chunk at a time into the result (no full-size temporary, no memory map: a mapped file's touched pages
+    count as resident), its values checked finite on the way; mmap: a float32 tensor wanted as float32 is mapped
+    copy-on-write instead, so only the pages used count (an embedding table: the rows looked up)."""
+    import numpy as np
     import torch
 
     if path not in headers:
         headers[path] = read_header(path)
     start, header = headers[path]
     info = header[key]
-    if start + info["data_offsets"][1] > path.stat().st_size:
-        raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated at {key}")
     if info["dtype"] not in _DTYPES:
         raise CompotError(f"{key}: tensors of dtype {info['dtype']} cannot be read block by block")
     lo, hi = info["data_offsets"]
-    raw = torch.empty(hi - lo, dtype=torch.uint8)
+    if start + hi > path.stat().st_size:
+        raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated at {key}")
+    stored = getattr(torch, _DTYPES[info["dtype"]])
+    direct = mmap and info["dtype"] == "F32" and dtype == "float32" and round_dtype is None and hi > lo
+    out = None if direct else torch.empty(info["shape"], dtype=getattr(torch, dtype))
+    flat = None if direct else out.view(-1)
+    done, step = 0, 1 << 26  # bytes per chunk
     with open(path, "rb") as f:
         f.seek(start + lo)
-        if f.readinto(raw.numpy()) != hi - lo:
-            raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated at {key}")
-    return raw.view(getattr(torch, _DTYPES[info["dtype"]])).reshape(info["shape"]).to(torch.float32)
+        while done < hi - lo:
+            raw = torch.empty(min(step, hi - lo - done), dtype=torch.uint8)
+            if f.readinto(raw.numpy()) != raw.numel():
+                raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated at {key}")
+            chunk = raw.view(stored)
+            if not torch.isfinite(chunk).all():
+                raise CompotError(f"weight {key} contains NaN/Inf")
+            if flat is not None:
+                n = chunk.numel()
+                if round_dtype is not None:
+                    chunk = chunk.to(getattr(torch, round_dtype))
+                at = done // stored.itemsize
+                flat[at : at + n].copy_(chunk)
+            done += raw.numel()
+    if direct:
+        mapped = np.memmap(path, dtype=np.float32, mode="c", offset=start + lo, shape=tuple(info["shape"]))
+        return torch.from_numpy(mapped)
+    return out
 
 
 @contextlib.contextmanager
@@ -116,56 +140,57 @@ class BlockWeights:
         self._read: dict[int, object] = {}  # id → weak reference of each parameter read from the checkpoint
         self.round_dtype: str | None = None  # round what is read through this storage dtype (layers.round_to)
 
-    def _tensor(self, key: str):
-        import torch
-
-        t = read_tensor(self.files[key], key, self._headers)
-        if not all(torch.isfinite(c).all() for c in t.view(-1).split(1 << 22)):  # in chunks: no full-size temporary
-            raise CompotError(f"weight {key} contains NaN/Inf")
-        if self.round_dtype is not None:
-            from .layers import round_to
-
-            t = round_to(t, self.round_dtype)
-        return t
-
-    def load(self, module, prefix: str, recurse: bool = True) -> int:
+    def load(self, module, prefix: str, recurse: bool = True, dtype: str = "float32", mmap: bool = False,
+             skip=()) -> int:
         """Read every parameter of `module` (named `prefix`.…; its submodules' too unless `recurse` is False) that
-        is still on meta; returns how many."""
+        is still on meta, as `dtype` (read_tensor; mmap there), but those of the modules in `skip`; returns how
+        many. A parameter that several modules share (tied) is read once and set in each."""
         from torch import nn
 
-        count = 0
+        done: dict[int, nn.Parameter] = {}
+        skipped = {id(m) for s in skip for m in s.modules()}
         for name, sub in module.named_modules() if recurse else [("", module)]:
+            if id(sub) in skipped:
+                continue
             for pname, p in list(sub._parameters.items()):
                 if p is None or p.device.type != "meta":
                     continue
-                key = ".".join(x for x in (prefix, name, pname) if x)
-                key = self.alias.get(key, key)
-                if key not in self.files:
-                    raise CompotError(f"{key} is not in the checkpoint")
-                new = nn.Parameter(self._tensor(key), requires_grad=False)
-                sub._parameters[pname] = new
-                self._read[id(new)] = weakref.ref(new)
-                count += 1
-        return count
+                if id(p) not in done:
+                    key = ".".join(x for x in (prefix, name, pname) if x)
+                    key = self.alias.get(key, key)
+                    if key not in self.files:
+                        raise CompotError(f"{key} is not in the checkpoint")
+                    t = read_tensor(self.files[key], key, self._headers, dtype, self.round_dtype, mmap)
+                    done[id(p)] = nn.Parameter(t, requires_grad=False)
+                    self._read[id(done[id(p)])] = weakref.ref(done[id(p)])
+                sub._parameters[pname] = done[id(p)]
+        return len(done)
 
-    def release(self, module) -> None:
-        """Put back on meta every parameter of `module` that was read from the checkpoint and is still there."""
+    def release(self, module, skip=()) -> None:
+        """Put back on meta every parameter of `module` (but of the modules in `skip`) that was read from the
+        checkpoint and is still there (in every module sharing it)."""
         from torch import nn
 
+        done: dict[int, nn.Parameter] = {}
+        skipped = {id(m) for s in skip for m in s.modules()}
         for sub in module.modules():
+            if id(sub) in skipped:
+                continue
             for pname, p in list(sub._parameters.items()):
-                if p is not None and self._was_read(p):
-                    del self._read[id(p)]
-                    sub._parameters[pname] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+                if p is not None and (id(p) in done or self._was_read(p)):
+                    if id(p) not in done:
+                        del self._read[id(p)]
+                        done[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+                    sub._parameters[pname] = done[id(p)]
 
     def _was_read(self, p) -> bool:
         ref = self._read.get(id(p))  # an id alone could be a freed parameter's, reused
         return ref is not None and ref() is p
 
-    def load_rest(self) -> None:
-        """Read every parameter of the model still on meta (tied ones once, through the module that owns them)."""
-        if self.load(self.model, ""):
-            self.model.tie_weights()
+    def load_rest(self, dtype: str = "float32") -> None:
+        """Read every parameter of the model still on meta, as `dtype` (the storage dtype when saving: read
+        straight into it, no float32 copy)."""
+        self.load(self.model, "", dtype=dtype)
 
 
 def weights_of(model) -> BlockWeights | None:
@@ -186,13 +211,46 @@ def resident(model, block, prefix: str):
         yield
     finally:
         w.release(block)
+        trim_heap()
 
 
-def load_rest(model) -> None:
-    """Make a lazily loaded model whole in memory (a no-op for one that is)."""
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op): a freed block's
+    float32 weights and its solves' temporaries would otherwise stay resident until reused."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_rest(model, dtype: str = "float32") -> None:
+    """Make a lazily loaded model whole in memory, what is read as `dtype` (a no-op for a model all in memory)."""
     w = weights_of(model)
     if w is not None:
-        w.load_rest()
+        trim_heap()
+        w.load_rest(dtype)
+
+
+@contextlib.contextmanager
+def outside_blocks(model, blocks):
+    """The parameters of a lazily loaded model outside `blocks` (embeddings, norms: what a forward pass reads
+    before them) in memory for the duration, an untied LM head left out; float32 tables are memory-mapped, so only
+    the rows looked up count. A no-op for a model all in memory."""
+    w = weights_of(model)
+    if w is None:
+        yield
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    untied = [head] if head is not None and (emb is None or head.weight is not emb.weight) else []
+    w.load(model, "", mmap=True, skip=list(blocks) + untied)
+    try:
+        yield
+    finally:
+        w.release(model, skip=blocks)
 
 
 def load_lazy(model_dir: str | os.PathLike, config, model_cls):
@@ -201,7 +259,7 @@ def load_lazy(model_dir: str | os.PathLike, config, model_cls):
     not match the model's): the caller loads the model whole."""
     import torch
 
-    from .models import encoder_decoder, find_stacks
+    from .models import encoder_decoder
 
     model_dir = Path(model_dir)
     files = checkpoint_files(model_dir)
@@ -222,14 +280,6 @@ def load_lazy(model_dir: str | os.PathLike, config, model_cls):
         if not stored:
             return None
         alias.update({n: stored[0] for n in group if n not in files})
-    stack = find_stacks(model)[0]
-    weights = BlockWeights(model, files, alias)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip = {id(m) for m in stack.blocks.modules()} | ({id(m) for m in head.modules()} if head is not None else set())
-    for name, mod in model.named_modules():
-        if id(mod) not in skip:
-            weights.load(mod, name, recurse=False)
-    model.tie_weights()
-    model._compot_weights = weights
+    model._compot_weights = BlockWeights(model, files, alias)
     return model
 

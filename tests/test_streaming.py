@@ -41,8 +41,7 @@ def test_lazy_compress_equals_whole(kind, tmp_path, minilm_dir):
     whole, tok = load_model(d)
     lazy, _ = load_model(d, lazy=True)
     assert weights_of(whole) is None and weights_of(lazy) is not None
-    on_meta = [n for n, p in lazy.named_parameters() if p.device.type == "meta"]
-    assert on_meta and all(".0." in n or ".1." in n or ".2." in n or "lm_head" in n for n in on_meta)
+    assert all(p.device.type == "meta" for p in lazy.parameters())  # nothing read until the walk needs it
     a, b = compress_model(whole, tok, cfg, progress=False), compress_model(lazy, tok, cfg, progress=False)
     assert a.records == b.records
     assert any(p.device.type == "meta" for p in lazy.parameters())  # the walk handed the blocks back

@@ -95,7 +95,7 @@ def _capture_block_calls(model, blocks: list, names: list[str], firsts: set[int]
 
     import torch
 
-    from ..streaming import resident, weights_of
+    from ..streaming import outside_blocks, resident, weights_of
 
     last = len(blocks) - 1
     calls: list[list[_BlockCall]] = [[] for _ in blocks]
@@ -117,8 +117,9 @@ def _capture_block_calls(model, blocks: list, names: list[str], firsts: set[int]
         encoded.append(out[0])
 
     lazy = weights_of(model) is not None
-    stand_in = lazy and _returns_bare_hidden(model, blocks[0], names[0], batches[0])
     with contextlib.ExitStack() as resident_blocks:
+        resident_blocks.enter_context(outside_blocks(model, [s.blocks for s in find_stacks(model)]))
+        stand_in = lazy and _returns_bare_hidden(model, blocks[0], names[0], batches[0])
         for block, name in zip(blocks, names, strict=True):
             if stand_in:
                 block.forward = _passthrough

@@ -23,7 +23,10 @@ def damped_cholesky(G: torch.Tensor, eps: float = 1e-6, name: str = "layer", max
     mean_diag = float(torch.trace(G)) / d
     e = eps
     while e <= max_eps * (1 + 1e-9):
-        L, info = torch.linalg.cholesky_ex(G + (e * mean_diag) * torch.eye(d, dtype=G.dtype))
+        damped = G.clone()  # one copy of G, no identity matrix: a 14336² Gram is 1.6 GB each
+        damped.diagonal().add_(e * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0 and mean_diag > 0:
             if e != eps:
                 log.warning("%s: Gram needed damping eps=%.0e (raised from %.0e) to be positive definite", name, e, eps)

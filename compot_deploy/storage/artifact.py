@@ -114,8 +114,10 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storage_dtype: str) -> None:
-    """Write model weights (floating parameters cast to `storage_dtype`), config.json and tokenizer files."""
+def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storage_dtype: str,
+                    restore: bool = True) -> None:
+    """Write model weights (floating parameters cast to `storage_dtype`), config.json and tokenizer files.
+    restore=False leaves the parameters cast (one copy of each in memory at a time, not two)."""
     import torch
     from safetensors.torch import save_model
 
@@ -123,7 +125,8 @@ def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storag
     originals = {}
     for name, p in model.named_parameters(remove_duplicate=True):
         if p.is_floating_point() and p.dtype != dt:
-            originals[name] = p.data
+            if restore:
+                originals[name] = p.data
             p.data = p.data.to(dt)
     try:
         save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "producer": "compot-deploy"})
