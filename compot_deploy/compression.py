@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -28,6 +29,8 @@ from .storage.record import LayerRecord, LayerStats, dense_record
 if TYPE_CHECKING:
     from .prune import PruneResult
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Compressed:
@@ -42,6 +45,7 @@ class Compressed:
     pruned: "PruneResult | None" = None  # the blocks the prune step removed
     embeddings: dict | None = None  # the quantized embedding table (quantize/embeddings.py), if any
     depth: dict | None = None  # the joint allocator's pruned-vs-unpruned comparison (allocate/joint.with_depth)
+    resumed: dict | None = None  # what an earlier, killed run had finished (resume.py)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -80,16 +84,18 @@ def quantize_model(model, targets: list[Target], batches: list[dict], records: d
     run_blocks(model, batches, targets, step, f"quantize ({q.method} {q.bits}-bit)", progress)
 
 
-def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True) -> Compressed:
+def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True,
+                   work: "ResumeState | None" = None) -> Compressed:  # noqa: F821
     """Prune (optionally), then compress (and optionally quantize) `model` in place by `cfg`; then, with
-    --embedding-bits, quantize its token embedding table."""
+    --embedding-bits, quantize its token embedding table. work: where the finished parts of a ratio-allocated,
+    non-sequential compression are kept and read back (resume.py)."""
     from .calibrate.data import calibration_batches
     from .quantize.embeddings import quantize_embeddings, resolve_bits
     from .streaming import load_rest
 
     e = cfg.embeddings
     bits = resolve_bits(model, e.bits, e.group)  # fails before any work
-    result = _compress_linears(model, tokenizer, cfg, progress)
+    result = _compress_linears(model, tokenizer, cfg, progress, work)
     if bits:
         with result.stage("embeddings"):
             load_rest(model)
@@ -99,7 +105,8 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True)
     return result
 
 
-def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> Compressed:
+def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool,
+                      work: "ResumeState | None" = None) -> Compressed:  # noqa: F821
     from .allocate import joint
     from .allocate.ratio import allocate_profiles
     from .calibrate.data import calibration_batches
@@ -127,17 +134,31 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool) -> 
             round_other_params(model, set(), dtype)
             return result
 
-    with tempfile.TemporaryDirectory(prefix="compot-grams-") as tmp:
-        grams = GramStore(tmp)
-        with result.stage("calibrate"):
-            batches = batches or calibration_batches(tokenizer, cfg.calibration, model, progress)
-            profiles = _calibrate_and_profile(model, batches, targets, cfg, grams, result, progress)
-        with result.stage("allocate"):
-            records = result.records = allocate_profiles(targets, profiles, cfg, is_causal_lm(model))
-        profiled = result.timings.pop("profiles")  # computed during the walk, counted as allocation
-        result.timings["calibrate"] -= profiled
-        result.timings["allocate"] += profiled
-        _factorize(model, batches, targets, records, grams, cfg, result, progress)
+    with contextlib.ExitStack() as scope:
+        grams = GramStore(work.grams_folder if work is not None else
+                          scope.enter_context(tempfile.TemporaryDirectory(prefix="compot-grams-")))
+        done = work.allocation() if work is not None else None
+        if done is not None:  # a resumed job: its Grams are on disk, its budget split
+            result.records, result.calibration, grams.files, timings = done
+            result.timings.update(timings)
+            result.resumed = {"allocation": True, "blocks": []}
+            log.warning("resuming the compression in %s: calibration and allocation are done", work.folder)
+            if cfg.quantize is not None:
+                batches = batches or calibration_batches(tokenizer, cfg.calibration, model, progress)
+        else:
+            with result.stage("calibrate"):
+                batches = batches or calibration_batches(tokenizer, cfg.calibration, model, progress)
+                profiles = _calibrate_and_profile(model, batches, targets, cfg, grams, result, progress)
+            with result.stage("allocate"):
+                result.records = allocate_profiles(targets, profiles, cfg, is_causal_lm(model))
+            profiled = result.timings.pop("profiles")  # computed during the walk, counted as allocation
+            result.timings["calibrate"] -= profiled
+            result.timings["allocate"] += profiled
+            if work is not None:
+                work.save_allocation(result.records, result.calibration, grams.files,
+                                     {k: result.timings[k] for k in ("calibrate", "allocate")})
+        _factorize(model, batches, targets, result.records, grams, cfg, result, progress, work)
+    records = result.records
     if cfg.quantize is not None:
         with result.stage("quantize"):
             quantize_model(model, targets, batches, records, result.stats, cfg.quantize, cfg.factorize, progress)
@@ -176,10 +197,12 @@ def _calibrate_and_profile(model, batches: list[dict], targets: list[Target], cf
 
 
 def _factorize(model, batches: list[dict], targets: list[Target], records: dict[str, LayerRecord],
-               grams: "GramStore", cfg: CompressConfig, result: Compressed, progress: bool) -> None:  # noqa: F821
+               grams: "GramStore", cfg: CompressConfig, result: Compressed, progress: bool,  # noqa: F821
+               work: "ResumeState | None" = None) -> None:  # noqa: F821
     """Store each target as its record: on the Grams of the walk before (one layer at a time, each block read
-    into memory while its layers are factored), or, with --sequential, on Grams of a new walk through the blocks
-    compressed so far."""
+    into memory while its layers are factored; with `work`, each finished block saved there, and blocks saved by
+    an earlier run read back), or, with --sequential, on Grams of a new walk through the blocks compressed so
+    far."""
     from .calibrate.runner import run_blocks
     from .progress import bar
     from .streaming import resident
@@ -196,10 +219,19 @@ def _factorize(model, batches: list[dict], targets: list[Target], records: dict[
         else:
             with bar(total=len(targets), desc=f"factorize ({f.method})", unit="layer", progress=progress) as b:
                 for i in sorted({t.block for t in targets}):
+                    names = [t.name for t in targets if t.block == i]
+                    if work is not None and work.has_block(i):
+                        work.restore_block(model, i, names, records, stats)
+                        result.resumed = result.resumed or {"allocation": False, "blocks": []}
+                        result.resumed["blocks"].append(i)
+                        b.update(len(names))
+                        continue
                     with resident(model, *reversed(block_module(model, i))):
-                        for t in (t for t in targets if t.block == i):  # independent of each other
-                            stats[t.name] = factor_layer(model, t.name, records[t.name], grams.get(t.name), f)
+                        for name in names:  # independent of each other
+                            stats[name] = factor_layer(model, name, records[name], grams.get(name), f)
                             b.update()
+                    if work is not None:
+                        work.save_block(model, i, names, records, stats, f.dtype)
         round_other_params(model, {n for n, r in records.items() if r.factored}, f.dtype)
 
 
@@ -240,15 +272,34 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
     model allows; False loads it whole first (same files, more memory)."""
     t_start = time.perf_counter()
     check_output_dir(out, overwrite, [model_dir])  # fail before the slow stages
-    # the ratio allocators walk block by block: the blocks stay in the checkpoint until the walk reads them
-    model, tokenizer = load_model(model_dir, lazy=stream and cfg.allocation.strategy != "joint" and not cfg.prune.blocks)
+    # the ratio allocators walk block by block: the blocks stay in the checkpoint until the walk reads them, and
+    # what is finished is kept beside OUT for a run that resumes a killed one
+    ratio = cfg.allocation.strategy != "joint" and not cfg.prune.blocks
+    model, tokenizer = load_model(model_dir, lazy=stream and ratio)
     loaded, load_peak = time.perf_counter() - t_start, peak_rss_mib()
+    work = None
+    if ratio and not cfg.calibration.sequential:
+        from .gguf import resolve_model_dir
+        from .resume import ResumeState, checkpoint_identity, resume_folder
+        from .version import __version__
+
+        src = resolve_model_dir(model_dir)
+        work = ResumeState(resume_folder(out), {"config": cfg.model_dump(mode="json"), "model": str(src.resolve()),
+                                                "files": checkpoint_identity(src), "version": __version__})
     dense_model = dense_model_bytes(model, value_bytes(cfg.factorize.dtype))
-    result = compress_model(model, tokenizer, cfg, progress)
-    result.timings = {"load": loaded, **result.timings}
-    result.peak_rss_mib = {"load": load_peak, **result.peak_rss_mib}
-    return save(model, tokenizer, out, result, cfg.model_dump(mode="json"), cfg.factorize.dtype, dense_model,
-                model_dir, str(model_dir), t_start, overwrite, keep_model=False)
+    try:
+        result = compress_model(model, tokenizer, cfg, progress, work)
+        result.timings = {"load": loaded, **result.timings}
+        result.peak_rss_mib = {"load": load_peak, **result.peak_rss_mib}
+        rep = save(model, tokenizer, out, result, cfg.model_dump(mode="json"), cfg.factorize.dtype, dense_model,
+                   model_dir, str(model_dir), t_start, overwrite, keep_model=False)
+    except CompotError:  # bad input: nothing half-written stays
+        if work is not None:
+            work.remove()
+        raise
+    if work is not None:
+        work.remove()
+    return rep
 
 
 def quantize_dir(model_dir: str | os.PathLike, out: str | os.PathLike, q: QuantizeConfig,
@@ -394,6 +445,7 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
         "timings": result.timings,
         "peak_rss_mib": result.peak_rss_mib,
         "calibration": result.calibration,
+        **({"resumed": result.resumed} if result.resumed else {}),
         **extra,
         **({"embeddings": section["embeddings"]} if section.get("embeddings") else {}),
         "layers": layers,

@@ -76,3 +76,60 @@ def test_partial_compress_saves_the_whole_model(tmp_path, minilm_dir):
     whole, _ = load_model(d)
     ref = whole.model.layers[2].mlp.down_proj.weight.to(saved["model.layers.2.mlp.down_proj.weight"].dtype)
     assert saved["model.layers.2.mlp.down_proj.weight"].equal(ref)
+
+
+def _wide_llama(path, minilm_dir, layers: int):
+    """A random Llama wide enough that factoring a block takes a noticeable moment."""
+    import torch
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512,
+                                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=256, pad_token_id=0))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_killed_compress_resumes_and_writes_the_same_files(tmp_path, minilm_dir):
+    """kill -9 while blocks are being factored; the same command then reads the Grams, the allocation and the
+    finished blocks back, factors the rest, and writes the very files an uninterrupted run writes; the work kept
+    beside the output is gone after."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from compot_deploy.resume import resume_folder
+
+    d = _wide_llama(tmp_path / "m", minilm_dir, layers=8)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+    def cmd(out):
+        return [sys.executable, "-m", "compot_deploy.cli", "compress", str(d), "-o", str(out), "--samples", "32",
+                "--quiet"]
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run(cmd(ref), env=env, check=True, capture_output=True, timeout=600)
+    blocks = resume_folder(out) / "blocks"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if blocks.is_dir() and len(list(blocks.glob("*.safetensors"))) >= 2:
+            proc.kill()
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -9, "the run ended before it could be killed"
+    finished = sorted(blocks.glob("*.safetensors"))
+    assert 2 <= len(finished) < 8 and not out.exists()
+    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resuming" in res.stderr
+    rep = json.loads((out / "compression_report.json").read_text())
+    assert rep["resumed"]["allocation"] and len(rep["resumed"]["blocks"]) >= len(finished)
+    assert "calibrate" in rep["timings"]  # the earlier run's seconds, carried over
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert not resume_folder(out).exists() and not resume_folder(ref).exists()

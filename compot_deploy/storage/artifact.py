@@ -130,6 +130,7 @@ def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storag
             p.data = p.data.to(dt)
     try:
         save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "producer": "compot-deploy"})
+        sort_metadata(folder / WEIGHTS)
     finally:
         for name, data in originals.items():
             model.get_parameter(name).data = data
@@ -138,6 +139,23 @@ def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storag
     cfg["compot"] = compot_section
     write_json_atomic(folder / "config.json", cfg)
     tokenizer.save_pretrained(folder)
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, in place (same length): the writer
+    emits them in hash order, which differs from process to process, so the same tensors would not give the same
+    bytes."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:  # another JSON style than expected: leave the file as written
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 def safetensors_header(path: str | os.PathLike) -> dict:
