@@ -167,12 +167,14 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool,
 
 def _calibrate_and_profile(model, batches: list[dict], targets: list[Target], cfg: CompressConfig,
                            grams: "GramStore", result: Compressed, progress: bool) -> list | None:  # noqa: F821
-    """One walk over the unchanged model: each block's Grams go to `grams` (on disk) and, as soon as they exist,
-    its layers' allocation profiles are computed (their seconds counted as result.timings["profiles"]). Returns
-    the profiles in target order (None for an allocation that needs none)."""
+    """One walk over the unchanged model: as soon as each block's Grams exist, their damped Cholesky factors L
+    (G + λI = L Lᵀ) are computed and go to `grams` (on disk; the factorization needs nothing else of them), and
+    the block's allocation profiles (their seconds counted as result.timings["profiles"]). Returns the profiles
+    in target order (None for an allocation that needs none)."""
     from .allocate.ratio import layer_profile, needs_profiles
     from .calibrate.data import check_token_count
-    from .calibrate.runner import run_blocks
+    from .calibrate.runner import Gram, run_blocks
+    from .factorize import damped_cholesky
 
     by_name = {t.name: t for t in targets}
     decoder, profiles, profile, counts = is_causal_lm(model), {}, needs_profiles(cfg), {}
@@ -180,13 +182,17 @@ def _calibrate_and_profile(model, batches: list[dict], targets: list[Target], cf
 
     def keep(_i, block_grams):
         t0 = time.perf_counter()
-        if not cfg.calibration.sequential:  # a sequential factorization walks again for its own Grams
-            grams.put(block_grams)
+        factors = {}  # one damped Cholesky factor per Gram (q/k/v share one), damping it in place: G is done with
         for name, g in block_grams.items():
             counts[name] = g.n
+            if id(g) not in factors:
+                factors[id(g)] = Gram(G=damped_cholesky(g.G, cfg.factorize.eps, name, inplace=True), n=g.n)
+                g.G = None
             if profile:
                 W = dense_weight(model.get_submodule(name))
-                profiles[name] = layer_profile(by_name[name], W, g, cfg, decoder)
+                profiles[name] = layer_profile(by_name[name], W, None, cfg, decoder, factors[id(g)].G)
+        if not cfg.calibration.sequential:  # the factorization reads the factors (a sequential one walks again)
+            grams.put({name: factors[id(g)] for name, g in block_grams.items()})
         result.timings["profiles"] += time.perf_counter() - t0
         return False
 
@@ -199,8 +205,8 @@ def _calibrate_and_profile(model, batches: list[dict], targets: list[Target], cf
 def _factorize(model, batches: list[dict], targets: list[Target], records: dict[str, LayerRecord],
                grams: "GramStore", cfg: CompressConfig, result: Compressed, progress: bool,  # noqa: F821
                work: "ResumeState | None" = None) -> None:  # noqa: F821
-    """Store each target as its record: on the Grams of the walk before (one layer at a time, each block read
-    into memory while its layers are factored; with `work`, each finished block saved there, and blocks saved by
+    """Store each target as its record: on the Cholesky factors of the walk before's Grams (`grams`; one layer
+    at a time, each block read into memory while its layers are factored; with `work`, each finished block saved there, and blocks saved by
     an earlier run read back), or, with --sequential, on Grams of a new walk through the blocks compressed so
     far."""
     from .calibrate.runner import run_blocks
@@ -227,9 +233,13 @@ def _factorize(model, batches: list[dict], targets: list[Target], records: dict[
                         b.update(len(names))
                         continue
                     with resident(model, *reversed(block_module(model, i))):
+                        factors = {}  # the damped Cholesky factors the walk stored, read once (q/k/v share one)
                         for name in names:  # independent of each other
-                            stats[name] = factor_layer(model, name, records[name], grams.get(name), f)
+                            if grams.key(name) not in factors:
+                                factors[grams.key(name)] = grams.get(name).G
+                            stats[name] = factor_layer(model, name, records[name], None, f, factors[grams.key(name)])
                             b.update()
+                        del factors
                     if work is not None:
                         work.save_block(model, i, names, records, stats, f.dtype)
         round_other_params(model, {n for n, r in records.items() if r.factored}, f.dtype)

@@ -47,15 +47,16 @@ def round_other_params(model, skip: set[str], dtype: str) -> None:
                     chunk.copy_(round_to(chunk, dtype))
 
 
-def factor_layer(model, name: str, rec: LayerRecord, gram, f) -> LayerStats:
+def factor_layer(model, name: str, rec: LayerRecord, gram, f, L=None) -> LayerStats:
     """Store the dense linear `name` of `model` as `rec` (unquantized) by factorizing it on the Gram of its
-    inputs; a dense record only rounds it. f: FactorizeConfig (iterations, damping, seed)."""
+    inputs; a dense record only rounds it. f: FactorizeConfig (iterations, damping, seed); L: the Gram's damped
+    Cholesky factor when already known."""
     from .factorize import damped_cholesky, relative_error
 
     t0 = time.perf_counter()
     mod = model.get_submodule(name)
     W = dense_weight(mod).detach()
-    L = damped_cholesky(gram.G, f.eps, name)
+    L = damped_cholesky(gram.G, f.eps, name) if L is None else L
     if not rec.factored:
         round_params(mod, rec.dtype)
         W_hat = round_to(W, rec.dtype)

@@ -64,12 +64,13 @@ def read_header(path: Path) -> tuple[int, dict]:
 
 
 def read_tensor(path: Path, key: str, headers: dict, dtype: str = "float32", round_dtype: str | None = None,
-                mmap: bool = False):
+                mmap: bool = False, check: bool = True):
     """Tensor `key` of the safetensors file `path` as `dtype` (through `round_dtype` first, when given; layers.round_to).
 
     Read a chunk at a time into the result (no full-size temporary, no memory map: a mapped file's touched pages
     count as resident), its values checked finite on the way; mmap: a float32 tensor wanted as float32 is mapped
-    copy-on-write instead, so only the pages used count (an embedding table: the rows looked up)."""
+    copy-on-write instead, so only the pages used count (an embedding table: the rows looked up). check=False
+    skips the finiteness check (a tensor read before)."""
     import numpy as np
     import torch
 
@@ -94,7 +95,7 @@ def read_tensor(path: Path, key: str, headers: dict, dtype: str = "float32", rou
             if f.readinto(raw.numpy()) != raw.numel():
                 raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated at {key}")
             chunk = raw.view(stored)
-            if not torch.isfinite(chunk).all():
+            if check and not torch.isfinite(chunk).all():
                 raise CompotError(f"weight {key} contains NaN/Inf")
             if flat is not None:
                 n = chunk.numel()
@@ -137,6 +138,7 @@ class BlockWeights:
         self.files = files
         self.alias = alias or {}  # a tied parameter's other names → the name the checkpoint holds it under
         self._headers: dict[Path, tuple] = {}
+        self._checked: set[str] = set()  # tensors already found finite
         self._read: dict[int, object] = {}  # id → weak reference of each parameter read from the checkpoint
         self.round_dtype: str | None = None  # round what is read through this storage dtype (layers.round_to)
 
@@ -160,7 +162,9 @@ class BlockWeights:
                     key = self.alias.get(key, key)
                     if key not in self.files:
                         raise CompotError(f"{key} is not in the checkpoint")
-                    t = read_tensor(self.files[key], key, self._headers, dtype, self.round_dtype, mmap)
+                    t = read_tensor(self.files[key], key, self._headers, dtype, self.round_dtype, mmap,
+                                    check=key not in self._checked)
+                    self._checked.add(key)
                     done[id(p)] = nn.Parameter(t, requires_grad=False)
                     self._read[id(done[id(p)])] = weakref.ref(done[id(p)])
                 sub._parameters[pname] = done[id(p)]

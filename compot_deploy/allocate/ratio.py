@@ -44,9 +44,9 @@ def needs_profiles(cfg) -> bool:
     return cfg.allocation.strategy != "uniform"
 
 
-def layer_profile(t: Target, W, gram, cfg, decoder: bool) -> LayerProfile:
+def layer_profile(t: Target, W, gram, cfg, decoder: bool, L=None) -> LayerProfile:
     """Layer t's profile for cfg's allocation. W: (d_in, d_out) its dense weight; gram: its inputs' Gram (unused
-    by spectral)."""
+    by spectral); L: its damped Cholesky factor when already known (damped_cholesky of gram.G)."""
     import torch
 
     from ..factorize import SpectralErrorEstimate, compot_whitened, damped_cholesky, whiten
@@ -63,9 +63,12 @@ def layer_profile(t: Target, W, gram, cfg, decoder: bool) -> LayerProfile:
         ratios, k_over_s_grid = list(a.mckp_ratios), a.mckp_k_over_s
     if not STORAGE[f.method].sparse_codes:
         k_over_s_grid = (1.0,)
-    M = whiten(W.detach(), damped_cholesky(gram.G, f.eps, t.name))
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    estimate = SpectralErrorEstimate(S, Vh)
+    M = whiten(W.detach(), damped_cholesky(gram.G, f.eps, t.name) if L is None else L)
+    if a.strategy == "dynamic":
+        U, estimate = None, SpectralErrorEstimate.of(M)
+    else:  # mckp starts COMPOT from the left singular vectors
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        estimate = SpectralErrorEstimate(S, Vh)
     layer: dict[LayerRecord, Candidate] = {}
     for r in ratios:
         if not (a.min_layer_ratio <= r <= cap or r == 0.0 and a.min_layer_ratio == 0.0):

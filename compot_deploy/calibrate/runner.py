@@ -29,8 +29,9 @@ class Gram:
 
 
 class GramStore:
-    """Grams kept on disk (raw float64 files in `folder`) from the walk that accumulates them to the stage that
-    reads them, so no Gram outlives its block in memory. Targets that share one Gram object (q/k/v) share a file."""
+    """Square float64 matrices per target — Grams, or what a later stage needs of them (their Cholesky factors) —
+    kept on disk (raw files in `folder`) from the walk that makes them to the stage that reads them, so none
+    outlives its block in memory. Targets that share one object (q/k/v) share a file."""
 
     def __init__(self, folder):
         from pathlib import Path
@@ -56,6 +57,10 @@ class GramStore:
 
         path, d, n = self.files[name]
         return Gram(G=torch.from_numpy(np.fromfile(path, dtype=np.float64).reshape(d, d)), n=n)
+
+    def key(self, name: str):
+        """What identifies target `name`'s Gram: targets that share one share it."""
+        return self.files[name][0]
 
     @property
     def rows(self) -> dict[str, int]:
