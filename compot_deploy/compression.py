@@ -158,10 +158,9 @@ def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool,
                 work.save_allocation(result.records, result.calibration, grams.files,
                                      {k: result.timings[k] for k in ("calibrate", "allocate")})
         _factorize(model, batches, targets, result.records, grams, cfg, result, progress, work)
-    records = result.records
     if cfg.quantize is not None:
         with result.stage("quantize"):
-            quantize_model(model, targets, batches, records, result.stats, cfg.quantize, cfg.factorize, progress)
+            quantize_model(model, targets, batches, result.records, result.stats, cfg.quantize, cfg.factorize, progress)
     return result
 
 

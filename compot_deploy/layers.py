@@ -18,8 +18,22 @@ def round_to(t, dtype: str):
     return t.to(getattr(torch, dtype)).to(torch.float32)
 
 
+def round_param(p, dtype: str) -> None:
+    """One floating parameter rounded through the storage dtype, in place a chunk at a time (no full-size copies;
+    a non-contiguous one is replaced)."""
+    import torch
+
+    with torch.no_grad():
+        if not p.data.is_contiguous():
+            p.data = round_to(p.data, dtype)
+            return
+        for chunk in p.data.view(-1).split(1 << 22):
+            chunk.copy_(round_to(chunk, dtype))
+
+
 def round_params(module, dtype: str) -> None:
-    """Every floating parameter of `module` rounded through the storage dtype, in place."""
+    """Every floating parameter of `module` rounded through the storage dtype (new data: a tensor read from the
+    old, such as the weight a layer's error is measured against, keeps its values)."""
     import torch
 
     with torch.no_grad():
@@ -31,20 +45,13 @@ def round_params(module, dtype: str) -> None:
 def round_other_params(model, skip: set[str], dtype: str) -> None:
     """Everything outside the layers named in `skip` is stored at the storage dtype too: round it the same way
     (what a lazily loaded model reads from its checkpoint from now on, too)."""
-    import torch
-
     from .streaming import weights_of
 
     if weights_of(model) is not None:
         weights_of(model).round_dtype = dtype
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and p.device.type != "meta" and not any(name.startswith(n + ".") for n in skip):
-                if not p.data.is_contiguous():
-                    p.data = round_to(p.data, dtype)
-                    continue
-                for chunk in p.data.view(-1).split(1 << 22):  # in place, a chunk at a time: no full-size copies
-                    chunk.copy_(round_to(chunk, dtype))
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not any(name.startswith(n + ".") for n in skip):
+            round_param(p, dtype)
 
 
 def factor_layer(model, name: str, rec: LayerRecord, gram, f, L=None) -> LayerStats:

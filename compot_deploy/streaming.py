@@ -88,6 +88,8 @@ def read_tensor(path: Path, key: str, headers: dict, dtype: str = "float32", rou
     out = None if direct else torch.empty(info["shape"], dtype=getattr(torch, dtype))
     flat = None if direct else out.view(-1)
     done, step = 0, 1 << 26  # bytes per chunk
+    if direct and not check:  # mapped, and found finite before: nothing to read
+        done = hi - lo
     with open(path, "rb") as f:
         f.seek(start + lo)
         while done < hi - lo:
