@@ -36,6 +36,18 @@ def test_damping_raises_eps_and_logs(caplog):
     assert "raising damping" in caplog.text
 
 
+def test_inplace_cholesky_factors_in_the_grams_memory_and_recovers_from_failures():
+    X = torch.randn(40, 300, dtype=f64)  # rank 40 of 300: eps 1e-18 fails, the retries need the Gram intact
+    G = X.T @ X
+    expected = damped_cholesky(G, eps=1e-14)
+    A = G.clone()
+    L = damped_cholesky(A, eps=1e-18, inplace=True)
+    assert L.data_ptr() == A.data_ptr()
+    assert torch.equal(L, L.tril())
+    assert torch.allclose(L, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    assert float((L @ L.T - G).abs().max()) < 1e-9 * float(G.abs().max())
+
+
 @pytest.mark.parametrize("G", [-torch.eye(4, dtype=f64), torch.zeros(4, 4, dtype=f64),
                                torch.full((4, 4), float("nan"), dtype=f64)])
 def test_damping_gives_up_with_a_clear_error(G):
