@@ -239,8 +239,8 @@ def _factorize(model, batches: list[dict], targets: list[Target], records: dict[
                             stats[name] = factor_layer(model, name, records[name], None, f, factors[grams.key(name)])
                             b.update()
                         del factors
-                    if work is not None:
-                        work.save_block(model, i, names, records, stats, f.dtype)
+                        if work is not None:  # on disk as it will be saved, out of memory
+                            work.save_block(model, i, names, stats, f.dtype)
         round_other_params(model, {n for n, r in records.items() if r.factored}, f.dtype)
 
 
@@ -301,7 +301,8 @@ def compress(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: Compress
         result.timings = {"load": loaded, **result.timings}
         result.peak_rss_mib = {"load": load_peak, **result.peak_rss_mib}
         rep = save(model, tokenizer, out, result, cfg.model_dump(mode="json"), cfg.factorize.dtype, dense_model,
-                   model_dir, str(model_dir), t_start, overwrite, keep_model=False)
+                   model_dir, str(model_dir), t_start, overwrite, keep_model=False, work=work,
+                   max_shard_bytes=cfg.max_shard_bytes)
     except CompotError:  # bad input: nothing half-written stays
         if work is not None:
             work.remove()
@@ -372,12 +373,14 @@ def _earlier_stats(folder: Path) -> dict[str, LayerStats]:
 
 
 def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, dense_model: int, model_dir,
-         source: str, t_start: float, overwrite: bool, keep_model: bool = True) -> dict:
+         source: str, t_start: float, overwrite: bool, keep_model: bool = True, work=None,
+         max_shard_bytes: int = 5 * 10**9) -> dict:
     """Write the compressed folder atomically and return its report. model_dir: the input folder; source: the
     original (uncompressed) model directory. keep_model=False: the model is not used after, so its parameters are
-    cast to the storage dtype in place (no second copy while writing)."""
-    from .storage.artifact import FORMAT_VERSION, WEIGHTS, atomic_dir, save_compressed, write_json_atomic
-    from .streaming import load_rest
+    cast to the storage dtype in place (no second copy while writing). work: the ResumeState whose finished
+    blocks are copied from their files (those still as they were saved)."""
+    from .storage.artifact import FORMAT_VERSION, atomic_dir, save_compressed, write_json_atomic
+    from .streaming import detached, load_rest
     from .version import __version__
 
     names = [t.name for t in result.targets]
@@ -394,22 +397,25 @@ def save(model, tokenizer, out, result: Compressed, config: dict, dtype: str, de
         section["embeddings"] = result.embeddings
     with atomic_dir(out, overwrite) as tmp:
         with result.stage("save"):
-            load_rest(model, dtype)  # what a lazily loaded model left in its checkpoint, read as stored
-            save_compressed(model, tokenizer, tmp, section, dtype, restore=keep_model)
-        rep = report(model_dir, tmp / WEIGHTS, section, result)
+            with detached(model, work.finished(model) if work is not None else {}) as blocks:
+                load_rest(model, dtype)  # what a lazily loaded model left in its checkpoint, read as stored
+                save_compressed(model, tokenizer, tmp, section, dtype, keep_model, blocks, max_shard_bytes)
+        rep = report(model_dir, tmp, section, result)
         rep["seconds"] = time.perf_counter() - t_start
         write_json_atomic(tmp / REPORT, rep)
     return rep
 
 
-def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
-    """The compression report: each layer's spec, planned and file bytes and measurements; totals; timings."""
+def report(model_dir, folder: Path, section: dict, result: Compressed) -> dict:
+    """The compression report of the folder written: each layer's spec, planned and file bytes and
+    measurements; totals; timings."""
     from .allocate.joint import families
     from .config import AllocationConfig
     from .storage.artifact import layer_file_bytes
+    from .storage.shards import weights_bytes
 
     names = [t.name for t in result.targets]
-    file_bytes = layer_file_bytes(weights, names)
+    file_bytes = layer_file_bytes(folder, names)
     layers = []
     for name in names:
         rec, st = result.records[name], result.stats.get(name, LayerStats())
@@ -421,7 +427,7 @@ def report(model_dir, weights: Path, section: dict, result: Compressed) -> dict:
     stored = sum(x["file_bytes"] for x in layers)
     paper_kept = sum(result.records[n].paper_params for n in names)
     paper_dense = sum(t.d_in * t.d_out for t in result.targets)
-    model_file = weights.stat().st_size
+    model_file = weights_bytes(folder)
     dense_model = section["dense_model_bytes"]
     extra = {}
     if result.pruned is not None:  # the removed blocks' linears count as removed bytes of the original's

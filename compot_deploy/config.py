@@ -183,6 +183,8 @@ class CompressConfig(_Strict):
     embeddings: EmbeddingConfig = EmbeddingConfig()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    max_shard_bytes: int = Field(5 * 10**9, ge=1, description="largest weights file: a bigger model is "
+                                 "written as shards with model.safetensors.index.json, as hub checkpoints are")
 
     @model_validator(mode="before")
     @classmethod

@@ -2,11 +2,13 @@
 
 The folder `.OUT.resume` (beside OUT) holds `job.json` (the configuration and the checkpoint's files, sizes and
 times: a run resumes only the very same job), the Grams (calibrate/runner.GramStore), `allocation.json` once the
-budget is split (then calibration and allocation are not run again), and one safetensors file per block whose
-layers are factored (their tensors at the storage dtype, which holds the rounded values exactly, and each layer's
-measurements). A resumed run reads the finished blocks back instead of factoring them, so it writes the same
-tensors as an uninterrupted run. The folder is removed when the output is written, and when the run fails with
-an error of its input (nothing half-written stays); a kill or a crash leaves it for the next run.
+budget is split (then calibration and allocation are not run again), and one safetensors file per finished block
+(every tensor of the block as it will be saved: parameters at the storage dtype, which holds the rounded values
+exactly; each layer's measurements in the metadata). A finished block leaves memory (its parameters are read
+back from its file if a later stage needs them), and the output's weights are copied from these files
+(storage/shards.py), so a resumed run writes the same bytes as an uninterrupted one. The folder is removed when
+the output is written, and when the run fails with an error of its input (nothing half-written stays); a kill or
+a crash leaves it for the next run.
 """
 
 from __future__ import annotations
@@ -78,40 +80,61 @@ class ResumeState:
     def has_block(self, i: int) -> bool:
         return self._block_path(i).is_file()
 
-    def save_block(self, model, i: int, names: list[str], records: dict[str, LayerRecord],
-                   stats: dict[str, LayerStats], dtype: str) -> None:
-        """Block i's factored layers (`names`): their tensors at `dtype`, their measurements in the metadata."""
+    def finished(self, model) -> dict[str, Path]:
+        """Qualified name of each finished block of `model` → its file."""
+        from .models import block_module
+
+        out = {}
+        for path in sorted((self.folder / "blocks").glob("block-*.safetensors")):
+            out[block_module(model, int(path.stem.split("-")[1]))[0]] = path
+        return out
+
+    def save_block(self, model, i: int, names: list[str], stats: dict[str, LayerStats], dtype: str) -> None:
+        """Block i of `model`, its layers `names` factored (in memory): every tensor of the block (parameters at
+        `dtype`, as the model is saved), the layers' measurements in the metadata; then the block's parameters
+        are read from that file if needed again (streaming.BlockWeights.store), so it holds no memory."""
         import torch
         from safetensors.torch import save_file
 
-        tensors = {}
-        for n in names:
-            if records[n].factored:
-                for k, v in model.get_submodule(n).state_dict().items():
-                    tensors[f"{n}.{k}"] = v.detach().to(getattr(torch, dtype)).contiguous()
-        meta = {"stats": json.dumps({n: stats[n].to_json() for n in names})}
-        tmp = self._block_path(i).with_suffix(".tmp")
+        from .models import block_module
+        from .streaming import weights_for
+
+        prefix, block = block_module(model, i)
+        params = {n for n, _ in block.named_parameters(prefix=prefix)}
+        tensors = {k: (v.detach().to(getattr(torch, dtype)) if k in params and v.is_floating_point() else v).contiguous()
+                   for k, v in block.state_dict(prefix=prefix + ".").items()}
+        meta = {"stats": json.dumps({n: stats[n].to_json() for n in names}, sort_keys=True)}
+        path = self._block_path(i)
+        tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self._block_path(i))
+        os.replace(tmp, path)
+        weights_for(model).store(block, prefix, path)
 
     def restore_block(self, model, i: int, names: list[str], records: dict[str, LayerRecord],
                       stats: dict[str, LayerStats]) -> None:
-        """Put block i's factored layers back as they were saved (float32), and their measurements."""
-        import torch
+        """Put block i back as it was saved: its factored layers as their (empty) modules, every parameter left
+        in the file until needed (BlockWeights.store), the buffers (code positions) read; and the layers'
+        measurements."""
         from safetensors import safe_open
 
-        from .models import set_module
+        from .errors import CompotError
+        from .models import block_module, set_module
+        from .streaming import weights_for
 
-        with safe_open(str(self._block_path(i)), "pt") as f:
+        path = self._block_path(i)
+        prefix, block = block_module(model, i)
+        with safe_open(str(path), "pt") as f:
             saved = json.loads(f.metadata()["stats"])
             for n in names:
                 stats[n] = LayerStats(**saved[n])
-                if not records[n].factored:
-                    continue
-                new = records[n].empty_module()
-                state = {k: f.get_tensor(f"{n}.{k}").to(torch.float32) for k in new.state_dict()}
-                new.load_state_dict(state, strict=True)
-                set_module(model, n, new)
+                if records[n].factored:
+                    set_module(model, n, records[n].empty_module())
+            if set(f.keys()) != set(block.state_dict(prefix=prefix + ".")):
+                raise CompotError(f"{path} does not hold block {i} of this model: delete {self.folder} and run again")
+            for k, b in block.named_buffers(prefix=prefix):
+                if k in f.keys():
+                    b.copy_(f.get_tensor(k))
+        weights_for(model).store(block, prefix, path)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -14,30 +14,15 @@ Buffers (rotary frequencies, embedding scales) are built as usual: only paramete
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import weakref
 from pathlib import Path
 
 from .errors import CompotError
-
-INDEX = "model.safetensors.index.json"
-
+from .storage.shards import read_header
+from .storage.shards import weight_files as checkpoint_files
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def checkpoint_files(model_dir: Path) -> dict[str, Path] | None:
-    """Tensor name → the safetensors file holding it (one model.safetensors, or the shards of an index); None
-    when the folder has neither."""
-    index = model_dir / INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: model_dir / v for k, v in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        return None
-    return {k: single for k in read_header(single)[1] if k != "__metadata__"}
 
 
 def check_sizes(files: dict[str, Path]) -> None:
@@ -48,19 +33,6 @@ def check_sizes(files: dict[str, Path]) -> None:
         if start + end > path.stat().st_size:
             raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is truncated "
                               f"({path.stat().st_size:,} of {start + end:,} bytes)")
-
-
-def read_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data, header) of a safetensors file; a clear error for one that is not."""
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            return 8 + n, json.loads(f.read(n))
-    except (struct.error, ValueError, OSError) as e:
-        raise CompotError(f"cannot load a transformer from {path.parent}: {path.name} is not a safetensors file "
-                          f"({str(e).splitlines()[0]})") from None
 
 
 def read_tensor(path: Path, key: str, headers: dict, dtype: str = "float32", round_dtype: str | None = None,
@@ -193,6 +165,22 @@ class BlockWeights:
         ref = self._read.get(id(p))  # an id alone could be a freed parameter's, reused
         return ref is not None and ref() is p
 
+    def store(self, module, prefix: str, path: Path) -> None:
+        """`module`'s parameters (named `prefix`.…) are now held by the safetensors file `path` (written from
+        them): put them on meta, to be read from there if needed again. Buffers stay."""
+        from torch import nn
+
+        for name, sub in module.named_modules():
+            for pname, p in list(sub._parameters.items()):
+                if p is None:
+                    continue
+                key = ".".join(x for x in (prefix, name, pname) if x)
+                self.files[key] = Path(path)
+                self.alias.pop(key, None)
+                self._checked.add(key)  # written from finite values, or as they were
+                self._read.pop(id(p), None)
+                sub._parameters[pname] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+
     def load_rest(self, dtype: str = "float32") -> None:
         """Read every parameter of the model still on meta, as `dtype` (the storage dtype when saving: read
         straight into it, no float32 copy)."""
@@ -202,6 +190,38 @@ class BlockWeights:
 def weights_of(model) -> BlockWeights | None:
     """The BlockWeights of a lazily loaded model; None for a model that is all in memory."""
     return getattr(model, "_compot_weights", None)
+
+
+def weights_for(model) -> BlockWeights:
+    """The BlockWeights of `model`, an empty one for a model all in memory (then only what `store` hands to a
+    file is read back from there)."""
+    if weights_of(model) is None:
+        model._compot_weights = BlockWeights(model, {})
+    return weights_of(model)
+
+
+@contextlib.contextmanager
+def detached(model, modules: dict[str, Path]):
+    """Yield the files of those `modules` (qualified name → the safetensors file `store` wrote them to) whose
+    parameters are all still only there, those modules taken out of the model for the duration (so saving or
+    reading the rest of the model leaves them alone)."""
+    from torch import nn
+
+    from .models import set_module
+
+    w, out = weights_of(model), {}
+    for name, path in modules.items():
+        mod = model.get_submodule(name)
+        params = [(n, p) for n, p in mod.named_parameters(prefix=name)]
+        if w is not None and all(p.device.type == "meta" and w.files.get(n) == Path(path) for n, p in params):
+            out[name] = mod
+    for name in out:
+        set_module(model, name, nn.Module())
+    try:
+        yield [modules[name] for name in out]
+    finally:
+        for name, mod in out.items():
+            set_module(model, name, mod)
 
 
 @contextlib.contextmanager

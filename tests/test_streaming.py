@@ -110,7 +110,7 @@ def test_killed_compress_resumes_and_writes_the_same_files(tmp_path, minilm_dir)
 
     def cmd(out):
         return [sys.executable, "-m", "compot_deploy.cli", "compress", str(d), "-o", str(out), "--samples", "32",
-                "--quiet"]
+                "--max-shard-size", "1MB", "--quiet"]
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(cmd(ref), env=env, check=True, capture_output=True, timeout=600)
@@ -131,5 +131,42 @@ def test_killed_compress_resumes_and_writes_the_same_files(tmp_path, minilm_dir)
     rep = json.loads((out / "compression_report.json").read_text())
     assert rep["resumed"]["allocation"] and len(rep["resumed"]["blocks"]) >= len(finished)
     assert "calibrate" in rep["timings"]  # the earlier run's seconds, carried over
-    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    shards = sorted(p.name for p in ref.glob("model*.safetensors*"))
+    assert len(shards) > 3 and "model.safetensors.index.json" in shards
+    assert sorted(p.name for p in out.glob("model*.safetensors*")) == shards
+    assert all((out / n).read_bytes() == (ref / n).read_bytes() for n in shards)
     assert not resume_folder(out).exists() and not resume_folder(ref).exists()
+
+
+def test_sharded_output_holds_the_same_tensors_and_loads(tmp_path, minilm_dir):
+    """A streamed compress written as shards (blocks copied from their files as they were finished) and the same
+    job loaded whole into one model.safetensors hold the same tensors; both load into the same model, and the
+    report counts every shard."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from compot_deploy.compression import compress
+    from compot_deploy.config import CompressConfig
+    from compot_deploy.storage.artifact import load
+
+    d = _bf16_sharded("llama", tmp_path, minilm_dir)
+    cfg = CompressConfig.model_validate({"calibration": {"samples": 8}})
+    compress(d, tmp_path / "one", cfg, progress=False, stream=False)
+    compress(d, tmp_path / "sh", cfg.model_copy(update={"max_shard_bytes": 60_000}), progress=False)
+    index = json.loads((tmp_path / "sh" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (tmp_path / "sh" / "model.safetensors").exists()
+    assert all((tmp_path / "sh" / f).stat().st_size <= 60_000 + 4096 or len(load_file(tmp_path / "sh" / f)) == 1
+               for f in files)
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    sharded = {k: v for f in files for k, v in load_file(tmp_path / "sh" / f).items()}
+    assert one.keys() == sharded.keys() and all(one[k].equal(sharded[k]) for k in one)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in one.values())
+    rep = json.loads((tmp_path / "sh" / "compression_report.json").read_text())
+    assert rep["model_file"]["bytes"] == sum((tmp_path / "sh" / f).stat().st_size for f in files)
+    a, b = load(tmp_path / "one"), load(tmp_path / "sh")
+    ids = torch.tensor([[5, 17, 99, 3, 250]])
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)

@@ -70,8 +70,9 @@ def compress(model_dir, out, quiet, overwrite, **opts) -> None:
     """Compress MODEL_DIR (a local Hugging Face model folder or a .gguf file; default: the packaged
     all-MiniLM-L6-v2) into OUT.
 
-    OUT holds config.json (the HF config plus a `compot` section), model.safetensors with the compact factors,
-    the tokenizer files and compression_report.json. Load it back with `compot_deploy.load(OUT)`.
+    OUT holds config.json (the HF config plus a `compot` section), model.safetensors with the compact factors
+    (or shards with model.safetensors.index.json above --max-shard-size), the tokenizer files and
+    compression_report.json. Load it back with `compot_deploy.load(OUT)`.
     """
     from ..compression import compress as run
     from ..models import default_model_dir

@@ -117,6 +117,10 @@ def _compress_options(fn, build: bool):
                           "then no longer orthogonal)."),
         click.option("--include", multiple=True, help="Only compress linears whose name matches this glob (repeatable)."),
         click.option("--exclude", multiple=True, help="Never compress linears whose name matches this glob (repeatable)."),
+        click.option("--max-shard-size", default="5GB", show_default=True,
+                     help="Largest weights file written (e.g. 2GB, 500MiB): a model bigger than this is saved as "
+                          "model-0000i-of-0000n.safetensors shards with model.safetensors.index.json, as hub "
+                          "checkpoints are."),
         click.option("--cospadi-iters", type=int, default=None,
                      help="K-SVD iterations of --method cospadi [default: 60, its paper's T]. Fewer is a departure "
                           "from CoSpaDi as published, for speed: on 2 CPU cores each iteration costs 30-60 s on "
@@ -174,14 +178,14 @@ def _compress_options(fn, build: bool):
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
-def parse_bytes(value: str) -> int:
+def parse_bytes(value: str, option: str = "--target-bytes") -> int:
     """A byte count: an integer, optionally with a unit (kB, MB, GB: powers of 1000; KiB, MiB, GiB: of 1024)."""
     import re
 
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     unit = m and _BYTE_UNITS.get(m.group(2).lower())
     if not unit:
-        raise CompotError(f"--target-bytes: {value!r} is not a byte size (e.g. 26000000, 26MB, 25MiB)")
+        raise CompotError(f"{option}: {value!r} is not a byte size (e.g. 26000000, 26MB, 25MiB)")
     return int(float(m.group(1)) * unit)
 
 
@@ -194,7 +198,8 @@ _PATHS = {
     "k_over_s": "compress.factorize.k_over_s", "iters": "compress.factorize.iters",
     "cospadi_iters": "compress.factorize.cospadi_iters", "max_layer_error": "compress.allocation.max_layer_error",
     "refit": "compress.factorize.refit", "dtype": "compress.factorize.dtype",
-    "include": "compress.include", "exclude": "compress.exclude", "calib": "compress.calibration.source",
+    "include": "compress.include", "exclude": "compress.exclude", "max_shard_size": "compress.max_shard_bytes",
+    "calib": "compress.calibration.source",
     "samples": "compress.calibration.samples", "seq_len": "compress.calibration.seq_len",
     "batch_size": "compress.calibration.batch_size", "packing": "compress.calibration.packing",
     "sequential": "compress.calibration.sequential", "seed": "compress.calibration.seed",
@@ -264,6 +269,8 @@ def build_settings(ctx, opts: dict, base: dict | None = None, build: bool = True
             value = str(Path(value).resolve())  # a saved config reproduces the build from any folder
         elif name in ("include", "exclude"):
             value = list(value)
+        elif name == "max_shard_size":
+            value = parse_bytes(value, "--max-shard-size")
         elif name == "joint_methods":
             value = [m.strip() for m in value.split(",") if m.strip()]
         _set_path(data, path, value)

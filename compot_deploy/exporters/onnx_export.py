@@ -659,7 +659,8 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
     import onnxruntime as ort
     import torch
 
-    from ..storage.artifact import WEIGHTS, atomic_dir, check_output_dir, load, write_json_atomic
+    from ..storage.artifact import atomic_dir, check_output_dir, load, write_json_atomic
+    from ..storage.shards import weights_bytes
     from ..gguf import gguf_file
     from ..models import check_supported_dir, load_model, load_tokenizer, read_hf_config, resolve_model_dir
 
@@ -676,12 +677,11 @@ def export_dir(source: str | Path, out: str | Path, cfg, overwrite: bool = False
         graph = export_model(model, tmp, opset=cfg.opset, body=cfg.sparse_body, storage_dtype=storage)
         shutil.copy(source / "config.json", tmp / "config.json")
         tokenizer.save_pretrained(tmp)
-        st = source / WEIGHTS
+        st = weights_bytes(source) or None  # every shard; None for a folder without safetensors
         onnx_size = sum(p.stat().st_size for p in tmp.glob("*.onnx*"))
         manifest = {
             "format": "compot-deploy-onnx", "format_version": 1, "source": str(source), "graph": graph,
-            "bytes": {"onnx": onnx_size, "safetensors": st.stat().st_size if st.is_file() else None,
-                      "onnx_over_safetensors": onnx_size / st.stat().st_size if st.is_file() else None},
+            "bytes": {"onnx": onnx_size, "safetensors": st, "onnx_over_safetensors": onnx_size / st if st else None},
             "versions": {"compot-deploy": _version(), "torch": torch.__version__, "onnxruntime": ort.__version__},
             "config": cfg.model_dump(mode="json"), "validation": None,
         }

@@ -11,10 +11,10 @@ import errno
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 
 from ..errors import CompotError
+from .shards import safetensors_header  # noqa: F401  (read by the tests and the exporter)
 
 WEIGHTS = "model.safetensors"
 REPORT = "compression_report.json"
@@ -115,11 +115,15 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storage_dtype: str,
-                    restore: bool = True) -> None:
-    """Write model weights (floating parameters cast to `storage_dtype`), config.json and tokenizer files.
+                    restore: bool = True, blocks: list[Path] = (), max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write model weights (floating parameters cast to `storage_dtype`) with the tensors of the safetensors
+    files `blocks` (blocks saved as they were finished, not in `model` any more), config.json and tokenizer
+    files. The weights are one model.safetensors, or shards of at most `max_shard_bytes` with an index (shards.py).
     restore=False leaves the parameters cast (one copy of each in memory at a time, not two)."""
     import torch
     from safetensors.torch import save_model
+
+    from .shards import write_shards
 
     dt = getattr(torch, _TORCH_DTYPES[storage_dtype])
     originals = {}
@@ -128,10 +132,12 @@ def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storag
             if restore:
                 originals[name] = p.data
             p.data = p.data.to(dt)
+    rest = folder / ".rest.safetensors"
     try:
-        save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "producer": "compot-deploy"})
-        sort_metadata(folder / WEIGHTS)
+        save_model(model, str(rest))
+        write_shards([rest, *blocks], folder, max_shard_bytes, {"format": "pt", "producer": "compot-deploy"})
     finally:
+        rest.unlink(missing_ok=True)
         for name, data in originals.items():
             model.get_parameter(name).data = data
     model.config.save_pretrained(folder)
@@ -141,39 +147,11 @@ def save_compressed(model, tokenizer, folder: Path, compot_section: dict, storag
     tokenizer.save_pretrained(folder)
 
 
-def sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors file's header with its metadata keys sorted, in place (same length): the writer
-    emits them in hash order, which differs from process to process, so the same tensors would not give the same
-    bytes."""
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-        header = json.loads(raw)
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(new) > n:  # another JSON style than expected: leave the file as written
-            return
-        f.seek(8)
-        f.write(new + b" " * (n - len(new)))
+def layer_file_bytes(folder: str | os.PathLike, layer_names: list[str]) -> dict[str, int]:
+    """Stored bytes of each layer's tensors (`name.*`), read from the weights files of `folder`."""
+    from .shards import tensor_bytes
 
-
-def safetensors_header(path: str | os.PathLike) -> dict:
-    """The JSON header of a safetensors file: tensor name → {dtype, shape, data_offsets}."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
-def tensor_bytes(header: dict) -> dict[str, int]:
-    return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()}
-
-
-def layer_file_bytes(path: str | os.PathLike, layer_names: list[str]) -> dict[str, int]:
-    """Stored bytes of each layer's tensors (`name.*`), read from the safetensors file."""
-    sizes = tensor_bytes(safetensors_header(path))
+    sizes = tensor_bytes(folder)
     out = {}
     for name in layer_names:
         pre = name + "."
@@ -212,8 +190,6 @@ def load(path: str | os.PathLike):
     """Rebuild a compressed model (float32, eval mode) from a directory written by `compress`. No remote code."""
     import torch
     import transformers
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     from ..models import model_class, read_hf_config, set_module
 
@@ -236,11 +212,33 @@ def load(path: str | os.PathLike):
         from ..quantize.embeddings import empty_embeddings
 
         empty_embeddings(model, section["embeddings"])
-    try:
-        load_model(model, str(path / WEIGHTS), strict=True)  # tied weights (e.g. an LM head) are handled
-    except SafetensorError as e:
-        raise CompotError(f"cannot read {path / WEIGHTS}: {e}") from None
-    except (RuntimeError, FileNotFoundError) as e:
-        raise CompotError(f"{path / WEIGHTS} does not match its config: {str(e).splitlines()[-1].strip()}") from None
+    _load_weights(model, path)
     model.eval()
     return model
+
+
+def _load_weights(model, path: Path) -> None:
+    """Every parameter and buffer of `model` from the weights files of `path` (one file or shards), strictly:
+    a name missing from all of them or one the model lacks is an error (tied weights are handled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from .shards import weight_files
+
+    files = sorted(set((weight_files(path) or {}).values()))
+    if not files:
+        raise CompotError(f"{path} has no {WEIGHTS} (nor a sharded index)")
+    missing, unexpected = None, set()
+    for f in files:
+        try:
+            m, u = load_model(model, str(f), strict=len(files) == 1)  # tied weights (e.g. an LM head) are handled
+        except SafetensorError as e:
+            raise CompotError(f"cannot read {f}: {e}") from None
+        except (RuntimeError, FileNotFoundError) as e:
+            raise CompotError(f"{f} does not match its config: {str(e).splitlines()[-1].strip()}") from None
+        missing = set(m) if missing is None else missing & set(m)
+        unexpected |= set(u)
+    if missing or unexpected:
+        what = "; ".join(f"{k}: {', '.join(sorted(v)[:3])}" for k, v in (("missing", missing), ("unexpected", unexpected))
+                         if v)
+        raise CompotError(f"the weights of {path} do not match its config ({what})")
