@@ -51,7 +51,10 @@ class JointConfig(_Strict):
     quant_method: Literal["gptq", "rtn"] = "gptq"
     sensitivity: bool = Field(True, description="weight each layer's errors by how much a probe error in it moves "
                                                 "the final hidden states (off: every layer counts the same)")
-    sensitivity_batches: int = Field(4, ge=1, description="calibration batches the sensitivity probes run on")
+    sensitivity_batches: int = Field(4, ge=1, description="calibration batches the sensitivities are measured on")
+    sensitivity_method: Literal["gradient", "probe"] = Field(
+        "gradient", description="gradient: first order, all layers from a few backward passes "
+                                "(joint.gradient_sensitivities); probe: one noisy forward pass per layer")
 
     @model_validator(mode="after")
     def _ratios(self):

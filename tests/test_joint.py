@@ -154,3 +154,30 @@ def test_joint_families_and_probe_batches_from_the_command_line(tiny_dirs, tmp_p
         assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
         assert message in lines[0], lines[0]
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_gradient_sensitivities_match_the_noise_probes(kind, tiny_dirs):
+    """The first-order sensitivities (a few backward passes for every layer) agree with the noisy forward probes
+    (one pass per layer) layer by layer, up to the probes' own noise; and the model is left as it was."""
+    import numpy as np
+    import torch
+
+    from compot_deploy.allocate import joint
+    from compot_deploy.calibrate.data import calibration_batches
+    from compot_deploy.calibrate.runner import calibrate
+    from compot_deploy.models import find_targets, load_model
+
+    model, tok = load_model(tiny_dirs[kind])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    targets = find_targets(model)
+    batches = calibration_batches(tok, CalibrationConfig(samples=8, seq_len=48, batch_size=4), model, False)
+    grams = calibrate(model, batches, targets, progress=False)
+    probe = np.mean([joint.sensitivities(model, targets, grams, batches, seed=s, progress=False) for s in range(4)], 0)
+    grad = np.array(joint.gradient_sensitivities(model, targets, grams, batches, probes=4, progress=False))
+    ratio = np.log(grad / probe)
+    assert np.corrcoef(np.log(probe), np.log(grad))[0, 1] > 0.95
+    assert abs(np.median(ratio)) < 0.15 and np.abs(ratio).max() < 0.6
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [p.requires_grad for p in model.parameters()] == flags

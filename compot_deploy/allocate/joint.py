@@ -141,6 +141,48 @@ def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict]
     return out
 
 
+def gradient_sensitivities(model, targets: list[Target], grams: dict, batches: list[dict], probes: int = 2,
+                           seed: int = 0, progress: bool = True) -> list[float]:
+    """`sensitivities` to first order, for every layer from the same few backward passes instead of one forward
+    pass per layer. A weight error E moves the final hidden states Y by J·E (J: ∂Y/∂W); for Gaussian noise of
+    relative squared error p (the probe's) E‖J·E‖² = p·‖J‖²_F·tr(WᵀGW) / (d_out·tr(G)), so the sensitivity is
+    ‖J‖²_F·tr(WᵀGW) / (d_out·tr(G)·‖Y‖²). ‖J‖²_F = E_v ‖Jᵀv‖² over Gaussian v (Hutchinson), and Jᵀv is the
+    gradient of ⟨v, Y⟩ with respect to W: `probes` draws of v per batch, one backward pass each."""
+    import torch
+
+    from ..calibrate.runner import token_rows
+    from ..models import final_hidden, output_mask
+    from ..progress import bar as progress_bar
+    from ..quantize.apply import output_error2
+
+    weights = [model.get_submodule(t.name).weight for t in targets]  # the parameters (the norm of ∂/∂Wᵀ is ∂/∂W's)
+    flags = [w.requires_grad for w in weights]
+    gen = torch.Generator().manual_seed(seed)
+    jac = torch.zeros(len(targets), dtype=torch.float64)
+    y2 = 0.0
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for b in progress_bar(batches, desc="joint sensitivity (gradients)", unit="batch", progress=progress):
+                Y = token_rows(final_hidden(model, b), output_mask(b))
+                y2 += float(Y.detach().double().pow(2).sum())
+                for k in range(probes):
+                    v = torch.randn(Y.shape, generator=gen, dtype=Y.dtype)
+                    grads = torch.autograd.grad((Y * v).sum(), weights, retain_graph=k < probes - 1)
+                    jac += torch.stack([g.double().pow(2).sum() for g in grads])
+    finally:
+        for w, f in zip(weights, flags, strict=True):
+            w.requires_grad_(f)
+    jac /= probes
+    out = []
+    for t, j in zip(targets, jac.tolist(), strict=True):
+        G = grams[t.name].G.double()
+        W = dense_weight(model.get_submodule(t.name)).detach().double()
+        out.append(j * output_error2(W, G) / (t.d_out * float(G.trace()) * (y2 or 1.0)))
+    return out
+
+
 def final_change(model, batches: list[dict], y0) -> float:
     """‖Y − y0‖² / ‖y0‖² of `model`'s final hidden states Y on `batches` (y0: the original's, _final_hidden):
     the unit the sensitivity-weighted candidate errors estimate."""
@@ -205,8 +247,9 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     cands = measure(model, targets, grams, a.joint, f, progress)
     weights = [1.0] * len(targets)
     if a.joint.sensitivity:
-        weights = sensitivities(model, targets, grams, batches[: a.joint.sensitivity_batches],
-                                seed=cfg.calibration.seed, progress=progress)
+        measure_sensitivity = gradient_sensitivities if a.joint.sensitivity_method == "gradient" else sensitivities
+        weights = measure_sensitivity(model, targets, grams, batches[: a.joint.sensitivity_batches],
+                                      seed=cfg.calibration.seed, progress=progress)
         cands = [[c.weighted(w) for c in cs] for cs, w in zip(cands, weights)]
     return JointProfile(targets, batches, cands, weights, linears_dense_bytes(targets, value_bytes(f.dtype)),
                         time.perf_counter() - t0, calibration)

@@ -28,7 +28,7 @@ def damped_cholesky(G: torch.Tensor, eps: float = 1e-6, name: str = "layer", max
     e = eps
     while e <= max_eps * (1 + 1e-9):
         A.diagonal().copy_(diag).add_(e * mean_diag)  # no identity matrix: only the diagonal changes
-        if mean_diag > 0 and _cholesky_lower_inplace(A) == 0:
+        if mean_diag > 0 and (_cholesky_lower_inplace(A) if A.device.type == "cpu" else _cholesky_lower_torch(A)) == 0:
             if e != eps:
                 log.warning("%s: Gram needed damping eps=%.0e (raised from %.0e) to be positive definite", name, e, eps)
             return A.tril_()
@@ -49,6 +49,15 @@ def _cholesky_lower_inplace(A: torch.Tensor) -> int:
     # A's row-major buffer read column-major is Aᵀ = A; the upper factor U (UᵀU = A) written there, read back
     # row-major, is Uᵀ = L in A's lower triangle.
     _, info = lapack.dpotrf(A.numpy().T, lower=0, overwrite_a=1, clean=0)
+    return int(info)
+
+
+def _cholesky_lower_torch(A: torch.Tensor) -> int:
+    """As _cholesky_lower_inplace for a tensor LAPACK cannot reach (a GPU's): the factor is computed beside A,
+    then copied into its lower triangle."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        A.copy_(L)
     return int(info)
 
 
