@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     rows = []
     for frac in budgets:
         for how, w in weights.items():
-            prof = joint.JointProfile(targets, batches, [[c.weighted(x) for c in cs] for cs, x in zip(cands, w)], w,
+            prof = joint.JointProfile(targets, batches, [[c.weighted(x) for c in cs] for cs, x in zip(cands, w, strict=True)], w,
                                       dense_lin, 0.0, calibration)
             m, _ = load_model(model_dir)
             t0 = time.perf_counter()
