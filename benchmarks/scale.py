@@ -1,7 +1,7 @@
 """Compressing models bigger than memory: time and peak memory per stage, block by block.
 
     python benchmarks/scale.py [--models gemma,qwen3-0.6b,llama-3.1-8b] [--blocks 0,0,1] [--compare gemma]
-                               [--ratio 0.3] [--work DIR] [--out DIR]
+                               [--export llama-3.2-1b] [--ratio 0.3] [--work DIR] [--out DIR]
 
 Random-weight models with the real shapes of Qwen3-0.6B, Llama-3.2-1B and Llama-3.1-8B are written once to
 --work in bfloat16 as sharded safetensors with an index, as hub checkpoints are (quality on random weights means
@@ -11,8 +11,10 @@ defaults: --blocks N > 0 compresses the first N blocks only (`--include`; the wa
 projects the whole model's time as load + N-block stages × blocks / N; 0 compresses the whole model. The models
 named by --compare (run whole) run twice side by side: streamed (blocks read from the checkpoint one at a time,
 the default) and whole (the model loaded in float32 first, the path before streaming), so the ratio of the two is
-measured in one run; both write their folders and their tensors are compared. Peak RSS is the process's VmHWM after each stage.
-Writes scale.json and scale.md.
+measured in one run; both write their folders and their weights files are compared byte for byte. The models
+named by --export (run whole) have their output exported to ONNX and gated (ONNX Runtime against PyTorch), in a
+fresh process of its own. Peak RSS is the process's VmHWM after each stage. Writes scale.json and scale.md
+(--name: another name).
 """
 
 from __future__ import annotations
@@ -115,6 +117,32 @@ def run_one(model_dir: str, blocks: int, ratio: float, lazy: bool, out: str | No
             "total_blocks": total_blocks}
 
 
+def run_export(folder: str) -> dict:
+    """`compot-deploy export` of a compressed folder, then its gate (ONNX Runtime against PyTorch: prefill and
+    greedy decode), in this process: seconds and peak RSS (MiB) after each, the files' bytes, the gate's verdict
+    (the body of a child run)."""
+    from compot_deploy.compression import peak_rss_mib
+    from compot_deploy.config import ExportConfig, ValidateConfig
+    from compot_deploy.errors import GateFailed
+    from compot_deploy.exporters.onnx_export import export_dir
+    from compot_deploy.exporters.validate import validate_export
+    from compot_deploy.models import quiet_transformers
+
+    quiet_transformers()
+    onnx_dir = f"{folder}-onnx"
+    t0 = time.perf_counter()
+    manifest = export_dir(folder, onnx_dir, ExportConfig(), overwrite=True)
+    exported, export_peak = time.perf_counter() - t0, peak_rss_mib()
+    try:
+        rep = validate_export(onnx_dir, ValidateConfig(eval_texts=0, decode_steps=4))
+    except GateFailed:  # validation.json holds what failed
+        rep = json.loads((Path(onnx_dir) / "validation.json").read_text())
+    return {"export_seconds": exported, "export_peak_rss_mib": export_peak,
+            "gate_seconds": time.perf_counter() - t0 - exported, "gate_peak_rss_mib": peak_rss_mib(),
+            "bytes": manifest["bytes"], "gate_passed": rep["passed"],
+            "gate_max_abs": rep["parity"].get("overall", {}).get("max_abs", float("nan"))}
+
+
 def measure(model_dir: Path, blocks: int, ratio: float, lazy: bool, out: Path | None) -> dict:
     """run_one in a fresh process (its own peak RSS)."""
     cmd = [sys.executable, __file__, "--child", json.dumps({"model_dir": str(model_dir), "blocks": blocks,
@@ -127,18 +155,23 @@ def measure(model_dir: Path, blocks: int, ratio: float, lazy: bool, out: Path | 
         stages = sum(v for k, v in st.items() if k != "load")
         row["projected_seconds"] = st["load"] + stages * row["total_blocks"] / blocks
     if out is not None:
-        row["weights"] = str(out / "model.safetensors")
+        row["weights"] = str(out)
     return row
 
 
-def same_tensors(a: str, b: str) -> bool:
-    """Whether two safetensors files hold the same tensors, bit for bit (their headers may list them in another
-    order)."""
-    import torch
-    from safetensors.torch import load_file
+def measure_export(folder: Path) -> dict:
+    """run_export in a fresh process (its own peak RSS)."""
+    proc = subprocess.run([sys.executable, __file__, "--child-export", str(folder)], stdout=subprocess.PIPE,
+                          text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    ta, tb = load_file(a), load_file(b)
-    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+def same_files(a: str, b: str) -> bool:
+    """Whether two compressed folders' weights files are the same bytes (one file, or the same shards)."""
+    from compot_deploy.storage.shards import weight_files
+
+    fa, fb = sorted({p.name for p in weight_files(a).values()}), sorted({p.name for p in weight_files(b).values()})
+    return fa == fb and all((Path(a) / n).read_bytes() == (Path(b) / n).read_bytes() for n in fa)
 
 
 def main(argv=None) -> int:
@@ -149,10 +182,16 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default="gemma", help="models (run whole) also compressed loaded whole")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "compot-scale")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="scale", help="results file name (without .json / .md)")
+    ap.add_argument("--export", default="", help="models (run whole) whose output is also exported to ONNX and gated")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-export", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(**json.loads(args.child))))
+        return 0
+    if args.child_export:
+        print(json.dumps(run_export(args.child_export)))
         return 0
     from compot_deploy.gguf import resolve_model_dir
 
@@ -170,16 +209,18 @@ def main(argv=None) -> int:
             out = args.work / f"out-{name}-{'streamed' if lazy else 'whole'}" if n == 0 else None
             row = {"model": name, "blocks": n or "all", "mode": "streamed" if lazy else "whole",
                    **measure(model_dir, n, args.ratio, lazy, out)}
+            if out is not None and lazy and name in args.export.split(","):
+                row["export"] = measure_export(out)
             rows.append(row)
             print(json.dumps(row), flush=True)
     by = {(r["model"], r["mode"]): r for r in rows}
     for r in rows:
         if r["mode"] == "whole" and (r["model"], "streamed") in by:
-            r["same_tensors_as_streamed"] = same_tensors(r["weights"], by[r["model"], "streamed"]["weights"])
+            r["same_files_as_streamed"] = same_files(r["weights"], by[r["model"], "streamed"]["weights"])
     result = {"ratio": args.ratio, "cpu_count": os.cpu_count(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=1))
-    (args.out / "scale.md").write_text(markdown(result))
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
@@ -202,9 +243,17 @@ def markdown(result: dict) -> str:
         if s and w:
             ps = max(v for v in s["peak_rss_mib"].values() if v)
             pw = max(v for v in w["peak_rss_mib"].values() if v)
-            same = "bit-identical" if w.get("same_tensors_as_streamed") else "DIFFERENT"
+            same = "byte-identical" if w.get("same_files_as_streamed") else "DIFFERENT"
             lines += ["", f"{m}: streamed / whole time {s['seconds'] / w['seconds']:.2f}, peak RSS {ps / pw:.2f} "
-                          f"({ps:,.0f} vs {pw:,.0f} MiB); saved tensors {same}."]
+                          f"({ps:,.0f} vs {pw:,.0f} MiB); weights files {same}."]
+    for r in result["rows"]:
+        if "export" in r:
+            e = r["export"]
+            lines += ["", f"{r['model']}: export {e['export_seconds']:.0f} s at peak RSS {e['export_peak_rss_mib']:,.0f} "
+                          f"MiB (ONNX {e['bytes']['onnx'] / 1e9:.2f} GB, {e['bytes']['onnx_over_safetensors']:.3f} x "
+                          f"the safetensors); gate (ONNX Runtime vs PyTorch) {'passed' if e['gate_passed'] else 'FAILED'},"
+                          f" max |diff| {e['gate_max_abs']:.2e}, {e['gate_seconds']:.0f} s at peak RSS "
+                          f"{e['gate_peak_rss_mib']:,.0f} MiB."]
     return "\n".join(lines) + "\n"
 
 
