@@ -79,16 +79,17 @@ def factor_layer(model, name: str, rec: LayerRecord, gram, f, L=None) -> LayerSt
 
 
 def build_layer(model, name: str, rec: LayerRecord, gram, f, q=None, stats: LayerStats | None = None,
-                cache: dict | None = None) -> tuple[LayerRecord, LayerStats]:
+                cache: dict | None = None, L=None) -> tuple[LayerRecord, LayerStats]:
     """Bring layer `name` to `rec`, then quantize it by `q` (QuantizeConfig) when given. A layer already factored
     (an earlier pass) is not factored again; dense GPTQ starts from the unrounded weight. Returns the record as
-    stored (with its quantization spec) and the measurements, added to `stats` when given."""
+    stored (with its quantization spec) and the measurements, added to `stats` when given. L: the damped
+    Cholesky factor of gram.G when already known."""
     from .quantize.apply import quantize_layer
 
     stats = stats or LayerStats()
     already = rec.factored and not is_dense_linear(model.get_submodule(name))
     if not already and (rec.factored or q is None):
-        built = factor_layer(model, name, rec, gram, f)
+        built = factor_layer(model, name, rec, gram, f, L)
         stats.rel_error, stats.seconds = built.rel_error, built.seconds
     if q is None:
         return rec, stats

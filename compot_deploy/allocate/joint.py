@@ -68,11 +68,13 @@ def _holder(module):
 
 def measure_layer(module, gram, t: Target, space: JointConfig, f: FactorizeConfig) -> list[Candidate]:
     """All candidates of one linear `module` (its inputs' Gram `gram`), each with its record as stored."""
+    from ..factorize import damped_cholesky
     from ..quantize.apply import output_error2
 
     W = dense_weight(module).detach().double()
     G = gram.G.double()
     ref = output_error2(W, G) or 1.0
+    L = damped_cholesky(G, f.eps, t.name)  # once for the layer's factorizations
     cache: dict = {}
     built: dict[LayerRecord, object] = {}  # one factorization per shape, shared by its bit widths
 
@@ -86,10 +88,10 @@ def measure_layer(module, gram, t: Target, space: JointConfig, f: FactorizeConfi
             continue
         if rec.factored and rec not in built:
             built[rec] = _holder(module)
-            build_layer(built[rec], "m", rec, gram, f)
+            build_layer(built[rec], "m", rec, gram, f, L=L)
         base = built[rec] if rec.factored else None
         holder = base if q is None else (copy.deepcopy(base) if base is not None else _holder(module))
-        stored, _ = build_layer(holder, "m", rec, gram, f, q, cache=cache)
+        stored, _ = build_layer(holder, "m", rec, gram, f, q, cache=cache, L=L)
         out.append(Candidate(stored.bytes, error(holder), stored))
     if not out:
         raise CompotError(f"{t.name}: the joint candidate set is empty")
