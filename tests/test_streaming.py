@@ -34,6 +34,7 @@ def test_lazy_compress_equals_whole(kind, tmp_path, minilm_dir):
     from compot_deploy.compression import compress_model
     from compot_deploy.config import CompressConfig
     from compot_deploy.models import load_model
+    from compot_deploy.storage.budget import dense_model_bytes, stored_tensor_count
     from compot_deploy.streaming import load_rest, weights_of
 
     d = _bf16_sharded(kind, tmp_path, minilm_dir)
@@ -42,6 +43,8 @@ def test_lazy_compress_equals_whole(kind, tmp_path, minilm_dir):
     lazy, _ = load_model(d, lazy=True)
     assert weights_of(whole) is None and weights_of(lazy) is not None
     assert all(p.device.type == "meta" for p in lazy.parameters())  # nothing read until the walk needs it
+    # the dense file's bytes and tensor count, the reports' and budgets' reference, whether loaded or not
+    assert dense_model_bytes(lazy, 2) == dense_model_bytes(whole, 2) and stored_tensor_count(lazy) == stored_tensor_count(whole)
     a, b = compress_model(whole, tok, cfg, progress=False), compress_model(lazy, tok, cfg, progress=False)
     assert a.records == b.records
     assert any(p.device.type == "meta" for p in lazy.parameters())  # the walk handed the blocks back

@@ -172,20 +172,20 @@ def removed_fraction(stored: float, dense: float) -> float:
     return 1.0 - stored / dense if dense else 0.0
 
 
+def _stored_tensors(model) -> list:
+    """The tensors of `model`'s state dict, a tied one once (by object: a lazily loaded model's parameters on the
+    meta device all have data pointer 0)."""
+    return list({id(t): t for t in model.state_dict(keep_vars=True).values()}.values())
+
+
 def dense_model_bytes(model, vbytes: int) -> int:
     """Bytes of every tensor of `model` (tied tensors once), floating ones at `vbytes` each: the dense file."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * (vbytes if t.is_floating_point() else t.element_size())
-    return total
+    return sum(t.numel() * (vbytes if t.is_floating_point() else t.element_size()) for t in _stored_tensors(model))
 
 
 def stored_tensor_count(model) -> int:
     """Tensors the model's weights file stores (tied ones once)."""
-    return len({t.data_ptr() for t in model.state_dict().values()})
+    return len(_stored_tensors(model))
 
 
 # ---------------------------------------------------------------------------------------- the user's budget
