@@ -156,18 +156,14 @@ def by_columns(fn, W: torch.Tensor, chunk: int = 16384) -> Quantized:
 
 
 def gptq_sparse_columns(values: torch.Tensor, indices: torch.Tensor, H: torch.Tensor, bits: int = 4,
-                        sym: bool = False, damp: float = 0.01, name: str = "codes",
-                        chunk: int | None = None) -> Quantized:
+                        sym: bool = False, damp: float = 0.01, name: str = "codes", chunk: int = 256) -> Quantized:
     """GPTQ on the stored values of column-sparse codes, sparsity pattern unchanged (METHOD §6).
 
     values, indices: (s, N); H: (k, k) Hessian of the code inputs z = x Â. Column j only reads rows
     indices[:, j], so its s values are quantized by GPTQ on the s × s sub-Hessian H[idx_j, idx_j] — a batch
-    of small independent problems. One grid (scale, zero) per column: the result has group = s. chunk: columns
-    solved together (default: as many as keep their sub-Hessians within 2²⁴ float64 values, 128 MiB: the loop
-    over a chunk's s rows is Python, so fewer chunks cost less).
+    of small independent problems. One grid (scale, zero) per column: the result has group = s.
     """
     s, N = values.shape
-    chunk = chunk or max(256, (1 << 24) // (s * s))
     V = values.to(torch.float64).T.clone()  # (N, s)
     H = H.to(torch.float64)
     scale, zero = grid(V.T, bits, sym)  # (N,)
