@@ -54,10 +54,10 @@ def round_other_params(model, skip: set[str], dtype: str) -> None:
             round_param(p, dtype)
 
 
-def factor_layer(model, name: str, rec: LayerRecord, gram, f, L=None) -> LayerStats:
+def factor_layer(model, name: str, rec: LayerRecord, gram, f, L=None, memo: dict | None = None) -> LayerStats:
     """Store the dense linear `name` of `model` as `rec` (unquantized) by factorizing it on the Gram of its
     inputs; a dense record only rounds it. f: FactorizeConfig (iterations, damping, seed); L: the Gram's damped
-    Cholesky factor when already known."""
+    Cholesky factor when already known; memo: shared by factorizations of the same weight (Storage.factorize)."""
     from .factorize import damped_cholesky, relative_error
 
     t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def factor_layer(model, name: str, rec: LayerRecord, gram, f, L=None) -> LayerSt
         round_params(mod, rec.dtype)
         W_hat = round_to(W, rec.dtype)
     else:
-        factors = rec.storage.factorize(W, L, rec, f)
+        factors = rec.storage.factorize(W, L, rec, f, memo)
         factors = replace(factors, **{k: round_to(v, rec.dtype) for k, v in vars(factors).items()
                                       if v.is_floating_point()})
         bias = None if mod.bias is None else round_to(mod.bias.detach(), rec.dtype)
@@ -83,13 +83,14 @@ def build_layer(model, name: str, rec: LayerRecord, gram, f, q=None, stats: Laye
     """Bring layer `name` to `rec`, then quantize it by `q` (QuantizeConfig) when given. A layer already factored
     (an earlier pass) is not factored again; dense GPTQ starts from the unrounded weight. Returns the record as
     stored (with its quantization spec) and the measurements, added to `stats` when given. L: the damped
-    Cholesky factor of gram.G when already known."""
+    Cholesky factor of gram.G when already known; cache: a dict shared by calls on the same layer and Gram
+    (GPTQ's factored inverse Hessian, what factorizations of several shapes have in common)."""
     from .quantize.apply import quantize_layer
 
     stats = stats or LayerStats()
     already = rec.factored and not is_dense_linear(model.get_submodule(name))
     if not already and (rec.factored or q is None):
-        built = factor_layer(model, name, rec, gram, f, L)
+        built = factor_layer(model, name, rec, gram, f, L, cache)
         stats.rel_error, stats.seconds = built.rel_error, built.seconds
     if q is None:
         return rec, stats

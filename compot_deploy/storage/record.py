@@ -203,8 +203,10 @@ class Storage(abc.ABC):
     def empty_module(self, rec: LayerRecord):
         return None
 
-    def factorize(self, W, L, rec: LayerRecord, cfg):
-        """W: (d_in, d_out), L: (d_in, d_in) whitening factor → factors (float64) of `rec`'s shape."""
+    def factorize(self, W, L, rec: LayerRecord, cfg, memo: dict | None = None):
+        """W: (d_in, d_out), L: (d_in, d_in) whitening factor → factors (float64) of `rec`'s shape. memo: a dict
+        shared by factorizations of the same W and L into several shapes (the joint allocator's candidates),
+        where what they have in common is kept."""
         raise TypeError(f"{self.name} layers are not factored")
 
     def module(self, factors, bias):
@@ -259,7 +261,7 @@ class SparseCodes(Storage):
 
         return CompotLinear(rec.d_in, rec.d_out, rec.k, rec.s, rec.bias, position=rec.position)
 
-    def factorize(self, W, L, rec, cfg):
+    def factorize(self, W, L, rec, cfg, memo=None):
         return self._solve(W, L, rec, cfg)
 
     def module(self, factors, bias):
@@ -291,10 +293,10 @@ class LowRank(Storage):
 
         return LowRankLinear(rec.d_in, rec.d_out, rec.r, rec.bias)
 
-    def factorize(self, W, L, rec, cfg):
+    def factorize(self, W, L, rec, cfg, memo=None):
         from ..factorize import svd_llm
 
-        return svd_llm(W, L, rec.r)
+        return svd_llm(W, L, rec.r, memo)
 
     def module(self, factors, bias):
         from .modules import LowRankLinear
