@@ -205,9 +205,9 @@ def _factorize(model, batches: list[dict], targets: list[Target], records: dict[
                grams: "GramStore", cfg: CompressConfig, result: Compressed, progress: bool,  # noqa: F821
                work: "ResumeState | None" = None) -> None:  # noqa: F821
     """Store each target as its record: on the Cholesky factors of the walk before's Grams (`grams`; one layer
-    at a time, each block read into memory while its layers are factored; with `work`, each finished block saved there, and blocks saved by
-    an earlier run read back), or, with --sequential, on Grams of a new walk through the blocks compressed so
-    far."""
+    at a time, each block read into memory while its layers are factored; with `work`, each finished block
+    saved there, and blocks saved by an earlier run read back), or, with --sequential, on Grams of a new walk
+    through the blocks compressed so far."""
     from .calibrate.runner import run_blocks
     from .progress import bar
     from .streaming import resident

@@ -129,10 +129,11 @@ class ResumeState:
                 stats[n] = LayerStats(**saved[n])
                 if records[n].factored:
                     set_module(model, n, records[n].empty_module())
-            if set(f.keys()) != set(block.state_dict(prefix=prefix + ".")):
+            keys = set(f.keys())
+            if keys != set(block.state_dict(prefix=prefix + ".")):
                 raise CompotError(f"{path} does not hold block {i} of this model: delete {self.folder} and run again")
             for k, b in block.named_buffers(prefix=prefix):
-                if k in f.keys():
+                if k in keys:
                     b.copy_(f.get_tensor(k))
         weights_for(model).store(block, prefix, path)
 

@@ -104,6 +104,11 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _qualified(*parts: str) -> str:
+    """A parameter's checkpoint name from its module's prefix, the submodule's name in it and its own."""
+    return ".".join(x for x in parts if x)
+
+
 class BlockWeights:
     """Reads a lazily built model's parameters from its checkpoint, one module at a time, in float32."""
 
@@ -132,7 +137,7 @@ class BlockWeights:
                 if p is None or p.device.type != "meta":
                     continue
                 if id(p) not in done:
-                    key = ".".join(x for x in (prefix, name, pname) if x)
+                    key = _qualified(prefix, name, pname)
                     key = self.alias.get(key, key)
                     if key not in self.files:
                         raise CompotError(f"{key} is not in the checkpoint")
@@ -174,7 +179,7 @@ class BlockWeights:
             for pname, p in list(sub._parameters.items()):
                 if p is None:
                     continue
-                key = ".".join(x for x in (prefix, name, pname) if x)
+                key = _qualified(prefix, name, pname)
                 self.files[key] = Path(path)
                 self.alias.pop(key, None)
                 self._checked.add(key)  # written from finite values, or as they were
@@ -212,8 +217,8 @@ def detached(model, modules: dict[str, Path]):
     w, out = weights_of(model), {}
     for name, path in modules.items():
         mod = model.get_submodule(name)
-        params = [(n, p) for n, p in mod.named_parameters(prefix=name)]
-        if w is not None and all(p.device.type == "meta" and w.files.get(n) == Path(path) for n, p in params):
+        if w is not None and all(p.device.type == "meta" and w.files.get(n) == Path(path)
+                                 for n, p in mod.named_parameters(prefix=name)):
             out[name] = mod
     for name in out:
         set_module(model, name, nn.Module())

@@ -74,7 +74,8 @@ def measure_layer(module, gram, t: Target, space: JointConfig, f: FactorizeConfi
     W = dense_weight(module).detach().double()
     G = gram.G.double()
     ref = output_error2(W, G) or 1.0
-    L = damped_cholesky(G, f.eps, t.name)  # once for the layer's factorizations
+    # once for the layer's factorizations; dense candidates need none
+    L = damped_cholesky(G, f.eps, t.name) if any(STORAGE[m].factored for m in space.methods) else None
     cache: dict = {}
     built: dict[LayerRecord, object] = {}  # one factorization per shape, shared by its bit widths
 
