@@ -3,6 +3,7 @@ storage/record.py maps each storage method to its function here."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .compot import compot, compot_whitened
@@ -30,8 +31,8 @@ class SpectralErrorEstimate:
         self.total = float(S2.sum()) or 1.0
         self.tail = (S2.flip(0).cumsum(0).flip(0) / self.total).tolist() + [0.0]  # tail[r] = Σ_{i≥r} σ²
         # (d_out, r): each column's energies along the basis, a row apiece so top-s runs along contiguous memory;
-        # ranking only: float32 is plenty
-        self.P2T = ((S[:, None] * Vh if SVh is None else SVh) ** 2).float().T.contiguous()
+        # ranking only: float32 is plenty. NumPy: its introselect (np.partition) is 3-4x faster than torch.topk
+        self.P2T = ((S[:, None] * Vh if SVh is None else SVh) ** 2).float().T.contiguous().cpu().numpy()
 
     @classmethod
     def of(cls, M) -> "SpectralErrorEstimate":
@@ -48,7 +49,7 @@ class SpectralErrorEstimate:
         return self.tail[r]
 
     def sparse(self, k: int, s: int) -> float:
-        kept = float(self.P2T[:, :k].topk(s, dim=1, sorted=False).values.sum(dtype=torch.float64))
+        kept = float(np.partition(self.P2T[:, :k], k - s, axis=1)[:, k - s:].sum(dtype=np.float64))
         return max(0.0, 1.0 - kept / self.total)
 
 
