@@ -29,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 LAYER = "/encoder/layer."
+WHOLE_ONLY = ("whole file, fixed", "joint allocator, whole file")  # table quantized: points of the whole-file chart
 
 
 def linear_bytes(model_path: Path, fp16_bias: dict[str, int]) -> int:
@@ -67,7 +68,8 @@ def ort_embeddings(path: Path, tokenizer, texts) -> "np.ndarray":  # noqa: F821
     return np.concatenate(out)
 
 
-def ort_peers(model_dir: str, work: Path, tok, texts, ref, dense_fp16: int, bias16: dict) -> list[dict]:
+def ort_peers(model_dir: str, work: Path, tok, texts, ref, dense_fp16: int, bias16: dict,
+              file_fp16: int) -> list[dict]:
     import onnx
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -87,6 +89,9 @@ def ort_peers(model_dir: str, work: Path, tok, texts, ref, dense_fp16: int, bias
     quantize_dynamic(str(dense_onnx), str(q8), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                      per_channel=True)
     cands = [("ORT quantize_dynamic int8 (per channel)", q8)]
+    q8d = peers / "int8_dynamic_defaults.onnx"  # as ORT documents it (and `build` runs it): MatMul and Gather
+    quantize_dynamic(str(dense_onnx), str(q8d), weight_type=QuantType.QInt8)
+    cands.append(("ORT quantize_dynamic int8 (defaults: MatMul + Gather)", q8d))
     for block in (32, 128):
         q4 = peers / f"int4_rtn_b{block}.onnx"
         mq = MatMulNBitsQuantizer(onnx.load(str(dense_onnx)), algo_config=DefaultWeightOnlyQuantConfig(
@@ -98,7 +103,7 @@ def ort_peers(model_dir: str, work: Path, tok, texts, ref, dense_fp16: int, bias
     for label, path in cands:
         q = embedding_agreement(ref, torch.from_numpy(ort_embeddings(path, tok, texts)))
         rows.append({"family": "ORT peer", "label": label, "fp16_fraction": linear_bytes(path, bias16) / dense_fp16,
-                     **q})
+                     "file_fraction": path.stat().st_size / file_fp16, **q})
     return rows
 
 
@@ -106,6 +111,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="0.10,0.15,0.20,0.25,0.30")
     ap.add_argument("--compot-ratios", default="0.2,0.3,0.4,0.5,0.6")
+    ap.add_argument("--whole-budgets", default="0.2,0.25,0.3,0.35,0.4,0.5",
+                    help="whole-file budgets of the joint allocator: fractions of the original's float16 weights "
+                         "file, embedding table included (stored 4-bit, its bytes in the budget)")
     ap.add_argument("--work", default=str(HERE / ".work"))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--report-only", action="store_true", help="re-render frontier.md/png from frontier.json")
@@ -114,14 +122,17 @@ def main(argv=None) -> int:
         result = json.loads((Path(args.out) / "frontier.json").read_text())
         (Path(args.out) / "frontier.md").write_text(markdown(result))
         chart(result["rows"], Path(args.out) / "frontier.png")
+        chart(result["rows"], Path(args.out) / "frontier_whole.png", whole=True)
         return 0
 
     import torch
 
     import compot_deploy
     from compot_deploy.calibrate.data import heldout_texts
-    from compot_deploy.config import AllocationConfig, CompressConfig, QuantizeConfig
-    from compot_deploy.storage.budget import Budget, linear_budget
+    from compot_deploy.config import AllocationConfig, CompressConfig, EmbeddingConfig, QuantizeConfig
+    from compot_deploy.errors import CompotError
+    from compot_deploy.quantize.embeddings import quantize_embeddings
+    from compot_deploy.storage.budget import Budget, dense_model_bytes, linear_budget
     from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
     from compot_deploy.models import default_model_dir, find_targets, load_model
     from compot_deploy.allocate import joint
@@ -138,13 +149,14 @@ def main(argv=None) -> int:
     targets = find_targets(model)
     dense_fp16 = sum((t.d_in * t.d_out + (t.d_out if t.bias else 0)) * 2 for t in targets)
     bias16 = {t.name: t.d_out * 2 for t in targets if t.bias}
+    file_fp16 = dense_model_bytes(model, 2)  # the original's whole weights file at float16
     del model
 
     def log(row: dict) -> None:
         print(f"{row['family']:22s} {row['label']:42s} {row['fp16_fraction']:.4f}  cos {row['mean_cosine']:.4f}  "
               f"{time.perf_counter() - t_start:6.0f}s", flush=True)
 
-    rows = ort_peers(model_dir, work, tok, texts, ref, dense_fp16, bias16)
+    rows = ort_peers(model_dir, work, tok, texts, ref, dense_fp16, bias16, file_fp16)
     for r in rows:
         log(r)
 
@@ -152,7 +164,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             rep = run(Path(tmp) / "m")
             q = embedding_agreement(ref, mean_pooled_embeddings(compot_deploy.load(Path(tmp) / "m"), tok, texts))
-        row = {"family": family, "label": label, "fp16_fraction": 1.0 - rep["linears"]["file_ratio"], **q, **extra}
+        row = {"family": family, "label": label, "fp16_fraction": 1.0 - rep["linears"]["file_ratio"],
+               "file_fraction": rep["model_file"]["bytes"] / file_fp16, **q, **extra}
         log(row)
         rows.append(row)
         return rep
@@ -170,7 +183,19 @@ def main(argv=None) -> int:
         cfg = CompressConfig(allocation=AllocationConfig(budget=Budget(removed=r)))
         saved_point("COMPOT fp16", f"COMPOT {r} fp16",
                     lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
-    peers = list(rows)
+    table4 = EmbeddingConfig(bits=4)  # the embedding table too: half of MiniLM's weights
+    for bits in (4, 8):
+        qc = QuantizeConfig(bits=bits)
+        saved_point("whole file, fixed", f"dense GPTQ {bits}-bit g128 + table 4-bit",
+                    lambda out, qc=qc: quantize_dir(model_dir, out, qc, progress=False, embeddings=table4))
+    for r, bits in ((0.1, None), (0.3, 8)):  # the first: `build`'s default recipe
+        cfg = CompressConfig(allocation=AllocationConfig(budget=Budget(removed=r)), embeddings=table4,
+                             **({"quantize": QuantizeConfig(bits=bits)} if bits else {}))
+        label = f"COMPOT {r}" + (f" + GPTQ {bits}-bit" if bits else " fp16") + " + table 4-bit"
+        saved_point("whole file, fixed", label,
+                    lambda out, cfg=cfg: compot_deploy.compress(model_dir, out, cfg, progress=False))
+    peers = [r for r in rows if r["family"] != "whole file, fixed"]
+    whole_peers = [r for r in rows if r["family"] in ("whole file, fixed", "ORT peer")]
 
     # the joint allocator: candidates measured once, then built at each budget
     jcfg = CompressConfig(allocation=AllocationConfig(strategy="joint", budget=Budget(kept=0.2)))
@@ -206,23 +231,62 @@ def main(argv=None) -> int:
                        "joint_bytes": j["fp16_fraction"], "margin": j["mean_cosine"] - p["mean_cosine"],
                        "joint_at_least_peer": j["mean_cosine"] >= p["mean_cosine"] - 1e-4})
 
+    def joint_whole_point(frac: float, peer: str | None = None) -> dict:
+        """The joint allocator within `frac` of the original's float16 file, the table stored 4-bit (its packed
+        bytes taken off the budget first, as `compress --target-bytes --embedding-bits 4` does)."""
+        def run(out):
+            m, _ = load_model(model_dir)
+            t0 = time.perf_counter()
+            cfg = jcfg.model_copy(update={"embeddings": table4, "allocation": jcfg.allocation.model_copy(
+                update={"budget": Budget(file_bytes=int(frac * file_fp16))})})
+            result = build_joint(m, profile, joint.budget_for(m, profile.targets, cfg), cfg, False)
+            result.embeddings = quantize_embeddings(m, 4, table4.group, "float16", table4.method, None, False)
+            return save(m, tok, out, result, cfg.model_dump(mode="json"), "float16", 0, model_dir, model_dir, t0, False)
+
+        label = f"file budget {frac:.4f}" + (f" (= {peer})" if peer else "")
+        saved_point("joint allocator, whole file", label, run, file_budget=frac, peer=peer)
+        return rows[-1]
+
+    for b in [float(x) for x in args.whole_budgets.split(",")]:
+        joint_whole_point(b)
+    whole_checks = []
+    for p in whole_peers:
+        try:
+            j = joint_whole_point(p["file_fraction"], peer=p["label"])
+        except CompotError as e:  # below what the 4-bit table and the rest take
+            print(f"no joint point at {p['label']}'s bytes: {e}", flush=True)
+            continue
+        whole_checks.append({"peer": p["label"], "family": p["family"], "bytes": p["file_fraction"],
+                             "peer_cosine": p["mean_cosine"], "joint_cosine": j["mean_cosine"],
+                             "joint_bytes": j["file_fraction"], "margin": j["mean_cosine"] - p["mean_cosine"],
+                             "joint_at_least_peer": j["mean_cosine"] >= p["mean_cosine"] - 1e-4})
+
+    mark_frontier(rows, "fp16_fraction", "on_frontier")
+    mark_frontier(rows, "file_fraction", "on_whole_frontier")
     rows.sort(key=lambda r: r["fp16_fraction"])
-    best = -1.0
-    for r in rows:  # the upper envelope: nothing at most as large has a higher cosine
-        r["on_frontier"] = r["mean_cosine"] > best
-        best = max(best, r["mean_cosine"])
     result = {
         "model": model_dir, "heldout_sentences": len(texts), "dense_fp16_linear_bytes": dense_fp16,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "compot_deploy": compot_deploy.__version__, "threads": torch.get_num_threads()},
         "joint_profile_seconds": profile.seconds, "seconds": time.perf_counter() - t_start,
-        "rows": rows, "peer_checks": checks,
+        "dense_fp16_file_bytes": file_fp16, "rows": rows, "peer_checks": checks, "whole_peer_checks": whole_checks,
     }
     (res / "frontier.json").write_text(json.dumps(result, indent=1) + "\n")
     (res / "frontier.md").write_text(markdown(result))
     chart(rows, res / "frontier.png")
+    chart(rows, res / "frontier_whole.png", whole=True)
     print(markdown(result))
     return 0
+
+
+def mark_frontier(rows: list[dict], x: str, flag: str) -> None:
+    """rows[flag]: on the upper envelope of cosine against `x` (nothing at most as large has a higher cosine);
+    rows without `x` (the linears-only points of a whole-file chart) are off it."""
+    best = -1.0
+    for r in sorted((r for r in rows if x in r and (flag != "on_frontier" or r["family"] not in WHOLE_ONLY)),
+                    key=lambda r: r[x]):
+        r[flag] = r["mean_cosine"] > best
+        best = max(best, r["mean_cosine"])
 
 
 def _choices(r: dict) -> str:
@@ -260,14 +324,15 @@ def markdown(result: dict) -> str:
              "## Every point", "",
              "| fp16 fraction | mean cos | min cos | family | configuration | frontier |", "|---:|---:|---:|---|---|---|"]
     lines += [f"| {r['fp16_fraction']:.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['family']} | "
-              f"{r['label']} | {'yes' if r['on_frontier'] else ''} |" for r in rows]
+              f"{r['label']} | {'yes' if r.get('on_frontier') else ''} |"
+              for r in rows if r["family"] not in WHOLE_ONLY]
     lines += ["", "## The joint allocator at each budget", "",
               "| budget | bytes | mean cos | family | layers: COMPOT / SVD-LLM / dense | layers chose |",
               "|---:|---:|---:|---|---|---|"]
     lines += [f"| {r['budget']:.2f} | {r['fp16_fraction']:.4f} | {r['mean_cosine']:.4f} | {r['family']} | "
               f"{_layers_of(r, 'compot')} / {_layers_of(r, 'svd-llm')} / {_layers_of(r, 'dense')} | {_choices(r)} |"
               for r in sorted(rows, key=lambda r: (r['family'], r['fp16_fraction']))
-              if r["family"].startswith("joint") and not r.get("peer")]
+              if r["family"].startswith("joint") and "budget" in r and not r.get("peer")]
     checks = result["peer_checks"]
     failed = [c for c in checks if not c["joint_at_least_peer"]]
     lines += ["", "## Does any point beat the allocator at its own bytes?", "",
@@ -283,33 +348,54 @@ def markdown(result: dict) -> str:
             f" ({x['dense_label']})" if x.get("dense_label") else "")
         gain = "—" if x["dense"] is None else f"{x['joint'] - x['dense']:+.4f}"
         lines.append(f"| {x['where']} | {x['bytes']:.4f} | {x['joint']:.4f} | {dense} | {gain} |")
+    whole = sorted((r for r in rows if "file_fraction" in r), key=lambda r: r["file_fraction"])
+    if whole:
+        wc = result.get("whole_peer_checks", [])
+        failed = [c for c in wc if not c["joint_at_least_peer"]]
+        lines += ["", "## The whole file: embedding table included", "",
+                  f"x = bytes of the whole weights file (ours: model.safetensors; ORT's: its .onnx) / the original's "
+                  f"at float16 ({result['dense_fp16_file_bytes']:,} bytes). The allocator's whole-file points store "
+                  "the table 4-bit and split what is left of the budget over the linears.", "",
+                  "| file fraction | mean cos | min cos | family | configuration | frontier |",
+                  "|---:|---:|---:|---|---|---|"]
+        lines += [f"| {r['file_fraction']:.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['family']} | "
+                  f"{r['label']} | {'yes' if r.get('on_whole_frontier') else ''} |" for r in whole]
+        lines += ["", f"{len(wc) - len(failed)} of {len(wc)} whole-file points (ORT's one-liners and the fixed "
+                  "recipes with a quantized table): the allocator given that point's file bytes reaches at least its "
+                  "cosine" + (" (the others have a negative margin)." if failed else "."), "",
+                  "| point | file fraction | its cos | allocator cos | margin |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {c['peer']} | {c['bytes']:.4f} | {c['peer_cosine']:.4f} | {c['joint_cosine']:.4f} | "
+                  f"{c['margin']:+.4f} |" for c in sorted(wc, key=lambda c: c["bytes"])]
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: list[dict], path: Path) -> None:
+def chart(rows: list[dict], path: Path, whole: bool = False) -> None:
+    """Cosine against bytes of the block linears, or with `whole` of the whole weights file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x, flag = ("file_fraction", "on_whole_frontier") if whole else ("fp16_fraction", "on_frontier")
+    rows = sorted((r for r in rows if x in r and (whole or r["family"] not in WHOLE_ONLY)), key=lambda r: r[x])
     fig, ax = plt.subplots(figsize=(10, 6.5))
     fams = sorted({r["family"] for r in rows})
     for fam, mk in zip(fams, "osD^v<>ph*X"):
-        pts = [r for r in rows if r["family"] == fam and not r.get("peer")]
-        if fam == "joint allocator":
-            pts = [r for r in rows if r["family"] == fam]
-        ax.scatter([p["fp16_fraction"] for p in pts], [p["mean_cosine"] for p in pts], marker=mk, label=fam, s=40)
-    front = [r for r in rows if r["on_frontier"]]
-    ax.plot([r["fp16_fraction"] for r in front], [r["mean_cosine"] for r in front], "k--", lw=0.8, label="frontier")
-    ax.set_xlabel("bytes of the block linears / float16")
+        pts = [r for r in rows if r["family"] == fam and (not r.get("peer") or fam.startswith("joint allocator"))]
+        ax.scatter([p[x] for p in pts], [p["mean_cosine"] for p in pts], marker=mk, label=fam, s=40)
+    front = [r for r in rows if r.get(flag)]
+    ax.plot([r[x] for r in front], [r["mean_cosine"] for r in front], "k--", lw=0.8, label="frontier")
+    ax.set_xlabel("bytes of the whole weights file / the original's at float16" if whole
+                  else "bytes of the block linears / float16")
     ax.set_ylabel("mean cosine vs original (held-out)")
-    ax.set_title("all-MiniLM-L6-v2: quality against bytes")
-    ax.set_xlim(0.08, 0.75)
+    ax.set_title("all-MiniLM-L6-v2: quality against " + ("whole-file bytes" if whole else "bytes"))
+    ax.set_xlim(*((0.1, 1.25) if whole else (0.08, 0.75)))
     ax.set_ylim(0.4, 1.005)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

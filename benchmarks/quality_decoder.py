@@ -1,10 +1,11 @@
 """Quality vs bytes on a real decoder (Gemma-3-270M from the PyPI GGUF by default): perplexity and top-1 next-token
 agreement with the original on held-out prose, for every method at equal stored bytes of the block linears.
 
-    python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study,prune,whole]
+    python benchmarks/quality_decoder.py [--sections dense,factorize,quantize,joint,study,prune,whole,llamacpp,ort]
                                          [--ratios 0.2,0.3,0.4] [--methods compot,svd-llm,cospadi,rocket]
                                          [--bits 2,3,4,8] [--targets 0.1,0.15,0.2,0.3] [--study NAME,...]
                                          [--study-ratios 0.3] [--prune 2,4 --prune-ratios 0.3]
+                                         [--llama-cpp DIR --llama-types Q4_K_M,IQ3_S:imatrix,...]
                                          [--model PATH] [--eval-windows 16 --seq-len 512] [--out DIR]
 
 Each configuration is one `compot-deploy compress` / `quantize` process (its wall time, and its peak RSS: the
@@ -12,7 +13,8 @@ largest of its own per-stage VmHWM in compression_report.json, as are its stage 
 loaded and evaluated here, teacher-forced, on windows of held-out text: CPython's own reference documentation
 (pydoc_data.topics, prose lines only), which is never calibration text (the built-in calibration_en.txt is) and is
 not the licence texts reserved for independent checks. Rows accumulate in quality_decoder.json by label: rerun a
-section and only its rows are replaced. Writes quality_decoder.json, .md and .png.
+section and only its rows are replaced. Writes quality_decoder.json, .md, .png (bytes of the block linears) and
+_whole.png (bytes of the whole weights file).
 
 Sections: `dense` (the original), `whole` (dense GPTQ of the linears plus the embedding table quantized: the
 whole file in the budget, --whole), `factorize` (--methods COMPOT, SVD-LLM, ROCKET, and CoSpaDi when
@@ -21,7 +23,10 @@ named, × removed 0.2/0.3/0.4 × --allocations dynamic,spectral; CoSpaDi's publi
 measured once, built at each --targets fraction of the linears' float16 bytes kept, with every family and with dense
 GPTQ only, and at each dense row's bytes), `study` (COMPOT at --study-ratios, 0.3 by default, with one setting
 changed: what each buys), `prune` (ReplaceMe: --prune blocks removed alone, with and without the map, beside COMPOT
-at the same bytes, and pruning followed by COMPOT to --prune-ratios beside COMPOT alone).
+at the same bytes, and pruning followed by COMPOT to --prune-ratios beside COMPOT alone), `llamacpp` (llama.cpp's
+k-quants and i-quants of the model, with and without an importance matrix, made by its own llama-quantize and
+llama-imatrix from --llama-cpp), `ort` (ONNX Runtime's one-line quantizers of the float32 export, as `build`'s
+peers, scored through ORT sessions).
 
 Gemma-3-270M's weights went through Q4_K_M once (the only offline copy): that flatters any later 4-bit
 quantization of the same weights a little, and leaves factorization unaffected.
@@ -34,6 +39,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,10 +125,10 @@ def main(argv=None) -> int:
                          "each `quantize --bits B --embedding-bits E --embedding-group G --embedding-method M` (the "
                          "tied LM head reads the table; M = gptq, the default, or rtn)")
     ap.add_argument("--whole-joint", default="0.35",
-                    help="whole-file rows (section 'whole') by the joint allocator: fractions of the original's float16 "
-                         "file, each `compress --target-bytes F·file --joint-methods dense --joint-probe-batches 1 "
-                         "--embedding-bits 4 --embedding-group 32` (GPTQ 2-8 bits per linear, the table GPTQ'd as "
-                         "the head)")
+                    help="whole-file rows (section 'whole') by the joint allocator: F[:E], F a fraction of the "
+                         "original's float16 file, each `compress --target-bytes F·file --joint-methods dense "
+                         "--joint-probe-batches 1 --embedding-bits E --embedding-group 32` (E: 4 unless given; GPTQ "
+                         "2-8 bits per linear, the table GPTQ'd as the head)")
     ap.add_argument("--dense-targets", default="0.7778,0.8889",
                     help="more fractions kept (section 'joint') built with dense GPTQ only: mixed-precision dense "
                          "points at the bytes of the prune rows (2 and 4 of Gemma's 18 blocks removed)")
@@ -135,6 +141,17 @@ def main(argv=None) -> int:
                          "only if that beats its estimate without pruning (allocate/joint.with_depth)")
     ap.add_argument("--joint-probe-batches", type=int, default=1,
                     help="calibration batches of the joint allocator's sensitivity probes (section 'joint')")
+    ap.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_BIN", ""),
+                    help="folder of llama.cpp's llama-quantize and llama-imatrix (section 'llamacpp') [default: "
+                         "$LLAMA_CPP_BIN]")
+    ap.add_argument("--llama-types", default="Q4_K_M,Q3_K_M,Q4_K_M:imatrix,Q3_K_M:imatrix,IQ3_S:imatrix,"
+                    "IQ3_XXS:imatrix,IQ3_XXS:imatrix:q4_0,Q3_K_M:imatrix:q4_0",
+                    help="llama.cpp files (section 'llamacpp'): TYPE[:imatrix[:EMBEDDING_TYPE]], each `llama-quantize "
+                         "[--imatrix I] [--token-embedding-type E] F32.gguf OUT.gguf TYPE` from the model's float32 "
+                         "GGUF; the importance matrix from `llama-imatrix` on the built-in calibration text")
+    ap.add_argument("--ort-peers", default="int8,int4-b32,int4-b128",
+                    help="ONNX Runtime one-liners (section 'ort'): compot_deploy.peers names, each made from the "
+                         "original's float32 ONNX export as `build` makes its peers")
     ap.add_argument("--model", default=None, help="model folder or .gguf [default: Gemma-3-270M from the PyPI GGUF]")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows evaluated")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
@@ -186,6 +203,7 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(result, indent=2) + "\n")
         (out_dir / "quality_decoder.md").write_text(markdown(result))
         chart(result["rows"], out_dir / "quality_decoder.png")
+        chart(result["rows"], out_dir / "quality_decoder_whole.png", whole=True)
 
     def measure(row: dict, cli: list[str]) -> None:
         if args.only_missing and row["label"] in rows and "perplexity_generic" in rows[row["label"]]:
@@ -199,26 +217,27 @@ def main(argv=None) -> int:
             measured_row(row, out, rep, wall_s=wall, peak_rss_mib=rss,
                          **{f"{k}_peak_mib": v for k, v in rep.get("peak_rss_mib", {}).items()}, cli=" ".join(cli))
 
-    def measured_row(row: dict, out: Path, rep: dict, **extra) -> dict:
-        """Score the saved folder `out` (its compression report `rep`) on the held-out and generic windows and
-        record the row."""
-        model = compot_deploy.load(out)
+    def scored_row(row: dict, model) -> dict:
+        """Score `model` on the held-out and generic windows into `row` and record it."""
         q = next_token_stats(model, windows, ref["top1"])
         qg = next_token_stats(model, generic, ref_generic["top1"])
-        del model
-        if rep.get("calibration"):
-            row["calib_tokens"] = rep["calibration"]["tokens"]
-        row.update({"file_ratio": rep["linears"]["file_ratio"], "kept_fraction": 1 - rep["linears"]["file_ratio"],
-                    "model_file_ratio": rep["model_file"]["ratio"], "perplexity": q["perplexity"],
-                    "top1_agreement": q["top1_agreement"],
-                    "perplexity_generic": qg["perplexity"], "top1_generic": qg["top1_agreement"],
-                    **{f"{k}_s": v for k, v in rep["timings"].items()}, **extra})
+        row.update({"perplexity": q["perplexity"], "top1_agreement": q["top1_agreement"],
+                    "perplexity_generic": qg["perplexity"], "top1_generic": qg["top1_agreement"]})
         rows[row["label"]] = row
         print(f"{row['section']:9s} {row['label']:28s} removed {row['file_ratio']:.4f} ppl {q['perplexity']:9.3f} "
               f"top1 {q['top1_agreement']:.4f} generic ppl {qg['perplexity']:8.3f} {row.get('wall_s', 0):7.1f}s "
               f"{row.get('peak_rss_mib') or 0:6.0f} MiB", flush=True)
         save()
         return row
+
+    def measured_row(row: dict, out: Path, rep: dict, **extra) -> dict:
+        """Score the saved folder `out` (its compression report `rep`) and record the row."""
+        if rep.get("calibration"):
+            row["calib_tokens"] = rep["calibration"]["tokens"]
+        row.update({"file_ratio": rep["linears"]["file_ratio"], "kept_fraction": 1 - rep["linears"]["file_ratio"],
+                    "model_file_ratio": rep["model_file"]["ratio"],
+                    **{f"{k}_s": v for k, v in rep["timings"].items()}, **extra})
+        return scored_row(row, compot_deploy.load(out))
 
     if "dense" in sections:
         rows["dense"] = {"section": "dense", "label": "dense", "method": "dense", "file_ratio": 0.0,
@@ -250,14 +269,19 @@ def main(argv=None) -> int:
                      "embedding_group": int(g), "embedding_method": m},
                     ["quantize", args.model, "--bits", b, "--embedding-bits", e, "--embedding-group", g,
                      "--embedding-method", m])
-        for f in filter(None, args.whole_joint.split(",")):
+        for spec in filter(None, args.whole_joint.split(",")):
+            f, e = (spec + ":4").split(":")[:2]
             measure({"section": "whole", "label": f"joint dense GPTQ, whole file {float(f):g} of float16 + embeddings "
-                     "4-bit g32 (gptq)", "method": "joint dense gptq + embeddings", "target_file": float(f),
-                     "embedding_bits": 4, "embedding_group": 32, "embedding_method": "gptq"},
+                     f"{e}-bit g32 (gptq)", "method": "joint dense gptq + embeddings", "target_file": float(f),
+                     "embedding_bits": int(e), "embedding_group": 32, "embedding_method": "gptq"},
                     ["compress", args.model, "--target-bytes", str(int(float(f) * dense_file)), "--joint-methods",
-                     "dense", "--joint-probe-batches", "1", "--embedding-bits", "4", "--embedding-group", "32"])
+                     "dense", "--joint-probe-batches", "1", "--embedding-bits", e, "--embedding-group", "32"])
     if "joint" in sections:
         joint_frontier(args, model_dir, tok, rows, measured_row, save)
+    if "llamacpp" in sections:
+        llamacpp_rows(args, dense_file, scored_row)
+    if "ort" in sections:
+        ort_rows(args, model_dir, dense_file, scored_row)
     if "prune" in sections:
         from compot_deploy.models import read_hf_config
 
@@ -366,6 +390,155 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
         save()
 
 
+LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+
+
+def gguf_bytes(path: Path) -> tuple[int, int, int]:
+    """A GGUF file's tensor bytes: all of them, the block linears', and those linears' elements × 2 (float16)."""
+    from gguf import GGUFReader
+
+    total = lin = lin_f16 = 0
+    for t in GGUFReader(str(path)).tensors:
+        total += int(t.n_bytes)
+        if LINEAR_TENSOR.match(t.name):
+            lin += int(t.n_bytes)
+            lin_f16 += 2 * int(t.n_elements)
+    return total, lin, lin_f16
+
+
+def llamacpp_rows(args, dense_file: int, scored_row) -> None:
+    """llama.cpp's own files of the model beside ours (section 'llamacpp'): the model's GGUF dequantized to F32
+    by llama-quantize, an importance matrix from llama-imatrix on the built-in calibration text (the text our rows
+    calibrate on), then each --llama-types file; each read back by transformers' GGUF loader (dequantized) and
+    scored on the same windows. Bytes: the GGUF's tensor data (its tokenizer metadata left out, as our rows count
+    the weights file), over the original's float16 file; the block linears' tensors over the same at float16."""
+    import torch
+    import transformers
+
+    from compot_deploy.calibrate.data import builtin_text
+
+    src, tools = Path(args.model), Path(args.llama_cpp)
+    if src.suffix.lower() != ".gguf":
+        raise SystemExit("section llamacpp: --model must be a .gguf file (llama-quantize reads GGUF)")
+    quantize, imatrix = tools / "llama-quantize", tools / "llama-imatrix"
+    if not (quantize.is_file() and imatrix.is_file()):
+        raise SystemExit(f"section llamacpp: no llama-quantize and llama-imatrix in {str(tools) or '(none given)'}: "
+                         "build llama.cpp (llama-cpp-python's source package carries it) and pass --llama-cpp DIR")
+    threads = str(os.cpu_count() or 1)
+
+    def run(cmd: list) -> float:
+        t0 = time.perf_counter()
+        p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+        if p.returncode:
+            lines = (p.stderr + p.stdout).strip().splitlines()
+            why = [x for x in lines if re.search(r"error|assert|failed", x, re.I)] or lines[-1:]
+            raise RuntimeError(f"{Path(cmd[0]).name} exited {p.returncode}: {why[0].strip() if why else ''}")
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        f32 = tmp / "f32.gguf"
+        run([quantize, "--allow-requantize", src, f32, "F32", threads])
+        imat, imat_s = None, None
+        for spec in filter(None, args.llama_types.split(",")):
+            qtype, *opts = spec.split(":")
+            use_imatrix = "imatrix" in opts
+            table = next((o for o in opts if o != "imatrix"), None)
+            if use_imatrix and imat is None:
+                (tmp / "calib.txt").write_text(builtin_text())
+                imat = tmp / "imatrix.gguf"
+                imat_s = run([imatrix, "-m", f32, "-f", tmp / "calib.txt", "-o", imat, "-c", "512", "-t", threads])
+            out = tmp / (spec.replace(":", "-") + ".gguf")
+            cmd = ([quantize] + (["--imatrix", imat] if use_imatrix else [])
+                   + (["--token-embedding-type", table] if table else []) + [f32, out, qtype, threads])
+            wall = run(cmd)
+            total, lin, lin_f16 = gguf_bytes(out)
+            label = f"llama.cpp {qtype}" + (" + imatrix" if use_imatrix else "") + (f", table {table}" if table else "")
+            row = {"section": "llamacpp", "label": label, "method": "llama.cpp", "type": qtype,
+                   "imatrix": use_imatrix, "file_ratio": 1 - lin / lin_f16, "kept_fraction": lin / lin_f16,
+                   "model_file_ratio": 1 - total / dense_file, "gguf_file_bytes": out.stat().st_size,
+                   "gguf_tensor_bytes": total, "wall_s": wall,
+                   "cli": " ".join(["llama-quantize"] + [Path(str(c)).name if isinstance(c, Path) else c
+                                                         for c in cmd[1:]])}
+            if use_imatrix:
+                row["imatrix_s"] = imat_s
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=out.name, dtype=torch.float32)
+            scored_row(row, model.eval())
+            del model
+            out.unlink()
+
+
+class OrtLM:
+    """An exported decoder's ONNX Runtime session called as next_token_stats calls a PyTorch causal LM: input_ids
+    (b, L) in, `.logits` (b, L, V) out, one prefill from an empty cache."""
+
+    def __init__(self, folder: Path):
+        from compot_deploy.runtimes.loader import OrtDecoder
+        from compot_deploy.runtimes.ort import export_session
+
+        self.dec = OrtDecoder(export_session(folder, "cpu"))
+
+    def __call__(self, input_ids):
+        import types
+
+        import numpy as np
+        import torch
+
+        ids = input_ids.numpy().astype(np.int64)
+        pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        logits, _ = self.dec.step(ids, np.ones_like(ids), pos, None)
+        return types.SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+def onnx_linear_bytes(path: Path) -> int:
+    """Bytes of the initializers the block linears of an exported decoder read (weights, scales, zero points):
+    every initializer past the first input of a MatMul-like node inside /layers.N/."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    sizes = {}
+    for i in m.graph.initializer:
+        ext = {e.key: e.value for e in i.external_data}
+        sizes[i.name] = (int(ext["length"]) if "length" in ext
+                         else len(i.raw_data) or numpy_helper.to_array(i).nbytes)
+    seen, total = set(), 0
+    for n in m.graph.node:
+        if "/layers." in n.name and n.op_type in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"):
+            for name in n.input[1:]:
+                if name in sizes and name not in seen:
+                    seen.add(name)
+                    total += sizes[name]
+    return total
+
+
+def ort_rows(args, model_dir: str, dense_file: int, scored_row) -> None:
+    """ONNX Runtime's one-line quantizers of the model (section 'ort'), as `build` makes its peers: the original
+    exported to ONNX in float32, then each of --ort-peers (compot_deploy.peers), scored through ORT sessions on the
+    same windows. Bytes: the peer's ONNX files over the original's float16 weights file; the block linears'
+    initializers over those of the float32 export / 2."""
+    from compot_deploy.peers import LABELS, make_peer
+    from compot_deploy.runtimes import artifact_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dense = Path(tmp) / "dense"
+        export_s = run_cli(["export", model_dir, "-o", str(dense), "--no-validate"])
+        lin_f16 = onnx_linear_bytes(dense / "model.onnx") / 2
+        for name in filter(None, args.ort_peers.split(",")):
+            folder = Path(tmp) / name
+            folder.mkdir()
+            t0 = time.perf_counter()
+            make_peer(name, dense, folder)
+            wall = time.perf_counter() - t0
+            kept = onnx_linear_bytes(folder / "model.onnx") / lin_f16
+            row = {"section": "ort", "label": f"ORT {LABELS[name]}", "method": "ORT one-liner", "peer": name,
+                   "file_ratio": 1 - kept, "kept_fraction": kept,
+                   "model_file_ratio": 1 - artifact_bytes(folder) / dense_file, "onnx_bytes": artifact_bytes(folder),
+                   "wall_s": wall, "export_s": export_s}
+            scored_row(row, OrtLM(folder))
+            shutil.rmtree(folder)
+
+
 def _eval_key(args, windows) -> dict:
     """What the numbers are comparable under: rows measured on other text or model are dropped."""
     return {"text": "pydoc_data.topics prose", "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
@@ -420,7 +593,7 @@ def markdown(result: dict) -> str:
             beats = ("yes" if r["beats_peer"] else "**no**") if "beats_peer" in r else ""
             lines.append(f"| {r['label']} | {r['kept_fraction']:.4f} | {r['perplexity']:.3f} | "
                          f"{r['top1_agreement']:.4f} | {peer} | {beats} | {ch} |")
-    whole = [r for r in rows if "model_file_ratio" in r and r["section"] in ("whole", "quantize")]
+    whole = [r for r in rows if "model_file_ratio" in r and r["section"] in ("whole", "quantize", "llamacpp", "ort")]
     if whole and dense:
         lines += ["", "## The whole file", "", "Bytes of the whole weights file (embedding table included) as a "
                   "fraction of the original's float16 file, and perplexity against the original's.", "",
@@ -477,21 +650,29 @@ def _s(r: dict, key: str) -> str:
     return f"{r[key]:.0f}" if key in r else "—"
 
 
-def chart(rows: list[dict], path: Path) -> None:
+def chart(rows: list[dict], path: Path, whole: bool = False) -> None:
+    """Perplexity against bytes kept, one series per family: of the block linears (over float16), or with
+    `whole` of the whole weights file, embedding table included (over the original's float16 file)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def kept(r: dict) -> float:
+        return 1 - r.get("model_file_ratio", 0.0) if whole else r["kept_fraction"]
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fams: dict[str, list] = {}
     for r in rows:
+        if whole and "model_file_ratio" not in r and r["section"] != "dense":
+            continue
         fams.setdefault(r["method"] if r["section"] != "study" else "compot study", []).append(r)
     for name, rs in sorted(fams.items()):
-        rs = sorted(rs, key=lambda r: r["kept_fraction"])
-        ax.plot([r["kept_fraction"] for r in rs], [r["perplexity"] for r in rs],
-                "o" if name in ("dense", "compot study") else "o-", label=name)
-    ax.set_xlabel("stored bytes of the block linears / float16")
+        rs = sorted(rs, key=kept)
+        ax.plot([kept(r) for r in rs], [r["perplexity"] for r in rs],
+                "o" if name in ("dense", "compot study", "llama.cpp", "ORT one-liner") else "o-", label=name)
+    ax.set_xlabel("bytes of the whole weights file / the original's float16 file" if whole
+                  else "stored bytes of the block linears / float16")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
