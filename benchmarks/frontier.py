@@ -1,6 +1,7 @@
 """Quality against bytes on MiniLM, in one run: the joint allocator beside every fixed recipe and ORT's quantizers.
 
     python benchmarks/frontier.py [--budgets 0.10,0.15,0.20,0.25,0.30] [--compot-ratios 0.2,0.3,0.4,0.5,0.6]
+                                  [--whole-budgets 0.2,0.25,0.3,0.35,0.4,0.5]
 
 x: bytes of the block linears (weights, biases, scales, zero points, code positions) as a fraction of the same
 linears at float16; y: mean cosine of mean-pooled embeddings against the original on the held-out sentences.
@@ -12,12 +13,17 @@ Points, all measured here:
   * the joint allocator (`--target-ratio`), its candidates measured once, built at each budget and at every other
     point's exact bytes; and the allocator restricted to COMPOT (`--method compot`) at each budget.
 Then, for every other point, whether the allocator given that point's bytes reaches its cosine.
-Writes benchmarks/results/frontier.{json,md,png}.
+The whole file (x: the whole weights file, embedding table included, over the original's at float16): every point
+above, ORT's quantize_dynamic with its defaults (MatMul and Gather), fixed recipes with the table 4-bit (dense GPTQ
+4/8-bit, `build`'s default COMPOT 0.1, COMPOT 0.3 + GPTQ 8-bit), and the joint allocator with the table one of its
+choices (`--embedding-bits joint`) at each --whole-budgets fraction and at every whole-file peer's bytes.
+Writes benchmarks/results/frontier.{json,md,png} and frontier_whole.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -131,12 +137,11 @@ def main(argv=None) -> int:
     from compot_deploy.calibrate.data import heldout_texts
     from compot_deploy.config import AllocationConfig, CompressConfig, EmbeddingConfig, QuantizeConfig
     from compot_deploy.errors import CompotError
-    from compot_deploy.quantize.embeddings import quantize_embeddings
     from compot_deploy.storage.budget import Budget, dense_model_bytes, linear_budget
     from compot_deploy.evaluate import embedding_agreement, mean_pooled_embeddings
     from compot_deploy.models import default_model_dir, find_targets, load_model
     from compot_deploy.allocate import joint
-    from compot_deploy.compression import build_joint, quantize_dir, save
+    from compot_deploy.compression import build_joint, quantize_dir, save, store_table
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -198,9 +203,14 @@ def main(argv=None) -> int:
     whole_peers = [r for r in rows if r["family"] in ("whole file, fixed", "ORT peer")]
 
     # the joint allocator: candidates measured once, then built at each budget
+    # (the table's candidates too, for the whole-file points: --embedding-bits joint; the linears' points leave it)
+    table_joint = EmbeddingConfig(bits="joint")
     jcfg = CompressConfig(allocation=AllocationConfig(strategy="joint", budget=Budget(kept=0.2)))
     model, _ = load_model(model_dir)
-    profile = joint.profile(model, tok, jcfg, progress=False)
+    whole_profile = joint.profile(model, tok, jcfg.model_copy(update={
+        "embeddings": table_joint, "allocation": jcfg.allocation.model_copy(update={"budget": Budget(file_bytes=1)})}),
+        progress=False)
+    profile = dataclasses.replace(whole_profile, table=None)
     del model
     print(f"joint candidates: {sum(len(c) for c in profile.candidates)} over {len(profile.targets)} layers, "
           f"{profile.seconds:.0f}s", flush=True)
@@ -232,19 +242,20 @@ def main(argv=None) -> int:
                        "joint_at_least_peer": j["mean_cosine"] >= p["mean_cosine"] - 1e-4})
 
     def joint_whole_point(frac: float, peer: str | None = None) -> dict:
-        """The joint allocator within `frac` of the original's float16 file, the table stored 4-bit (its packed
-        bytes taken off the budget first, as `compress --target-bytes --embedding-bits 4` does)."""
+        """The joint allocator within `frac` of the original's float16 file, the table one of its choices (dense,
+        8- or 4-bit), as `compress --target-bytes --embedding-bits joint` does."""
         def run(out):
             m, _ = load_model(model_dir)
             t0 = time.perf_counter()
-            cfg = jcfg.model_copy(update={"embeddings": table4, "allocation": jcfg.allocation.model_copy(
+            cfg = jcfg.model_copy(update={"embeddings": table_joint, "allocation": jcfg.allocation.model_copy(
                 update={"budget": Budget(file_bytes=int(frac * file_fp16))})})
-            result = build_joint(m, profile, joint.budget_for(m, profile.targets, cfg), cfg, False)
-            result.embeddings = quantize_embeddings(m, 4, table4.group, "float16", table4.method, None, False)
+            result = build_joint(m, whole_profile, joint.budget_for(m, whole_profile.targets, cfg), cfg, False)
+            store_table(m, tok, cfg, result, "joint", False)
             return save(m, tok, out, result, cfg.model_dump(mode="json"), "float16", 0, model_dir, model_dir, t0, False)
 
         label = f"file budget {frac:.4f}" + (f" (= {peer})" if peer else "")
-        saved_point("joint allocator, whole file", label, run, file_budget=frac, peer=peer)
+        rep = saved_point("joint allocator, whole file", label, run, file_budget=frac, peer=peer)
+        rows[-1]["choices"] = {**rep["joint"]["choices"], rep["joint"]["table"]["choice"]: 1}
         return rows[-1]
 
     for b in [float(x) for x in args.whole_budgets.split(",")]:
@@ -354,14 +365,15 @@ def markdown(result: dict) -> str:
         failed = [c for c in wc if not c["joint_at_least_peer"]]
         lines += ["", "## The whole file: embedding table included", "",
                   f"x = bytes of the whole weights file (ours: model.safetensors; ORT's: its .onnx) / the original's "
-                  f"at float16 ({result['dense_fp16_file_bytes']:,} bytes). The allocator's whole-file points store "
-                  "the table 4-bit and split what is left of the budget over the linears.", "",
+                  f"at float16 ({result['dense_fp16_file_bytes']:,} bytes). The allocator's whole-file points "
+                  "(`--embedding-bits joint`) choose the table's storage (dense, 8- or 4-bit) with the linears'.", "",
                   "| file fraction | mean cos | min cos | family | configuration | frontier |",
                   "|---:|---:|---:|---|---|---|"]
         lines += [f"| {r['file_fraction']:.4f} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['family']} | "
                   f"{r['label']} | {'yes' if r.get('on_whole_frontier') else ''} |" for r in whole]
         lines += ["", f"{len(wc) - len(failed)} of {len(wc)} whole-file points (ORT's one-liners and the fixed "
-                  "recipes with a quantized table): the allocator given that point's file bytes reaches at least its "
+                  "recipes with a quantized table): the allocator given that point's file bytes (the table one of its "
+                  "choices) reaches at least its "
                   "cosine" + (" (the others have a negative margin)." if failed else "."), "",
                   "| point | file fraction | its cos | allocator cos | margin |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {c['peer']} | {c['bytes']:.4f} | {c['peer_cosine']:.4f} | {c['joint_cosine']:.4f} | "

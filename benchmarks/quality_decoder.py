@@ -531,7 +531,7 @@ def ort_rows(args, model_dir: str, dense_file: int, scored_row) -> None:
             make_peer(name, dense, folder)
             wall = time.perf_counter() - t0
             kept = onnx_linear_bytes(folder / "model.onnx") / lin_f16
-            row = {"section": "ort", "label": f"ORT {LABELS[name]}", "method": "ORT one-liner", "peer": name,
+            row = {"section": "ort", "label": LABELS[name], "method": "ORT one-liner", "peer": name,
                    "file_ratio": 1 - kept, "kept_fraction": kept,
                    "model_file_ratio": 1 - artifact_bytes(folder) / dense_file, "onnx_bytes": artifact_bytes(folder),
                    "wall_s": wall, "export_s": export_s}

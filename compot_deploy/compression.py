@@ -27,6 +27,7 @@ from .storage.budget import (dense_model_bytes, fits, linears_dense_bytes, remov
 from .storage.record import LayerRecord, LayerStats, dense_record
 
 if TYPE_CHECKING:
+    from .allocate.knapsack import Candidate
     from .prune import PruneResult
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Compressed:
     calibration: dict | None = None  # calibrate.data.check_token_count's summary
     pruned: "PruneResult | None" = None  # the blocks the prune step removed
     embeddings: dict | None = None  # the quantized embedding table (quantize/embeddings.py), if any
+    table_choice: "Candidate | None" = None  # the joint allocator's pick for the table (--embedding-bits joint)
     depth: dict | None = None  # the joint allocator's pruned-vs-unpruned comparison (allocate/joint.with_depth)
     resumed: dict | None = None  # what an earlier, killed run had finished (resume.py)
 
@@ -89,20 +91,31 @@ def compress_model(model, tokenizer, cfg: CompressConfig, progress: bool = True,
     """Prune (optionally), then compress (and optionally quantize) `model` in place by `cfg`; then, with
     --embedding-bits, quantize its token embedding table. work: where the finished parts of a ratio-allocated,
     non-sequential compression are kept and read back (resume.py)."""
+    from .quantize.embeddings import resolve_bits
+
+    e = cfg.embeddings
+    bits = resolve_bits(model, e.bits, e.group, joint=cfg.allocation.strategy == "joint")  # fails before any work
+    result = _compress_linears(model, tokenizer, cfg, progress, work)
+    store_table(model, tokenizer, cfg, result, bits, progress)
+    return result
+
+
+def store_table(model, tokenizer, cfg: CompressConfig, result: Compressed, bits, progress: bool = True) -> None:
+    """After the linears: quantize the token embedding table at `bits` (resolve_bits' answer; "joint": the joint
+    allocator's pick in `result`), its entry into result.embeddings."""
     from .calibrate.data import calibration_batches
-    from .quantize.embeddings import quantize_embeddings, resolve_bits
+    from .quantize.embeddings import quantize_embeddings
     from .streaming import load_rest
 
     e = cfg.embeddings
-    bits = resolve_bits(model, e.bits, e.group)  # fails before any work
-    result = _compress_linears(model, tokenizer, cfg, progress, work)
+    if bits == "joint":
+        bits = result.table_choice.record.bits
     if bits:
         with result.stage("embeddings"):
             load_rest(model)
             batches = calibration_batches(tokenizer, cfg.calibration, model, progress) if e.method == "gptq" else None
             result.embeddings = quantize_embeddings(model, bits, e.group, cfg.factorize.dtype, e.method, batches,
                                                     progress)
-    return result
 
 
 def _compress_linears(model, tokenizer, cfg: CompressConfig, progress: bool,
@@ -257,7 +270,7 @@ def build_joint(model, prof: "JointProfile", budget: float, cfg: CompressConfig,
             prof, result.pruned, result.depth = joint.with_depth(model, prof, budget, cfg, progress)
     result.targets, result.calibration = prof.targets, prof.calibration
     with result.stage("factorize"):
-        result.records, result.stats = joint.build(model, prof, budget, cfg, progress, methods)
+        result.records, result.stats, result.table_choice = joint.build(model, prof, budget, cfg, progress, methods)
     return result
 
 
@@ -441,9 +454,13 @@ def report(model_dir, folder: Path, section: dict, result: Compressed) -> dict:
         budget = AllocationConfig.model_validate(section["config"]["allocation"]).budget
         extra["joint"] = {"budget": budget.model_dump(), "budget_text": budget.describe,
                           "fits": fits(budget, stored, dense_lin, model_file),
-                          "estimated_error": sum(s.joint["estimated_error"] for s in result.stats.values()),
+                          "estimated_error": sum(s.joint["estimated_error"] for s in result.stats.values())
+                          + (result.table_choice.error if result.table_choice else 0.0),
                           "choices": families(result.stats),
                           **({"depth": result.depth} if result.depth else {})}
+        if result.table_choice is not None:
+            c = result.table_choice
+            extra["joint"]["table"] = {"choice": c.record.label, "estimated_error": c.error, "bytes": c.bytes}
     return {
         "model_dir": str(model_dir),
         "linears": {

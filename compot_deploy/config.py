@@ -159,9 +159,11 @@ class EmbeddingConfig(_Strict):
     nearest, or by GPTQ as the LM head where it is tied to one): looked up in ONNX Runtime by
     com.microsoft::GatherBlockQuantized, which reads the packed table."""
 
-    bits: Literal[4, 8, "auto"] | None = Field(
+    bits: Literal[4, 8, "auto", "joint"] | None = Field(
         None, description="bits per value (None = the storage dtype, unquantized; auto = 4 where the table is not "
-                          "tied to an LM head and its rows split into groups, else unquantized: the build's default)")
+                          "tied to an LM head and its rows split into groups, else unquantized: the build's default; "
+                          "joint = the joint allocator picks 4, 8 or unquantized with the linears, within a file "
+                          "budget)")
     group: int = Field(32, description="values per scale along the hidden size: a power of two, at least 16")
     method: Literal["gptq", "rtn"] = Field(
         "gptq", description="rounding of a table tied to an LM head: gptq weighs its errors by the head's inputs (the "
@@ -203,6 +205,10 @@ class CompressConfig(_Strict):
         if self.allocation.strategy == "joint" and self.quantize is not None:
             raise ValueError("a byte target (--target-ratio/--target-bytes) lets the joint allocator pick every "
                              "layer's bits itself: drop --gptq-bits, or use --ratio")
+        if self.embeddings.bits == "joint" and (self.allocation.strategy != "joint"
+                                                 or self.allocation.budget.file_bytes is None):
+            raise ValueError("--embedding-bits joint lets the joint allocator store the table with the linears "
+                             "within the whole file's bytes: give --target-bytes")
         if self.allocation.strategy == "joint" and not STORAGE[self.factorize.method].joint_candidate:
             raise ValueError(f"--method {self.factorize.method} cannot take a byte target: it is too slow to measure "
                              f"at every candidate size; use --method compot or svd-llm")

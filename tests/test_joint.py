@@ -158,8 +158,9 @@ def test_joint_families_and_probe_batches_from_the_command_line(tiny_dirs, tmp_p
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_gradient_sensitivities_match_the_noise_probes(kind, tiny_dirs):
-    """The first-order sensitivities (a few backward passes for every layer) agree with the noisy forward probes
-    (one pass per layer) layer by layer, up to the probes' own noise; and the model is left as it was."""
+    """The first-order sensitivities (a few backward passes for every layer and the embedding table's lookups)
+    agree with the noisy forward probes (one pass per layer) layer by layer, up to the probes' own noise; and the
+    model is left as it was."""
     import numpy as np
     import torch
 
@@ -174,10 +175,64 @@ def test_gradient_sensitivities_match_the_noise_probes(kind, tiny_dirs):
     targets = find_targets(model)
     batches = calibration_batches(tok, CalibrationConfig(samples=8, seq_len=48, batch_size=4), model, False)
     grams = calibrate(model, batches, targets, progress=False)
-    probe = np.mean([joint.sensitivities(model, targets, grams, batches, seed=s, progress=False) for s in range(4)], 0)
-    grad = np.array(joint.gradient_sensitivities(model, targets, grams, batches, probes=4, progress=False))
+    table = joint.TableStats.of(model, batches, 32)  # the embedding table's lookups: the last entry
+    probe = np.mean([joint.sensitivities(model, targets, grams, batches, seed=s, progress=False, table=table)
+                     for s in range(4)], 0)
+    grad = np.array(joint.gradient_sensitivities(model, targets, grams, batches, probes=4, progress=False,
+                                                 table=table))
+    assert len(grad) == len(targets) + 1 and table.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     ratio = np.log(grad / probe)
     assert np.corrcoef(np.log(probe), np.log(grad))[0, 1] > 0.95
     assert abs(np.median(ratio)) < 0.15 and np.abs(ratio).max() < 0.6
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_the_embedding_table_is_a_joint_candidate(tiny_dirs, tmp_path):
+    """--embedding-bits joint: the allocator stores the table dense, 8- or 4-bit with the linears, within the whole
+    file's bytes (GPT-2: a tied table, 95 % of the tiny model's weights); the saved file says what it chose."""
+    import torch
+
+    import compot_deploy
+    from compot_deploy.config import EmbeddingConfig
+    from compot_deploy.models import load_model
+    from compot_deploy.storage.budget import dense_model_bytes
+
+    model, _ = load_model(tiny_dirs["gpt2"])
+    dense = dense_model_bytes(model, 2)
+    del model
+    cal = CalibrationConfig(samples=8, seq_len=48, batch_size=4)
+    for frac, bits in ((1.1, None), (0.6, 8), (0.45, 4)):
+        budget = int(frac * dense)
+        cfg = CompressConfig(calibration=cal, allocation=AllocationConfig(strategy="joint",
+                                                                          budget=Budget(file_bytes=budget)),
+                             embeddings=EmbeddingConfig(bits="joint"))
+        out = tmp_path / f"j{frac}"
+        rep = compot_deploy.compress(tiny_dirs["gpt2"], out, cfg, progress=False)
+        assert rep["joint"]["fits"] and rep["model_file"]["bytes"] <= budget, frac
+        table = rep["joint"]["table"]
+        if bits is None:
+            assert table["choice"] == "table dense" and "embeddings" not in rep
+            assert set(rep["joint"]["choices"]) == {"dense fp"}, rep["joint"]["choices"]  # every linear unquantized
+        else:
+            assert table["choice"] == f"table {bits}-bit g32" and rep["embeddings"]["bits"] == bits, frac
+            assert table["bytes"] == rep["embeddings"]["bytes"] and rep["embeddings"]["tied_head"]
+        m = compot_deploy.load(out)
+        with torch.no_grad():
+            assert torch.isfinite(m(input_ids=torch.arange(1, 17)[None]).logits).all()
+
+
+def test_embedding_bits_joint_needs_a_file_budget(tiny_dirs):
+    from pydantic import ValidationError
+
+    from compot_deploy.config import EmbeddingConfig
+    from compot_deploy.errors import CompotError
+    from compot_deploy.models import load_model
+    from compot_deploy.quantize.embeddings import resolve_bits
+
+    for alloc in (AllocationConfig(), AllocationConfig(strategy="joint", budget=Budget(kept=0.3))):
+        with pytest.raises(ValidationError, match="--target-bytes"):
+            CompressConfig(allocation=alloc, embeddings=EmbeddingConfig(bits="joint"))
+    model, _ = load_model(tiny_dirs["gpt2"])
+    with pytest.raises(CompotError, match="compress --target-bytes"):  # quantize has no allocator to pick it
+        resolve_bits(model, "joint", 32)

@@ -120,10 +120,12 @@ def _final_hidden(model, batches) -> "torch.Tensor":  # noqa: F821
 
 
 def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict], probe: float = 0.01,
-                  seed: int = 0, progress: bool = True) -> list[float]:
+                  seed: int = 0, progress: bool = True, table: "TableStats | None" = None) -> list[float]:
     """Per target: ‖ΔY‖² / ‖Y‖² of the final hidden states Y on `batches` when that layer alone gets Gaussian
     weight noise of relative squared error `probe` (tr(EᵀGE) = probe · tr(WᵀGW)), divided by `probe`: the factor
-    turning a layer's relative squared error into the model's. The model is restored after each probe."""
+    turning a layer's relative squared error into the model's. The model is restored after each probe. With
+    `table`, one more, last: the embedding table's, noise of relative squared error `probe` on its looked-up rows
+    (weighed by the token counts)."""
     import torch
 
     from ..progress import bar as progress_bar
@@ -141,16 +143,27 @@ def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict]
             W.add_(E.to(W.dtype))
             out.append(final_change(model, batches, y0) / probe)
             W.copy_(saved)
+    if table is not None:
+        T = table.module.weight
+        N = torch.randn(T.shape, generator=torch.Generator().manual_seed(seed + len(targets)))
+        N *= (probe * table.energy / max(float(N.double().square().sum(1) @ table.counts), 1e-300)) ** 0.5
+        saved = T.detach().clone()
+        with torch.no_grad():
+            T.add_(N.to(T.dtype))
+            out.append(final_change(model, batches, y0) / probe)
+            T.copy_(saved)
     return out
 
 
 def gradient_sensitivities(model, targets: list[Target], grams: dict, batches: list[dict], probes: int = 2,
-                           seed: int = 0, progress: bool = True) -> list[float]:
+                           seed: int = 0, progress: bool = True, table: "TableStats | None" = None) -> list[float]:
     """`sensitivities` to first order, for every layer from the same few backward passes instead of one forward
     pass per layer. A weight error E moves the final hidden states Y by J·E (J: ∂Y/∂W); for Gaussian noise of
     relative squared error p (the probe's) E‖J·E‖² = p·‖J‖²_F·tr(WᵀGW) / (d_out·tr(G)), so the sensitivity is
     ‖J‖²_F·tr(WᵀGW) / (d_out·tr(G)·‖Y‖²). ‖J‖²_F = E_v ‖Jᵀv‖² over Gaussian v (Hutchinson), and Jᵀv is the
-    gradient of ⟨v, Y⟩ with respect to W: `probes` draws of v per batch, one backward pass each."""
+    gradient of ⟨v, Y⟩ with respect to W: `probes` draws of v per batch, one backward pass each. With `table`, the
+    embedding table's lookups get one more, last: noise of relative squared error p on the looked-up rows
+    (Σ_t c_t‖ΔE_t‖² = p·Σ_t c_t‖E_t‖², c_t the token counts) gives ‖J‖²_F·Σ_t c_t‖E_t‖² / (H·Σ_t c_t·‖Y‖²)."""
     import torch
 
     from ..calibrate.runner import token_rows
@@ -159,9 +172,11 @@ def gradient_sensitivities(model, targets: list[Target], grams: dict, batches: l
     from ..quantize.apply import output_error2
 
     weights = [model.get_submodule(t.name).weight for t in targets]  # the parameters (the norm of ∂/∂Wᵀ is ∂/∂W's)
+    if table is not None:
+        weights.append(table.module.weight)
     flags = [w.requires_grad for w in weights]
     gen = torch.Generator().manual_seed(seed)
-    jac = torch.zeros(len(targets), dtype=torch.float64)
+    jac = torch.zeros(len(weights), dtype=torch.float64)
     y2 = 0.0
     try:
         for w in weights:
@@ -173,16 +188,97 @@ def gradient_sensitivities(model, targets: list[Target], grams: dict, batches: l
                 for k in range(probes):
                     v = torch.randn(Y.shape, generator=gen, dtype=Y.dtype)
                     grads = torch.autograd.grad((Y * v).sum(), weights, retain_graph=k < probes - 1)
-                    jac += torch.stack([g.double().pow(2).sum() for g in grads])
+                    jac += torch.stack([g.double().pow(2).sum() for g in grads[: len(targets)]]
+                                       # the table's: no float64 copy of it (Gemma's would be 1.3 GB)
+                                       + [torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
+                                          for g in grads[len(targets):]])
     finally:
         for w, f in zip(weights, flags, strict=True):
             w.requires_grad_(f)
     jac /= probes
     out = []
-    for t, j in zip(targets, jac.tolist(), strict=True):
+    for t, j in zip(targets, jac.tolist(), strict=False):
         G = grams[t.name].G.double()
         W = dense_weight(model.get_submodule(t.name)).detach().double()
         out.append(j * output_error2(W, G) / (t.d_out * float(G.trace()) * (y2 or 1.0)))
+    if table is not None:
+        out.append(float(jac[-1]) * table.energy / (table.hidden * table.tokens * (y2 or 1.0)))
+    return out
+
+
+@dataclass
+class TableStats:
+    """What the table's candidates and sensitivity need: the embedding module, how often each row is looked up on
+    the calibration batches (counts: (V,) float64), Σ_t c_t‖E_t‖² (energy), the tokens and the hidden size."""
+
+    name: str
+    module: object
+    counts: "torch.Tensor"  # noqa: F821
+    energy: float
+    tokens: float
+    hidden: int
+
+    @classmethod
+    def of(cls, model, batches: list[dict], group: int) -> "TableStats":
+        import torch
+
+        from ..quantize.embeddings import quantizable_table
+
+        name, emb = quantizable_table(model, group)
+        V, H = emb.weight.shape
+        counts = torch.zeros(V, dtype=torch.float64)
+        for b in batches:
+            ids, mask = b["input_ids"], b.get("attention_mask")
+            ids = ids[mask.bool()] if mask is not None else ids.flatten()
+            counts += torch.bincount(ids.flatten(), minlength=V)[:V].double()
+        energy = 0.0
+        for i in range(0, V, 8192):
+            energy += float(emb.weight.detach()[i : i + 8192].double().square().sum(1) @ counts[i : i + 8192])
+        return cls(name, emb, counts, energy, float(counts.sum()), H)
+
+
+@dataclass(frozen=True)
+class TableChoice:
+    """How the joint allocator stores the embedding table: `bits` None = at the storage dtype."""
+
+    bits: int | None
+    group: int
+
+    @property
+    def label(self) -> str:
+        return f"table {self.bits}-bit g{self.group}" if self.bits else "table dense"
+
+
+TABLE_BITS = (None, 8, 4)
+
+
+def table_candidates(model, table: TableStats, batches: list[dict], e, dtype: str, sensitivity: float,
+                     progress: bool = True) -> list[Candidate]:
+    """The embedding table's joint candidates (storage dtype, 8 and 4 bits in groups of e.group, rounded as
+    `compress --embedding-bits` rounds them), in the unit of the linears' weighted errors: the lookups' relative
+    squared error (rows weighed by how often the calibration text reads them) times their `sensitivity`, plus, for
+    a table tied to the LM head, the head's relative squared output error on its inputs' Gram (the logits are the
+    output: weight 1, taken as comparable with the final hidden states' change the other candidates estimate)."""
+    import torch
+
+    from ..calibrate.runner import input_gram
+    from ..quantize.embeddings import embed_scale, packed_table, table_errors2, tied_head
+
+    E = table.module.weight.detach()
+    V, H = E.shape
+    head = tied_head(model, table.module)
+    gram = input_gram(model, model.get_submodule(head), batches, "head Gram", progress) if head else None
+    out = []
+    for bits in TABLE_BITS:
+        if bits is None:
+            rows = lambda i0, i1: round_to(E[i0:i1], dtype)  # noqa: E731
+        else:
+            packed = packed_table(E, bits, e.group, dtype, embed_scale(table.module),
+                                  gram if e.method == "gptq" else None, f"{head} (tied table)", progress)
+            rows = lambda i0, i1, p=packed: p.rows(torch.arange(i0, i1))  # noqa: E731
+        lookup2, head2 = table_errors2(E, rows, gram, table.counts)
+        out.append(Candidate(embedding_bytes(V, H, bits, e.group, value_bytes(dtype)),
+                             sensitivity * lookup2 + (head2 or 0.0), TableChoice(bits, e.group)))
     return out
 
 
@@ -217,6 +313,12 @@ class JointProfile:
     dense_linear_bytes: int
     seconds: float
     calibration: dict | None = None  # calibrate.data.check_token_count's summary
+    table: list[Candidate] | None = None  # the embedding table's candidates (--embedding-bits joint)
+    table_sensitivity: float | None = None
+
+    def groups(self, cands: list[list[Candidate]] | None = None) -> list[list[Candidate]]:
+        """What the knapsack chooses among: the layers' candidates (`cands`, default all), then the table's."""
+        return (self.candidates if cands is None else cands) + ([self.table] if self.table else [])
 
 
 def budget_for(model, targets: list[Target], cfg: CompressConfig) -> float:
@@ -226,12 +328,16 @@ def budget_for(model, targets: list[Target], cfg: CompressConfig) -> float:
     from ..quantize.embeddings import resolve_bits
 
     e = cfg.embeddings
-    bits = resolve_bits(model, e.bits, e.group)
-    if bits:  # the table is stored packed (compression.compress_model quantizes it after the linears)
+    bits = resolve_bits(model, e.bits, e.group, joint=True)
+    dense_lin = linears_dense_bytes(targets, vb)
+    if bits:
         V, H = model.get_input_embeddings().weight.shape
-        dense_model -= embedding_bytes(V, H, None, e.group, vb) - embedding_bytes(V, H, bits, e.group, vb)
-    return linear_budget(cfg.allocation.budget, linears_dense_bytes(targets, vb), dense_model,
-                         stored_tensor_count(model) + bool(bits), len(targets))
+        if bits == "joint":  # the table is one more knapsack item: the budget covers it with the linears
+            dense_lin += embedding_bytes(V, H, None, e.group, vb)
+        else:  # the table is stored packed (compression.compress_model quantizes it after the linears)
+            dense_model -= embedding_bytes(V, H, None, e.group, vb) - embedding_bytes(V, H, bits, e.group, vb)
+    return linear_budget(cfg.allocation.budget, dense_lin, dense_model, stored_tensor_count(model) + bool(bits),
+                         len(targets))
 
 
 def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None = None,
@@ -249,13 +355,35 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     calibration = check_token_count(batches, targets, {n: g.n for n, g in grams.items()})
     cands = measure(model, targets, grams, a.joint, f, progress)
     weights = [1.0] * len(targets)
+    probe = batches[: a.joint.sensitivity_batches]
+    table = TableStats.of(model, probe, cfg.embeddings.group) if cfg.embeddings.bits == "joint" else None
+    table_weight = 1.0
     if a.joint.sensitivity:
         measure_sensitivity = gradient_sensitivities if a.joint.sensitivity_method == "gradient" else sensitivities
-        weights = measure_sensitivity(model, targets, grams, batches[: a.joint.sensitivity_batches],
-                                      seed=cfg.calibration.seed, progress=progress)
+        weights = measure_sensitivity(model, targets, grams, probe, seed=cfg.calibration.seed, progress=progress,
+                                      table=table)
+        if table is not None:
+            table_weight = weights.pop()
         cands = [[c.weighted(w) for c in cs] for cs, w in zip(cands, weights)]
-    return JointProfile(targets, batches, cands, weights, linears_dense_bytes(targets, value_bytes(f.dtype)),
-                        time.perf_counter() - t0, calibration)
+    prof = JointProfile(targets, batches, cands, weights, linears_dense_bytes(targets, value_bytes(f.dtype)), 0.0,
+                        calibration)
+    if table is not None:
+        prof.table = table_candidates(model, table, batches, cfg.embeddings, f.dtype, table_weight, progress)
+        prof.table_sensitivity = table_weight
+    prof.seconds = time.perf_counter() - t0
+    return prof
+
+
+def choose(prof: JointProfile, budget: float, methods: tuple[str, ...] | None = None
+           ) -> tuple[list[Candidate], Candidate | None]:
+    """One candidate per layer (only of `methods`, when given) and the table's (when it is a candidate: else
+    None), least Σ estimated error within `budget` bytes."""
+    cands = prof.candidates
+    if methods is not None:
+        cands = [[c for c in cs if c.record.method in methods] for cs in cands]
+    groups = prof.groups(cands)
+    chosen = [cs[j] for cs, j in zip(groups, pick(groups, budget, prof.dense_linear_bytes), strict=True)]
+    return (chosen[:-1], chosen[-1]) if prof.table else (chosen, None)
 
 
 def estimated_error(cands: list[list[Candidate]], budget: float, dense_lin: int) -> float:
@@ -283,8 +411,8 @@ def with_depth(model, prof: JointProfile, budget: float, cfg: CompressConfig,
     del trial
     gone = {t.name for t in tried.removed_targets}
     keep = [i for i, t in enumerate(prof.targets) if t.name not in gone]
-    without = estimated_error(prof.candidates, budget, prof.dense_linear_bytes)
-    rest = estimated_error([prof.candidates[i] for i in keep], budget, prof.dense_linear_bytes)
+    without = estimated_error(prof.groups(), budget, prof.dense_linear_bytes)
+    rest = estimated_error(prof.groups([prof.candidates[i] for i in keep]), budget, prof.dense_linear_bytes)
     depth = {"blocks": cfg.prune.blocks, "removed_blocks": list(tried.removed), "prune_error": prune_error,
              "estimated_error_without_pruning": without, "estimated_error_with_pruning": prune_error + rest,
              "pruned": prune_error + rest < without}
@@ -298,22 +426,22 @@ def with_depth(model, prof: JointProfile, budget: float, cfg: CompressConfig,
     if shape(renamed) != shape([prof.targets[i] for i in keep]):
         raise CompotError("the pruned model's linears do not line up with the unpruned model's kept ones")
     return (JointProfile(renamed, prof.batches, [prof.candidates[i] for i in keep], [prof.weights[i] for i in keep],
-                         prof.dense_linear_bytes, prof.seconds, prof.calibration), pruned, depth)
+                         prof.dense_linear_bytes, prof.seconds, prof.calibration, prof.table, prof.table_sensitivity),
+            pruned, depth)
 
 
 def build(model, prof: JointProfile, budget: float, cfg: CompressConfig, progress: bool = True,
-          methods: tuple[str, ...] | None = None) -> tuple[dict[str, LayerRecord], dict[str, LayerStats]]:
+          methods: tuple[str, ...] | None = None
+          ) -> tuple[dict[str, LayerRecord], dict[str, LayerStats], Candidate | None]:
     """Pick one candidate per layer within `budget` bytes (only of `methods`, when given: 'dense', 'compot',
     'svd-llm') and build the picks in `model` in place, block by block on the outputs of the compressed blocks
-    before. Returns the records and their measurements (with the choice, its estimated (weighted) error and the
-    layer's sensitivity under `joint`)."""
+    before. Returns the records, their measurements (with the choice, its estimated (weighted) error and the
+    layer's sensitivity under `joint`) and the table's pick (a TableChoice record; None unless it is a candidate:
+    compression.compress_model stores the table so after the linears)."""
     from ..calibrate.runner import run_blocks
 
-    cands = prof.candidates
-    if methods is not None:
-        cands = [[c for c in cs if c.record.method in methods] for cs in cands]
-    picks = pick(cands, budget, prof.dense_linear_bytes)
-    picked = {t.name: cs[j] for t, cs, j in zip(prof.targets, cands, picks)}
+    chosen, table = choose(prof, budget, methods)
+    picked = {t.name: c for t, c in zip(prof.targets, chosen, strict=True)}
     weights = dict(zip((t.name for t in prof.targets), prof.weights))
     round_other_params(model, {t.name for t in prof.targets}, cfg.factorize.dtype)
     records: dict[str, LayerRecord] = {}
@@ -329,7 +457,7 @@ def build(model, prof: JointProfile, budget: float, cfg: CompressConfig, progres
         return True
 
     run_blocks(model, prof.batches, prof.targets, step, "joint build", progress)
-    return records, stats
+    return records, stats, table
 
 
 def families(stats: dict[str, LayerStats]) -> dict[str, int]:

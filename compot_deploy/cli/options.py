@@ -157,13 +157,17 @@ def _compress_options(fn, build: bool):
         click.option("--prune-tokens", type=click.Choice(["all", "last"]), default="all", show_default=True,
                      help="Tokens the window distance averages over: every real token, or each sample's last "
                           "(ReplaceMe's code)."),
-        click.option("--embedding-bits", type=click.Choice(["4", "8", "auto", "none"]), default=str(emb or "none"),
+        click.option("--embedding-bits", type=click.Choice(["4", "8", "auto", "joint", "none"]),
+                     default=str(emb or "none"),
                      show_default=True,
                      help="Store the token embedding table quantized at this many bits (round-to-nearest, "
                           "symmetric, a scale per --embedding-group values of a row; ONNX Runtime looks rows up with "
                           "com.microsoft::GatherBlockQuantized, keeping the table packed in memory; a tied LM head "
                           "reads the same packed table through MatMulNBits); auto: 4 unless the table is tied to an "
-                          "LM head or its rows do not split into groups; none: at the storage dtype."),
+                          "LM head or its rows do not split into groups; joint (with --target-bytes): the joint "
+                          "allocator picks 4, 8 or none with the linears, weighing the lookups' error by the "
+                          "embedding's measured sensitivity and a tied head's by its inputs; none: at the storage "
+                          "dtype."),
         click.option("--embedding-group", type=int, default=32, show_default=True,
                      help="Values per scale along a row of the quantized embedding table (a power of two ≥ 16)."),
         click.option("--embedding-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
@@ -269,7 +273,7 @@ def build_settings(ctx, opts: dict, base: dict | None = None, build: bool = True
         if name == "gptq_bits":
             value = int(value)
         elif name == "embedding_bits":
-            value = None if value == "none" else value if value == "auto" else int(value)
+            value = None if value == "none" else value if value in ("auto", "joint") else int(value)
         elif name in ("model_dir", "calib") and value and Path(value).exists():
             value = str(Path(value).resolve())  # a saved config reproduces the build from any folder
         elif name in ("include", "exclude"):

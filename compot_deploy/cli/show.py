@@ -58,7 +58,9 @@ def print_report(report: dict) -> None:
     if report.get("joint"):
         j = report["joint"]
         click.echo(f"joint allocation within {j['budget_text']} ({'fits' if j['fits'] else 'DOES NOT FIT'}), per "
-                   f"layer: {choices_line(j)}")
+                   f"layer: {choices_line(j)}"
+                   + (f"; embedding table: {j['table']['choice']} ({j['table']['bytes']:,} bytes)" if "table" in j
+                      else ""))
         if j.get("depth"):
             d = j["depth"]
             click.echo(f"depth: removing {d['blocks']} block(s) {d['removed_blocks']} changes the final hidden states "

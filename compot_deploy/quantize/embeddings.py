@@ -53,11 +53,17 @@ def tied_head(model, emb) -> str | None:
     return next(name for name, mod in model.named_modules() if mod is out)
 
 
-def resolve_bits(model, bits, group: int) -> int | None:
+def resolve_bits(model, bits, group: int, joint: bool = False) -> int | str | None:
     """The bits --embedding-bits means for `model`: "auto" → 4 for an untied table whose rows split into groups of
-    `group`, else None (left at the storage dtype); 4/8 → checked now (one error line before any work)."""
+    `group`, else None (left at the storage dtype); 4/8 → checked now (one error line before any work); "joint"
+    (allowed with `joint`, the joint allocator's file budget) → checked now, "joint": the allocator picks."""
     if bits is None:
         return None
+    if bits == "joint":
+        if not joint:
+            raise CompotError("--embedding-bits joint needs the joint allocator's file budget: compress --target-bytes")
+        quantizable_table(model, group)
+        return bits
     if bits != "auto":
         quantizable_table(model, group)
         return int(bits)
@@ -102,20 +108,38 @@ def gptq_head(E, gram, bits: int, group: int, damp: float = HEAD_DAMP, name: str
         return by_columns(one, E.T, chunk)
 
 
-def _errors(E, rows, gram) -> tuple[float, float | None]:
-    """Relative error of the stored rows (what a lookup reads) and, given the Gram G of the head's inputs, of the
-    head's output: (tr(ΔGΔᵀ) / tr(EGEᵀ))^½ with Δ the stored rows − E. In row chunks (no float64 copy of the
-    table). E: (V, H); rows(i0, i1): the stored rows i0..i1 − 1, (i1 − i0, H)."""
+def table_errors2(E, rows, gram=None, counts=None) -> tuple[float, float | None]:
+    """Relative squared errors of a stored table: of its rows (what a lookup reads; each row weighed by
+    `counts` (V,), how often it is looked up, when given) and, given the Gram G of a tied head's inputs, of the
+    head's output, tr(ΔGΔᵀ) / tr(EGEᵀ), Δ the stored rows − E. In row chunks (no float64 copy of the table).
+    E: (V, H); rows(i0, i1): the stored rows i0..i1 − 1, (i1 − i0, H)."""
     num = den = hnum = hden = 0.0
     for i in range(0, E.shape[0], 8192):
         ref = E[i : i + 8192].double()
         err = rows(i, i + ref.shape[0]).double() - ref
-        num += float(err.square().sum())
-        den += float(ref.square().sum())
+        w = None if counts is None else counts[i : i + ref.shape[0]].double()
+        num += float(err.square().sum(1) @ w if w is not None else err.square().sum())
+        den += float(ref.square().sum(1) @ w if w is not None else ref.square().sum())
         if gram is not None:
             hnum += float(((err @ gram.G) * err).sum())
             hden += float(((ref @ gram.G) * ref).sum())
-    return (num / den) ** 0.5, (hnum / hden) ** 0.5 if gram is not None else None
+    return num / (den or 1.0), hnum / (hden or 1.0) if gram is not None else None
+
+
+def packed_table(E, bits: int, group: int, dtype: str, scale: float | None = None, head_gram=None,
+                 name: str = "head", progress: bool = True):
+    """The QuantEmbedding storing E: (V, H) at `bits` in groups of `group` (scales rounded through the storage
+    dtype): GPTQ as a tied head whose inputs have Gram `head_gram` when given, else round-to-nearest."""
+    from ..layers import round_to
+    from ..storage.modules import QuantEmbedding
+    from ..storage.packing import QuantTensor
+
+    V, H = E.shape
+    qz = (gptq_head(E, head_gram, bits, group, name=name, progress=progress) if head_gram is not None
+          else rtn_rows(E, bits, group))
+    new = QuantEmbedding(V, H, bits, group, scale)
+    new.table = QuantTensor.from_quantized(qz, lambda t: round_to(t, dtype))
+    return new
 
 
 def quantize_embeddings(model, bits: int, group: int, dtype: str, method: str = "rtn", batches=None,
@@ -126,11 +150,9 @@ def quantize_embeddings(model, bits: int, group: int, dtype: str, method: str = 
     import torch
 
     from ..calibrate.runner import input_gram
-    from ..layers import round_to
     from ..models import set_module
     from ..storage.budget import embedding_bytes, value_bytes
-    from ..storage.modules import QuantEmbedding, TiedQuantHead
-    from ..storage.packing import QuantTensor
+    from ..storage.modules import TiedQuantHead
 
     name, emb = quantizable_table(model, group)
     head = tied_head(model, emb)
@@ -140,16 +162,14 @@ def quantize_embeddings(model, bits: int, group: int, dtype: str, method: str = 
         if not batches:
             raise CompotError("GPTQ of the tied embedding table needs calibration batches")
         gram = input_gram(model, model.get_submodule(head), batches, "head Gram", progress)
-        qz = gptq_head(emb.weight.data, gram, bits, group, name=f"{head} (tied table)", progress=progress)
     else:
         method = "rtn"
-        qz = rtn_rows(emb.weight.data, bits, group)
-    new = QuantEmbedding(V, H, bits, group, embed_scale(emb))
-    new.table = QuantTensor.from_quantized(qz, lambda t: round_to(t, dtype))
+    new = packed_table(emb.weight.data, bits, group, dtype, embed_scale(emb), gram, f"{head} (tied table)", progress)
     set_module(model, name, new)
     if head is not None:
         set_module(model, head, TiedQuantHead(new.table))
-    err, head_err = _errors(emb.weight.data, lambda i0, i1: new.rows(torch.arange(i0, i1)), gram)
+    err2, head_err2 = table_errors2(emb.weight.data, lambda i0, i1: new.rows(torch.arange(i0, i1)), gram)
+    err, head_err = err2 ** 0.5, None if head_err2 is None else head_err2 ** 0.5
     vb = value_bytes(dtype)
     entry = {"module": name, "num_embeddings": V, "embedding_dim": H, "bits": bits, "group": group,
              "method": method, "embed_scale": new.embed_scale, "tied_head": head,
