@@ -401,7 +401,7 @@ def chart(rows: list[dict], path: Path, whole: bool = False) -> None:
                   else "bytes of the block linears / float16")
     ax.set_ylabel("mean cosine vs original (held-out)")
     ax.set_title("all-MiniLM-L6-v2: quality against " + ("whole-file bytes" if whole else "bytes"))
-    ax.set_xlim(*((0.1, 1.25) if whole else (0.08, 0.75)))
+    ax.set_xlim(*((0.1, 1.35) if whole else (0.08, 0.75)))
     ax.set_ylim(0.4, 1.005)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

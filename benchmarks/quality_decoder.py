@@ -127,8 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--whole-joint", default="0.35",
                     help="whole-file rows (section 'whole') by the joint allocator: F[:E], F a fraction of the "
                          "original's float16 file, each `compress --target-bytes F·file --joint-methods dense "
-                         "--joint-probe-batches 1 --embedding-bits E --embedding-group 32` (E: 4 unless given; GPTQ "
-                         "2-8 bits per linear, the table GPTQ'd as the head)")
+                         "--joint-probe-batches 1 --embedding-bits E --embedding-group 32` (E: 4 unless given, or "
+                         "joint: the allocator picks the table's bits too; GPTQ 2-8 bits per linear, the table GPTQ'd "
+                         "as the head)")
     ap.add_argument("--dense-targets", default="0.7778,0.8889",
                     help="more fractions kept (section 'joint') built with dense GPTQ only: mixed-precision dense "
                          "points at the bytes of the prune rows (2 and 4 of Gemma's 18 blocks removed)")
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
         """Score the saved folder `out` (its compression report `rep`) and record the row."""
         if rep.get("calibration"):
             row["calib_tokens"] = rep["calibration"]["tokens"]
+        if rep.get("joint", {}).get("table"):
+            row["table_choice"] = rep["joint"]["table"]["choice"]
         row.update({"file_ratio": rep["linears"]["file_ratio"], "kept_fraction": 1 - rep["linears"]["file_ratio"],
                     "model_file_ratio": rep["model_file"]["ratio"],
                     **{f"{k}_s": v for k, v in rep["timings"].items()}, **extra})
@@ -271,9 +274,11 @@ def main(argv=None) -> int:
                      "--embedding-method", m])
         for spec in filter(None, args.whole_joint.split(",")):
             f, e = (spec + ":4").split(":")[:2]
-            measure({"section": "whole", "label": f"joint dense GPTQ, whole file {float(f):g} of float16 + embeddings "
-                     f"{e}-bit g32 (gptq)", "method": "joint dense gptq + embeddings", "target_file": float(f),
-                     "embedding_bits": int(e), "embedding_group": 32, "embedding_method": "gptq"},
+            table = "the table's bits chosen jointly (g32, gptq)" if e == "joint" else f"embeddings {e}-bit g32 (gptq)"
+            measure({"section": "whole", "label": f"joint dense GPTQ, whole file {float(f):g} of float16 + {table}",
+                     "method": "joint dense gptq + embeddings", "target_file": float(f),
+                     "embedding_bits": e if e == "joint" else int(e), "embedding_group": 32,
+                     "embedding_method": "gptq"},
                     ["compress", args.model, "--target-bytes", str(int(float(f) * dense_file)), "--joint-methods",
                      "dense", "--joint-probe-batches", "1", "--embedding-bits", e, "--embedding-group", "32"])
     if "joint" in sections:
@@ -599,7 +604,8 @@ def markdown(result: dict) -> str:
                   "fraction of the original's float16 file, and perplexity against the original's.", "",
                   "| configuration | file kept | perplexity | × dense |", "|---|---:|---:|---:|"]
         for r in sorted(whole, key=lambda r: -r["model_file_ratio"]):
-            lines.append(f"| {r['label']} | {1 - r['model_file_ratio']:.4f} | {r['perplexity']:.3f} | "
+            picked = f" (picked: {r['table_choice']})" if "table_choice" in r else ""
+            lines.append(f"| {r['label']}{picked} | {1 - r['model_file_ratio']:.4f} | {r['perplexity']:.3f} | "
                          f"{r['perplexity'] / dense['perplexity']:.3f} |")
     lines += method_table(rows, dense)
     return "\n".join(lines) + "\n"
