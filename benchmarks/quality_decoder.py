@@ -670,7 +670,8 @@ def chart(rows: list[dict], path: Path, whole: bool = False) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fams: dict[str, list] = {}
     for r in rows:
-        if whole and "model_file_ratio" not in r and r["section"] != "dense":
+        # the whole-file chart: the rows that quantize the table, ours and the peers', and their references
+        if whole and r["section"] not in ("dense", "whole", "quantize", "llamacpp", "ort"):
             continue
         fams.setdefault(r["method"] if r["section"] != "study" else "compot study", []).append(r)
     for name, rs in sorted(fams.items()):
@@ -680,7 +681,11 @@ def chart(rows: list[dict], path: Path, whole: bool = False) -> None:
     ax.set_xlabel("bytes of the whole weights file / the original's float16 file" if whole
                   else "stored bytes of the block linears / float16")
     ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
+    dense = next((r["perplexity"] for r in rows if r["section"] == "dense"), None)
+    if whole and dense:  # the useful range: up to 2.5x the original's (worse rows leave the top)
+        ax.set_ylim(0.95 * dense, 2.5 * dense)
+    else:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -316,10 +316,6 @@ class JointProfile:
     table: list[Candidate] | None = None  # the embedding table's candidates (--embedding-bits joint)
     table_sensitivity: float | None = None
 
-    def groups(self, cands: list[list[Candidate]] | None = None) -> list[list[Candidate]]:
-        """What the knapsack chooses among: the layers' candidates (`cands`, default all), then the table's."""
-        return (self.candidates if cands is None else cands) + ([self.table] if self.table else [])
-
 
 def budget_for(model, targets: list[Target], cfg: CompressConfig) -> float:
     """The bytes the target linears may take under cfg's budget (fails before any profiling)."""
@@ -374,21 +370,38 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
     return prof
 
 
-def choose(prof: JointProfile, budget: float, methods: tuple[str, ...] | None = None
-           ) -> tuple[list[Candidate], Candidate | None]:
-    """One candidate per layer (only of `methods`, when given) and the table's (when it is a candidate: else
-    None), least Σ estimated error within `budget` bytes."""
-    cands = prof.candidates
+def choose(prof: JointProfile, budget: float, methods: tuple[str, ...] | None = None,
+           cands: list[list[Candidate]] | None = None) -> tuple[list[Candidate], Candidate | None]:
+    """One candidate per layer (of `cands`, default the profile's; only of `methods`, when given) and the table's
+    (when it is a candidate: else None), least Σ estimated error within `budget` bytes. The table has three
+    options, so each gets its own knapsack over the layers with what it leaves of the budget (the same resolution
+    as a fixed table's: a knapsack over both would discretise the table's bytes too)."""
+    cands = prof.candidates if cands is None else cands
     if methods is not None:
         cands = [[c for c in cs if c.record.method in methods] for cs in cands]
-    groups = prof.groups(cands)
-    chosen = [cs[j] for cs, j in zip(groups, pick(groups, budget, prof.dense_linear_bytes), strict=True)]
-    return (chosen[:-1], chosen[-1]) if prof.table else (chosen, None)
+    if not prof.table:
+        return [cs[j] for cs, j in zip(cands, pick(cands, budget, prof.dense_linear_bytes), strict=True)], None
+    best, failure = None, None
+    for t in prof.table:
+        try:
+            picks = pick(cands, budget - t.bytes, prof.dense_linear_bytes)
+        except CompotError as e:
+            failure = failure or e
+            continue
+        chosen = [cs[j] for cs, j in zip(cands, picks, strict=True)]
+        err = t.error + sum(c.error for c in chosen)
+        if best is None or err < best[0]:
+            best = (err, chosen, t)
+    if best is None:
+        raise CompotError(f"{failure} with the embedding table at its smallest") from None
+    return best[1], best[2]
 
 
-def estimated_error(cands: list[list[Candidate]], budget: float, dense_lin: int) -> float:
-    """The least Σ (sensitivity-weighted) estimated error the knapsack reaches within `budget` bytes."""
-    return sum(cs[j].error for cs, j in zip(cands, pick(cands, budget, dense_lin), strict=True))
+def estimated_error(prof: JointProfile, budget: float, cands: list[list[Candidate]] | None = None) -> float:
+    """The least Σ (sensitivity-weighted) estimated error `choose` reaches within `budget` bytes (over `cands`,
+    default the profile's)."""
+    chosen, table = choose(prof, budget, cands=cands)
+    return sum(c.error for c in chosen) + (table.error if table else 0.0)
 
 
 def with_depth(model, prof: JointProfile, budget: float, cfg: CompressConfig,
@@ -411,8 +424,8 @@ def with_depth(model, prof: JointProfile, budget: float, cfg: CompressConfig,
     del trial
     gone = {t.name for t in tried.removed_targets}
     keep = [i for i, t in enumerate(prof.targets) if t.name not in gone]
-    without = estimated_error(prof.groups(), budget, prof.dense_linear_bytes)
-    rest = estimated_error(prof.groups([prof.candidates[i] for i in keep]), budget, prof.dense_linear_bytes)
+    without = estimated_error(prof, budget)
+    rest = estimated_error(prof, budget, [prof.candidates[i] for i in keep])
     depth = {"blocks": cfg.prune.blocks, "removed_blocks": list(tried.removed), "prune_error": prune_error,
              "estimated_error_without_pruning": without, "estimated_error_with_pruning": prune_error + rest,
              "pruned": prune_error + rest < without}
