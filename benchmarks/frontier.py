@@ -38,22 +38,31 @@ LAYER = "/encoder/layer."
 WHOLE_ONLY = ("whole file, fixed", "joint allocator, whole file")  # table quantized: points of the whole-file chart
 
 
-def linear_bytes(model_path: Path, fp16_bias: dict[str, int]) -> int:
-    """Stored bytes of the block linears of an ONNX model: every initializer a weight-bearing node inside the
-    encoder layers reads (weights, scales, zero points), plus each linear's bias counted at float16."""
+def onnx_linear_bytes(model_path: Path, layer: str = LAYER) -> int:
+    """Stored bytes of the block linears of an ONNX model: every initializer past the first input of a MatMul-like
+    node whose name holds `layer` (weights, scales, zero points), each once; external data is not read."""
     import onnx
     from onnx import numpy_helper
 
-    m = onnx.load(str(model_path))
-    inits = {i.name: numpy_helper.to_array(i).nbytes for i in m.graph.initializer}
+    m = onnx.load(str(model_path), load_external_data=False)
+    sizes = {}
+    for i in m.graph.initializer:
+        ext = {e.key: e.value for e in i.external_data}
+        sizes[i.name] = (int(ext["length"]) if "length" in ext
+                         else len(i.raw_data) or numpy_helper.to_array(i).nbytes)
     seen, total = set(), 0
     for n in m.graph.node:
-        if LAYER in n.name and n.op_type in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"):
+        if layer in n.name and n.op_type in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"):
             for name in n.input[1:]:
-                if name in inits and name not in seen:
+                if name in sizes and name not in seen:
                     seen.add(name)
-                    total += inits[name]
-    return total + sum(fp16_bias.values())
+                    total += sizes[name]
+    return total
+
+
+def linear_bytes(model_path: Path, fp16_bias: dict[str, int]) -> int:
+    """onnx_linear_bytes of MiniLM's encoder layers plus each linear's bias counted at float16."""
+    return onnx_linear_bytes(model_path) + sum(fp16_bias.values())
 
 
 def ort_embeddings(path: Path, tokenizer, texts) -> "np.ndarray":  # noqa: F821
@@ -119,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compot-ratios", default="0.2,0.3,0.4,0.5,0.6")
     ap.add_argument("--whole-budgets", default="0.2,0.25,0.3,0.35,0.4,0.5",
                     help="whole-file budgets of the joint allocator: fractions of the original's float16 weights "
-                         "file, embedding table included (stored 4-bit, its bytes in the budget)")
+                         "file, embedding table included (its storage one of the allocator's choices)")
     ap.add_argument("--work", default=str(HERE / ".work"))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--report-only", action="store_true", help="re-render frontier.md/png from frontier.json")
@@ -233,13 +242,14 @@ def main(argv=None) -> int:
     for b in budgets:
         joint_point(b, "joint allocator")
         joint_point(b, "joint, COMPOT only", ("compot",))
-    checks = []
-    for p in peers:
-        j = joint_point(p["fp16_fraction"], "joint allocator", peer=p["label"])
-        checks.append({"peer": p["label"], "family": p["family"], "bytes": p["fp16_fraction"],
-                       "peer_cosine": p["mean_cosine"], "joint_cosine": j["mean_cosine"],
-                       "joint_bytes": j["fp16_fraction"], "margin": j["mean_cosine"] - p["mean_cosine"],
-                       "joint_at_least_peer": j["mean_cosine"] >= p["mean_cosine"] - 1e-4})
+    def check(p: dict, j: dict, x: str) -> dict:
+        """Point `p` against the allocator's point `j` at its bytes (`x`: which bytes)."""
+        return {"peer": p["label"], "family": p["family"], "bytes": p[x], "peer_cosine": p["mean_cosine"],
+                "joint_cosine": j["mean_cosine"], "joint_bytes": j[x], "margin": j["mean_cosine"] - p["mean_cosine"],
+                "joint_at_least_peer": j["mean_cosine"] >= p["mean_cosine"] - 1e-4}
+
+    checks = [check(p, joint_point(p["fp16_fraction"], "joint allocator", peer=p["label"]), "fp16_fraction")
+              for p in peers]
 
     def joint_whole_point(frac: float, peer: str | None = None) -> dict:
         """The joint allocator within `frac` of the original's float16 file, the table one of its choices (dense,
@@ -267,13 +277,10 @@ def main(argv=None) -> int:
         except CompotError as e:  # below what the 4-bit table and the rest take
             print(f"no joint point at {p['label']}'s bytes: {e}", flush=True)
             continue
-        whole_checks.append({"peer": p["label"], "family": p["family"], "bytes": p["file_fraction"],
-                             "peer_cosine": p["mean_cosine"], "joint_cosine": j["mean_cosine"],
-                             "joint_bytes": j["file_fraction"], "margin": j["mean_cosine"] - p["mean_cosine"],
-                             "joint_at_least_peer": j["mean_cosine"] >= p["mean_cosine"] - 1e-4})
+        whole_checks.append(check(p, j, "file_fraction"))
 
-    mark_frontier(rows, "fp16_fraction", "on_frontier")
-    mark_frontier(rows, "file_fraction", "on_whole_frontier")
+    mark_frontier(rows, whole=False)
+    mark_frontier(rows, whole=True)
     rows.sort(key=lambda r: r["fp16_fraction"])
     result = {
         "model": model_dir, "heldout_sentences": len(texts), "dense_fp16_linear_bytes": dense_fp16,
@@ -290,12 +297,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def mark_frontier(rows: list[dict], x: str, flag: str) -> None:
-    """rows[flag]: on the upper envelope of cosine against `x` (nothing at most as large has a higher cosine);
-    rows without `x` (the linears-only points of a whole-file chart) are off it."""
+def axis(whole: bool) -> tuple[str, str]:
+    """(the row key of the x axis, the row key of the frontier flag) of the block-linear or the whole-file chart."""
+    return ("file_fraction", "on_whole_frontier") if whole else ("fp16_fraction", "on_frontier")
+
+
+def points(rows: list[dict], whole: bool) -> list[dict]:
+    """The rows of the block-linear chart (all but the whole-file-only families) or of the whole-file chart (those
+    with whole-file bytes), by their x."""
+    x, _ = axis(whole)
+    return sorted((r for r in rows if x in r and (whole or r["family"] not in WHOLE_ONLY)), key=lambda r: r[x])
+
+
+def mark_frontier(rows: list[dict], whole: bool) -> None:
+    """Flag the chart's points on the upper envelope of cosine (nothing at most as large has a higher cosine)."""
+    _, flag = axis(whole)
     best = -1.0
-    for r in sorted((r for r in rows if x in r and (flag != "on_frontier" or r["family"] not in WHOLE_ONLY)),
-                    key=lambda r: r[x]):
+    for r in points(rows, whole):
         r[flag] = r["mean_cosine"] > best
         best = max(best, r["mean_cosine"])
 
@@ -388,8 +406,8 @@ def chart(rows: list[dict], path: Path, whole: bool = False) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, flag = ("file_fraction", "on_whole_frontier") if whole else ("fp16_fraction", "on_frontier")
-    rows = sorted((r for r in rows if x in r and (whole or r["family"] not in WHOLE_ONLY)), key=lambda r: r[x])
+    x, flag = axis(whole)
+    rows = points(rows, whole)
     fig, ax = plt.subplots(figsize=(10, 6.5))
     fams = sorted({r["family"] for r in rows})
     for fam, mk in zip(fams, "osD^v<>ph*X"):

@@ -395,6 +395,9 @@ def joint_frontier(args, model_dir: str, tok, rows: dict, measured_row, save) ->
         save()
 
 
+# the sections of the whole-file table and chart: rows that quantize the embedding table (ours: whole; the peers':
+# llamacpp, ort) and dense GPTQ with the table at float16 (quantize)
+WHOLE_SECTIONS = ("whole", "quantize", "llamacpp", "ort")
 LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 
 
@@ -463,8 +466,7 @@ def llamacpp_rows(args, dense_file: int, scored_row) -> None:
                    "imatrix": use_imatrix, "file_ratio": 1 - lin / lin_f16, "kept_fraction": lin / lin_f16,
                    "model_file_ratio": 1 - total / dense_file, "gguf_file_bytes": out.stat().st_size,
                    "gguf_tensor_bytes": total, "wall_s": wall,
-                   "cli": " ".join(["llama-quantize"] + [Path(str(c)).name if isinstance(c, Path) else c
-                                                         for c in cmd[1:]])}
+                   "cli": " ".join(["llama-quantize"] + [c.name if isinstance(c, Path) else c for c in cmd[1:]])}
             if use_imatrix:
                 row["imatrix_s"] = imat_s
             model = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=out.name, dtype=torch.float32)
@@ -495,28 +497,6 @@ class OrtLM:
         return types.SimpleNamespace(logits=torch.from_numpy(logits))
 
 
-def onnx_linear_bytes(path: Path) -> int:
-    """Bytes of the initializers the block linears of an exported decoder read (weights, scales, zero points):
-    every initializer past the first input of a MatMul-like node inside /layers.N/."""
-    import onnx
-    from onnx import numpy_helper
-
-    m = onnx.load(str(path), load_external_data=False)
-    sizes = {}
-    for i in m.graph.initializer:
-        ext = {e.key: e.value for e in i.external_data}
-        sizes[i.name] = (int(ext["length"]) if "length" in ext
-                         else len(i.raw_data) or numpy_helper.to_array(i).nbytes)
-    seen, total = set(), 0
-    for n in m.graph.node:
-        if "/layers." in n.name and n.op_type in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"):
-            for name in n.input[1:]:
-                if name in sizes and name not in seen:
-                    seen.add(name)
-                    total += sizes[name]
-    return total
-
-
 def ort_rows(args, model_dir: str, dense_file: int, scored_row) -> None:
     """ONNX Runtime's one-line quantizers of the model (section 'ort'), as `build` makes its peers: the original
     exported to ONNX in float32, then each of --ort-peers (compot_deploy.peers), scored through ORT sessions on the
@@ -524,18 +504,21 @@ def ort_rows(args, model_dir: str, dense_file: int, scored_row) -> None:
     initializers over those of the float32 export / 2."""
     from compot_deploy.peers import LABELS, make_peer
     from compot_deploy.runtimes import artifact_bytes
+    from frontier import onnx_linear_bytes  # benchmarks/frontier.py
+
+    layer = "/layers."  # a decoder export's block nodes
 
     with tempfile.TemporaryDirectory() as tmp:
         dense = Path(tmp) / "dense"
         export_s = run_cli(["export", model_dir, "-o", str(dense), "--no-validate"])
-        lin_f16 = onnx_linear_bytes(dense / "model.onnx") / 2
+        lin_f16 = onnx_linear_bytes(dense / "model.onnx", layer) / 2
         for name in filter(None, args.ort_peers.split(",")):
             folder = Path(tmp) / name
             folder.mkdir()
             t0 = time.perf_counter()
             make_peer(name, dense, folder)
             wall = time.perf_counter() - t0
-            kept = onnx_linear_bytes(folder / "model.onnx") / lin_f16
+            kept = onnx_linear_bytes(folder / "model.onnx", layer) / lin_f16
             row = {"section": "ort", "label": LABELS[name], "method": "ORT one-liner", "peer": name,
                    "file_ratio": 1 - kept, "kept_fraction": kept,
                    "model_file_ratio": 1 - artifact_bytes(folder) / dense_file, "onnx_bytes": artifact_bytes(folder),
@@ -598,7 +581,7 @@ def markdown(result: dict) -> str:
             beats = ("yes" if r["beats_peer"] else "**no**") if "beats_peer" in r else ""
             lines.append(f"| {r['label']} | {r['kept_fraction']:.4f} | {r['perplexity']:.3f} | "
                          f"{r['top1_agreement']:.4f} | {peer} | {beats} | {ch} |")
-    whole = [r for r in rows if "model_file_ratio" in r and r["section"] in ("whole", "quantize", "llamacpp", "ort")]
+    whole = [r for r in rows if "model_file_ratio" in r and r["section"] in WHOLE_SECTIONS]
     if whole and dense:
         lines += ["", "## The whole file", "", "Bytes of the whole weights file (embedding table included) as a "
                   "fraction of the original's float16 file, and perplexity against the original's.", "",
@@ -671,7 +654,7 @@ def chart(rows: list[dict], path: Path, whole: bool = False) -> None:
     fams: dict[str, list] = {}
     for r in rows:
         # the whole-file chart: the rows that quantize the table, ours and the peers', and their references
-        if whole and r["section"] not in ("dense", "whole", "quantize", "llamacpp", "ort"):
+        if whole and r["section"] not in ("dense", *WHOLE_SECTIONS):
             continue
         fams.setdefault(r["method"] if r["section"] != "study" else "compot study", []).append(r)
     for name, rs in sorted(fams.items()):

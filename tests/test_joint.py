@@ -230,9 +230,9 @@ def test_embedding_bits_joint_needs_a_file_budget(tiny_dirs):
     from compot_deploy.models import load_model
     from compot_deploy.quantize.embeddings import resolve_bits
 
-    for alloc in (AllocationConfig(), AllocationConfig(strategy="joint", budget=Budget(kept=0.3))):
+    for allocation in (AllocationConfig(), AllocationConfig(strategy="joint", budget=Budget(kept=0.3))):
         with pytest.raises(ValidationError, match="--target-bytes"):
-            CompressConfig(allocation=alloc, embeddings=EmbeddingConfig(bits="joint"))
+            CompressConfig(allocation=allocation, embeddings=EmbeddingConfig(bits="joint"))
     model, _ = load_model(tiny_dirs["gpt2"])
     with pytest.raises(CompotError, match="compress --target-bytes"):  # quantize has no allocator to pick it
         resolve_bits(model, "joint", 32)

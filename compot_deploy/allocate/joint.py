@@ -146,7 +146,7 @@ def sensitivities(model, targets: list[Target], grams: dict, batches: list[dict]
     if table is not None:
         T = table.module.weight
         N = torch.randn(T.shape, generator=torch.Generator().manual_seed(seed + len(targets)))
-        N *= (probe * table.energy / max(float(N.double().square().sum(1) @ table.counts), 1e-300)) ** 0.5
+        N *= (probe * table.energy / max(table.weighed_energy(N), 1e-300)) ** 0.5
         saved = T.detach().clone()
         with torch.no_grad():
             T.add_(N.to(T.dtype))
@@ -197,7 +197,7 @@ def gradient_sensitivities(model, targets: list[Target], grams: dict, batches: l
             w.requires_grad_(f)
     jac /= probes
     out = []
-    for t, j in zip(targets, jac.tolist(), strict=False):
+    for t, j in zip(targets, jac[: len(targets)].tolist(), strict=True):
         G = grams[t.name].G.double()
         W = dense_weight(model.get_submodule(t.name)).detach().double()
         out.append(j * output_error2(W, G) / (t.d_out * float(G.trace()) * (y2 or 1.0)))
@@ -211,12 +211,16 @@ class TableStats:
     """What the table's candidates and sensitivity need: the embedding module, how often each row is looked up on
     the calibration batches (counts: (V,) float64), Σ_t c_t‖E_t‖² (energy), the tokens and the hidden size."""
 
-    name: str
     module: object
     counts: "torch.Tensor"  # noqa: F821
     energy: float
     tokens: float
     hidden: int
+
+    def weighed_energy(self, T) -> float:
+        """Σ_t c_t‖T_t‖² of a (V, H) table T: only the rows looked up count (no float64 copy of the whole table)."""
+        rows = self.counts.nonzero().flatten()
+        return float(T.detach()[rows].double().square().sum(1) @ self.counts[rows])
 
     @classmethod
     def of(cls, model, batches: list[dict], group: int) -> "TableStats":
@@ -224,17 +228,16 @@ class TableStats:
 
         from ..quantize.embeddings import quantizable_table
 
-        name, emb = quantizable_table(model, group)
+        _, emb = quantizable_table(model, group)
         V, H = emb.weight.shape
         counts = torch.zeros(V, dtype=torch.float64)
         for b in batches:
             ids, mask = b["input_ids"], b.get("attention_mask")
             ids = ids[mask.bool()] if mask is not None else ids.flatten()
             counts += torch.bincount(ids.flatten(), minlength=V)[:V].double()
-        energy = 0.0
-        for i in range(0, V, 8192):
-            energy += float(emb.weight.detach()[i : i + 8192].double().square().sum(1) @ counts[i : i + 8192])
-        return cls(name, emb, counts, energy, float(counts.sum()), H)
+        table = cls(emb, counts, 0.0, float(counts.sum()), H)
+        table.energy = table.weighed_energy(emb.weight)
+        return table
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,6 @@ class JointProfile:
     seconds: float
     calibration: dict | None = None  # calibrate.data.check_token_count's summary
     table: list[Candidate] | None = None  # the embedding table's candidates (--embedding-bits joint)
-    table_sensitivity: float | None = None
 
 
 def budget_for(model, targets: list[Target], cfg: CompressConfig) -> float:
@@ -365,7 +367,6 @@ def profile(model, tokenizer, cfg: CompressConfig, targets: list[Target] | None 
                         calibration)
     if table is not None:
         prof.table = table_candidates(model, table, batches, cfg.embeddings, f.dtype, table_weight, progress)
-        prof.table_sensitivity = table_weight
     prof.seconds = time.perf_counter() - t0
     return prof
 
@@ -382,11 +383,11 @@ def choose(prof: JointProfile, budget: float, methods: tuple[str, ...] | None = 
     if not prof.table:
         return [cs[j] for cs, j in zip(cands, pick(cands, budget, prof.dense_linear_bytes), strict=True)], None
     best, failure = None, None
-    for t in prof.table:
+    for t in sorted(prof.table, key=lambda t: -t.bytes):  # the last failure, if any, is the smallest table's
         try:
             picks = pick(cands, budget - t.bytes, prof.dense_linear_bytes)
         except CompotError as e:
-            failure = failure or e
+            failure = e
             continue
         chosen = [cs[j] for cs, j in zip(cands, picks, strict=True)]
         err = t.error + sum(c.error for c in chosen)
@@ -439,8 +440,7 @@ def with_depth(model, prof: JointProfile, budget: float, cfg: CompressConfig,
     if shape(renamed) != shape([prof.targets[i] for i in keep]):
         raise CompotError("the pruned model's linears do not line up with the unpruned model's kept ones")
     return (JointProfile(renamed, prof.batches, [prof.candidates[i] for i in keep], [prof.weights[i] for i in keep],
-                         prof.dense_linear_bytes, prof.seconds, prof.calibration, prof.table, prof.table_sensitivity),
-            pruned, depth)
+                         prof.dense_linear_bytes, prof.seconds, prof.calibration, prof.table), pruned, depth)
 
 
 def build(model, prof: JointProfile, budget: float, cfg: CompressConfig, progress: bool = True,
